@@ -1,0 +1,1124 @@
+"""DeltaCoupling: a rotation-equivariant GNN that learns dV so that V0 + dV matches Vref.
+
+Each sample is a molecular dimer (monomers A and B) read from a folder in the format of
+DATA_FORMAT.md: ``meta.xlsx`` (one row per dimer), two monomer PDBs and one NPZ with Mulliken
+populations, dipole and quadrupole. The network (e3nn + PyTorch Geometric) sees the atoms plus one
+"field node" per dimer carrying its multipoles, and predicts the correction dV to a cheap baseline
+interaction energy V0; the prediction of the reference is V0 + dV.
+
+Three ways to run it::
+
+    python delta_coupling.py                        # trains on the bundled examples/s22x5 data
+    python delta_coupling.py --root_dir DIR --epochs 300   # your own data (see README.md)
+    pytest                                          # the test suite
+
+Pressing Run in an IDE is the first line: every argument has a default.
+
+The file is ordered as SPEC.md: constants and units, parsing, datasets, model, losses,
+training engine, plotting, main.
+"""
+import argparse
+import hashlib
+import math
+import os
+import sys
+import time
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+from e3nn import o3
+from e3nn.nn import FullyConnectedNet
+from torch_geometric.data import Data
+from torch_geometric.loader import DataLoader
+
+try:  # optional fast neighbour search (DECISIONS 3); the pure-torch path below is exact
+    import torch_cluster
+except ImportError:  # pragma: no cover - depends on the environment
+    torch_cluster = None
+
+# ----------------------------------------------------------------------------- constants & units
+torch.set_default_dtype(torch.float32)
+if hasattr(torch, "set_float32_matmul_precision"):
+    torch.set_float32_matmul_precision("high")
+
+NM_TO_ANGSTROM = 10.0  # Angstrom per nm
+INT_ANGSTROM_SCALE = 0.1  # internal length units per Angstrom (1 Angstrom -> 0.1)
+DEBYE_TO_E_ANGSTROM = 0.20819434  # e*Angstrom per Debye
+DEBYE_ANGSTROM_TO_E_ANGSTROM2 = DEBYE_TO_E_ANGSTROM  # e*Angstrom^2 per Debye*Angstrom
+DEG_TO_RAD = math.pi / 180.0
+MIN_INTERMONOMER_DISTANCE_ANGSTROM = 0.5  # closer atoms of A and B: the dimer is refused
+
+IRREPS_EDGE_SH = o3.Irreps("4x0e+4x1o+4x2e+4x3o")  # edge spherical harmonics, l <= 3
+IRREPS_U = o3.Irreps("4x0e")  # global scalars u = [R, theta, V0, PR]
+IRREPS_FIELD = o3.Irreps("1x1o+1x2e")  # field node: dipole (l=1) + quadrupole (l=2)
+IRREPS_NODE = o3.Irreps("8x0e+1x1o+1x2e")  # node state: scalars, dipole-like, quadrupole-like
+NUM_NODE_SCALARS = IRREPS_NODE.count("0e")  # 8 scalar channels
+U_DIM = IRREPS_U.dim  # 4
+FIELD_DIM = IRREPS_FIELD.dim  # 8 = 3 + 5
+MULLIKEN_DIM = 3  # s, p, d populations per atom
+NODE_ATTR_DIM = 8  # width of the embedded Mulliken attributes ("8x0e")
+
+CACHE_FORMAT_VERSION = 1  # bump when the cache layout changes
+DEFAULT_CACHE_FILE = "cached_graphs.pt"
+DEFAULT_PHYSICAL_CUTOFF = 12.0  # Angstrom
+DEFAULT_EPOCHS = 1500
+DEFAULT_BATCH_SIZE = 5
+DEFAULT_NUM_CONV_LAYERS = 6
+DEFAULT_NUM_RBF = 50
+DEFAULT_LR = 1e-3
+DEFAULT_RADIAL_HIDDEN = 64  # hidden width of the MLP that maps RBF -> tensor-product weights
+DEFAULT_MLP_HIDDEN = 64  # hidden width of the readout MLP over [h, u]
+DEFAULT_JITTER_STD = 0.001  # internal units (= 0.01 Angstrom)
+DEFAULT_PATIENCE = 250  # epochs without val-MAPE improvement before stopping
+DEFAULT_SEED = 42
+DEFAULT_LOG_EVERY = 10  # epochs
+ONECYCLE_PCT_START = 0.3
+ONECYCLE_MIN_STEPS = 20
+MAPE_EPS = 1e-8  # Vref units
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train, val, test (n >= 10)
+SPLIT_MIN_N_FRACTIONAL = 10
+DEFAULT_ROOT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "s22x5")
+BEST_CHECKPOINT = "best_model_delta_learning.pt"
+FINAL_CHECKPOINT = "final_model_delta_learning.pt"
+
+# Elements H..Ca (Z = 1..20), the built-in periodic table
+ELEMENTS = ("H", "He", "Li", "Be", "B", "C", "N", "O", "F", "Ne",
+            "Na", "Mg", "Al", "Si", "P", "S", "Cl", "Ar", "K", "Ca")
+ELEMENT_TO_Z = {sym.upper(): z for z, sym in enumerate(ELEMENTS, start=1)}
+NUM_ELEMENTS = len(ELEMENTS)
+# residues whose atom names follow the protein/nucleic convention: "CA" is C-alpha, not calcium
+STANDARD_RESIDUES = frozenset(
+    "ALA ARG ASN ASP CYS GLN GLU GLY HIS ILE LEU LYS MET PHE PRO SER THR TRP TYR VAL "
+    "HID HIE HIP HSD HSE HSP CYX ASH GLH LYN ACE NME "
+    "A C G U T DA DC DG DT DU RA RC RG RU".split())
+
+META_REQUIRED_COLUMNS = ("pdb_a", "pdb_b", "npz", "R_nm", "theta_deg", "V0", "Vref", "PR")
+META_NUMERIC_COLUMNS = ("R_nm", "theta_deg", "V0", "Vref", "PR")
+
+
+def dipole_debye_to_internal(dipole_debye):
+    """Debye -> e*Angstrom (x 0.20819434) -> internal (x INT_ANGSTROM_SCALE). Shape kept."""
+    return np.asarray(dipole_debye, dtype=np.float64) * DEBYE_TO_E_ANGSTROM * INT_ANGSTROM_SCALE
+
+
+def quadrupole_debye_angstrom_to_internal(quad):
+    """Debye*Angstrom -> e*Angstrom^2 (x 0.20819434) -> internal (x INT_ANGSTROM_SCALE**2)."""
+    return (np.asarray(quad, dtype=np.float64) * DEBYE_ANGSTROM_TO_E_ANGSTROM2
+            * INT_ANGSTROM_SCALE ** 2)
+
+
+def quadrupole_to_l2(quad):
+    """Traceless part of a symmetric 3x3 tensor as 5 real l=2 components in e3nn's basis.
+
+    ``[Qxz, Qxy, (2Qyy - Qxx - Qzz) / (2 sqrt 3), Qyz, (Qzz - Qxx) / 2]`` (DECISIONS 4). The
+    trace drops out of every component, so only the traceless part is used. Works on (..., 3, 3).
+    """
+    q = np.asarray(quad, dtype=np.float64)
+    return np.stack([
+        q[..., 0, 2],
+        q[..., 0, 1],
+        (2.0 * q[..., 1, 1] - q[..., 0, 0] - q[..., 2, 2]) / (2.0 * math.sqrt(3.0)),
+        q[..., 1, 2],
+        (q[..., 2, 2] - q[..., 0, 0]) / 2.0,
+    ], axis=-1)  # (..., 5)
+
+
+# ----------------------------------------------------------------------------- parsing
+def _element_from_atom_name(name4, res_name):
+    """Guess the element symbol from the 4-character PDB atom-name field (columns 13-16)."""
+    first = name4[:1]
+    letters = "".join(ch for ch in name4 if ch.isalpha())
+    if not letters:
+        return ""
+    if first == " " or first.isdigit() or res_name.strip().upper() in STANDARD_RESIDUES:
+        return letters[0]  # element right-justified in 13-14, or a protein/nucleic name: 1 letter
+    two = letters[:2].upper()
+    if len(two) == 2 and two in ELEMENT_TO_Z and name4[1:2].isalpha():
+        return two  # a left-justified two-letter element (CL, NA, MG, CA in a HETATM ion ...)
+    return letters[0]
+
+
+def parse_pdb(path):
+    """Read ATOM/HETATM records of a PDB file.
+
+    Returns ``(z, pos)``: atomic numbers (N,) int64 and positions (N, 3) float64 in Angstrom.
+    The element comes from columns 77-78 when present, else from the atom name (columns 13-16).
+    Raises ``ValueError`` naming the file and line for an unparsable or unsupported record.
+    """
+    z, pos = [], []
+    with open(path) as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            line = raw.rstrip("\r\n")
+            if not (line.startswith("ATOM") or line.startswith("HETATM")):
+                continue
+            try:
+                xyz = [float(line[30:38]), float(line[38:46]), float(line[46:54])]
+            except ValueError:
+                raise ValueError(
+                    f"{path}, line {line_no}: cannot read x/y/z from columns 31-54 "
+                    f"(truncated or misaligned record?): {line!r}") from None
+            element = line[76:78].strip() if len(line) > 76 else ""
+            if not element:
+                element = _element_from_atom_name(line[12:16].ljust(4), line[17:20])
+            key = element.upper()
+            if key not in ELEMENT_TO_Z:
+                raise ValueError(
+                    f"{path}, line {line_no}: element {element!r} is not supported "
+                    f"(supported: {', '.join(ELEMENTS)}); fix columns 77-78 of this record")
+            z.append(ELEMENT_TO_Z[key])
+            pos.append(xyz)
+    if not z:
+        raise ValueError(f"{path}: no ATOM/HETATM records found")
+    return np.asarray(z, dtype=np.int64), np.asarray(pos, dtype=np.float64)
+
+
+def file_sha256(path):
+    """Hex SHA-256 of a file's bytes (cache metadata ties a cache to its meta.xlsx)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_meta(root_dir):
+    """Read ``<root_dir>/meta.xlsx`` into a list of row dicts, validated.
+
+    Column names are matched case-insensitively; ``id`` defaults to the row number. Each dict
+    carries ``row`` (the spreadsheet row number, header = 1) for error messages.
+    """
+    path = os.path.join(root_dir, "meta.xlsx")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: a data folder needs a meta.xlsx "
+                                f"(see DATA_FORMAT in README.md)")
+    try:
+        frame = pd.read_excel(path, sheet_name=0)
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path}: cannot be read as an .xlsx workbook ({exc})") from None
+    lower = {str(c).strip().lower(): c for c in frame.columns}
+    missing = [c for c in META_REQUIRED_COLUMNS if c.lower() not in lower]
+    if missing:
+        raise ValueError(f"{path}: missing required column(s) {missing}; "
+                         f"found {list(map(str, frame.columns))}")
+    if len(frame) == 0:
+        raise ValueError(f"{path}: no data rows")
+    rows, seen = [], {}
+    for i, rec in enumerate(frame.to_dict("records")):
+        sheet_row = i + 2  # header is spreadsheet row 1
+        get = {k: rec[lower[k.lower()]] for k in META_REQUIRED_COLUMNS}
+        rid = rec[lower["id"]] if "id" in lower else sheet_row
+        rid = str(sheet_row if pd.isna(rid) else rid)
+        where = f"{path}, row {sheet_row} (id {rid})"
+        row = {"id": rid, "row": sheet_row}
+        for col in ("pdb_a", "pdb_b", "npz"):
+            if pd.isna(get[col]) or not str(get[col]).strip():
+                raise ValueError(f"{where}: column {col} is empty")
+            row[col] = str(get[col]).strip()
+        for col in META_NUMERIC_COLUMNS:
+            try:
+                value = float(get[col])
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: {col} = {get[col]!r} is not a number") from None
+            if not math.isfinite(value):
+                raise ValueError(f"{where}: {col} = {get[col]!r} is not a finite number")
+            row[col] = value
+        if row["R_nm"] <= 0:
+            raise ValueError(f"{where}: R_nm = {row['R_nm']} must be > 0 (nm)")
+        if "group" in lower and not pd.isna(rec[lower["group"]]):
+            row["group"] = str(rec[lower["group"]])
+        if rid in seen:
+            raise ValueError(f"{where}: duplicate id (also row {seen[rid]}); ids must be unique")
+        seen[rid] = sheet_row
+        rows.append(row)
+    return rows
+
+
+def load_npz(path, n_atoms, where):
+    """Load and check one dimer NPZ. Returns (mulliken (N,3), dipole (3,) D, quad (3,3) D*A)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{where}: NPZ file {path} not found")
+    with np.load(path, allow_pickle=False) as npz:
+        for key in ("mulliken_spd", "dipole", "quadrupole"):
+            if key not in npz.files:
+                raise ValueError(f"{where}: {path} has no key {key!r} (found {npz.files})")
+        mulliken = np.asarray(npz["mulliken_spd"], dtype=np.float64)
+        dipole = np.asarray(npz["dipole"], dtype=np.float64)
+        quad = np.asarray(npz["quadrupole"], dtype=np.float64)
+    if mulliken.ndim != 2 or mulliken.shape[1] not in (2, 3):
+        raise ValueError(f"{where}: {path}: mulliken_spd has shape {mulliken.shape}, "
+                         f"expected (N, 3) or (N, 2)")
+    if mulliken.shape[0] != n_atoms:
+        raise ValueError(f"{where}: {path}: mulliken_spd has {mulliken.shape[0]} rows but the "
+                         f"two PDBs hold {n_atoms} atoms together (A's atoms first, then B's)")
+    if mulliken.shape[1] == 2:  # no d column: d = 0
+        mulliken = np.concatenate([mulliken, np.zeros((n_atoms, 1))], axis=1)
+    if dipole.shape != (3,):
+        raise ValueError(f"{where}: {path}: dipole has shape {dipole.shape}, expected (3,)")
+    if quad.shape != (3, 3):
+        raise ValueError(f"{where}: {path}: quadrupole has shape {quad.shape}, expected (3, 3)")
+    for key, arr in (("mulliken_spd", mulliken), ("dipole", dipole), ("quadrupole", quad)):
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{where}: {path}: {key} contains NaN or Inf")
+    asym = np.abs(quad - quad.T).max()
+    if asym > 1e-6 * max(1.0, np.abs(quad).max()):
+        raise ValueError(f"{where}: {path}: quadrupole is not symmetric (max |Q - Q^T| = "
+                         f"{asym:.3g}); write the symmetric Cartesian tensor")
+    return mulliken, dipole, 0.5 * (quad + quad.T)
+
+
+@dataclass
+class ParsedDimer:
+    """Everything read from one dimer's files, before any augmentation (physical units)."""
+    row: dict  # the meta.xlsx row (id, row number, paths, R_nm, ...)
+    z: np.ndarray  # (N,) atomic numbers, A's atoms first
+    pos: np.ndarray  # (N, 3) Angstrom: A centred at 0, B centred at (0, 0, R)
+    mulliken: np.ndarray  # (N, 3) electrons
+    field: np.ndarray  # (8,) internal units: dipole (3) + traceless quadrupole l=2 (5)
+    n_a: int = 0
+
+
+def parse_dimer(root_dir, row):
+    """Read the two PDBs and the NPZ of one meta.xlsx row and assemble the dimer geometry."""
+    where = f"{os.path.join(root_dir, 'meta.xlsx')}, row {row['row']} (id {row['id']})"
+    parts = []
+    for col in ("pdb_a", "pdb_b"):
+        path = os.path.join(root_dir, row[col])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{where}: {col} file {path} not found")
+        parts.append(parse_pdb(path))
+    (z_a, pos_a), (z_b, pos_b) = parts
+    r_angstrom = row["R_nm"] * NM_TO_ANGSTROM
+    pos_a = pos_a - pos_a.mean(axis=0)  # (N_A, 3) Angstrom, centred on A's centroid
+    pos_b = pos_b - pos_b.mean(axis=0) + np.array([0.0, 0.0, r_angstrom])  # (N_B, 3)
+    closest = np.linalg.norm(pos_a[:, None, :] - pos_b[None, :, :], axis=-1).min()
+    if closest < MIN_INTERMONOMER_DISTANCE_ANGSTROM:
+        raise ValueError(f"{where}: atoms of A and B are {closest:.3f} Angstrom apart at "
+                         f"R_nm = {row['R_nm']} (< {MIN_INTERMONOMER_DISTANCE_ANGSTROM}); "
+                         f"check R_nm (nm, not Angstrom) and the PDB orientations")
+    n_atoms = len(z_a) + len(z_b)
+    mulliken, dipole, quad = load_npz(os.path.join(root_dir, row["npz"]), n_atoms, where)
+    field = np.concatenate([
+        dipole_debye_to_internal(dipole),  # (3,) 1o
+        quadrupole_to_l2(quadrupole_debye_angstrom_to_internal(quad)),  # (5,) 2e
+    ])  # (8,)
+    return ParsedDimer(row=row, z=np.concatenate([z_a, z_b]), pos=np.concatenate([pos_a, pos_b]),
+                       mulliken=mulliken, field=field, n_a=len(z_a))
+
+
+# ----------------------------------------------------------------------------- geometry helpers
+def radius_graph(pos, cutoff, batch=None):
+    """Directed edges (2, E) = [src, dst] between distinct atoms closer than ``cutoff``.
+
+    Uses torch_cluster when importable (with a neighbour bound that can never truncate),
+    else an exact pure-torch search over pairs within each graph (DECISIONS 3).
+    """
+    n = pos.size(0)
+    if batch is None:
+        batch = torch.zeros(n, dtype=torch.long, device=pos.device)
+    if torch_cluster is not None:
+        return torch_cluster.radius_graph(pos, r=cutoff, batch=batch, loop=False,
+                                          max_num_neighbors=max(n, 1))
+    dist = torch.cdist(pos, pos, compute_mode="donot_use_mm_for_euclid_dist")  # (N, N)
+    mask = (dist < cutoff) & (batch[:, None] == batch[None, :])
+    mask.fill_diagonal_(False)
+    dst, src = mask.nonzero(as_tuple=True)  # row-major: grouped by receiver
+    return torch.stack([src, dst])  # (2, E)
+
+
+def edge_vectors(pos, edge_index):
+    """Edge vectors pos[src] - pos[dst] (E, 3); the one convention used everywhere."""
+    return pos[edge_index[0]] - pos[edge_index[1]]
+
+
+def edge_spherical_harmonics(edge_vec):
+    """Spherical harmonics ``4x0e+4x1o+4x2e+4x3o`` of edge vectors: (E, 64), component norm."""
+    return o3.spherical_harmonics(IRREPS_EDGE_SH, edge_vec, normalize=True,
+                                  normalization="component")
+
+
+def random_rotation(dtype=None):
+    """A uniformly random proper rotation (3, 3) from torch's global RNG."""
+    return o3.rand_matrix(dtype=dtype or torch.get_default_dtype())
+
+
+def rotate_field_features(field_features, rot):
+    """Rotate (..., 8) field features (1o dipole + 2e quadrupole) with e3nn's D matrix."""
+    d_field = IRREPS_FIELD.D_from_matrix(rot).to(field_features.dtype)  # (8, 8)
+    return field_features @ d_field.T
+
+
+# ----------------------------------------------------------------------------- datasets
+def make_graph(parsed, internal_cutoff, rotation=None, jitter_std=0.0, with_sh=False):
+    """Build the PyG ``Data`` of one dimer (SPEC 3.1), optionally rotated and jittered.
+
+    Per-graph quantities are stored with a leading dimension of 1 so that a batch of B graphs
+    has ``u`` (B, 4), ``field_node_features`` (B, 8), ``y`` (B,) ...
+    """
+    dtype = torch.get_default_dtype()
+    row = parsed.row
+    pos = torch.as_tensor(parsed.pos * INT_ANGSTROM_SCALE, dtype=dtype)  # (N, 3) internal
+    field_feat = torch.as_tensor(parsed.field, dtype=dtype).unsqueeze(0)  # (1, 8) internal
+    if rotation is not None:
+        rot = rotation.to(dtype)
+        pos = pos @ rot.T
+        field_feat = rotate_field_features(field_feat, rot)
+    if jitter_std > 0:
+        pos = pos + jitter_std * torch.randn_like(pos)
+    edge_index = radius_graph(pos, internal_cutoff)  # (2, E)
+    edge_vec = edge_vectors(pos, edge_index)  # (E, 3)
+    r_internal = row["R_nm"] * NM_TO_ANGSTROM * INT_ANGSTROM_SCALE
+    data = Data(
+        z_atoms=torch.as_tensor(parsed.z, dtype=torch.long),  # (N,)
+        pos_atoms=pos,  # (N, 3) internal
+        atomic_node_attr=torch.as_tensor(parsed.mulliken, dtype=dtype),  # (N, 3) electrons
+        field_node_features=field_feat,  # (1, 8)
+        u=torch.tensor([[r_internal, row["theta_deg"] * DEG_TO_RAD, row["V0"], row["PR"]]],
+                       dtype=dtype),  # (1, 4)
+        y=torch.tensor([row["Vref"] - row["V0"]], dtype=dtype),  # (1,) dV target
+        y_true_vref=torch.tensor([row["Vref"]], dtype=dtype),  # (1,)
+        R_internal_val=torch.tensor([r_internal], dtype=dtype),  # (1,)
+        edge_index_atoms=edge_index,  # (2, E)
+        edge_attr_atoms=edge_vec.norm(dim=-1, keepdim=True),  # (E, 1) internal
+        row_index=torch.tensor([row["row"]], dtype=torch.long),  # (1,) spreadsheet row
+        num_nodes=len(parsed.z),
+    )
+    data.id = row["id"]
+    if with_sh:
+        data.edge_attr_sh = edge_spherical_harmonics(edge_vec)  # (E, 64)
+    return data
+
+
+class DimerDataset(torch.utils.data.Dataset):
+    """Raw files -> graphs (SPEC 3.1), with fresh augmentation per item when ``augment``.
+
+    Args:
+        root_dir: data folder with meta.xlsx.
+        physical_cutoff: radius-graph cutoff in Angstrom.
+        augment: apply jitter (``jitter_std``, internal units) and one random whole-dimer
+            rotation to positions and field features on every access.
+        preload: parse every row's files in the constructor (all errors surface at once and
+            files are read once); ``False`` re-reads the files on every access.
+    """
+
+    def __init__(self, root_dir, physical_cutoff=DEFAULT_PHYSICAL_CUTOFF, augment=False,
+                 jitter_std=DEFAULT_JITTER_STD, preload=True):
+        self.root_dir = root_dir
+        self.rows = read_meta(root_dir)
+        self.internal_cutoff = physical_cutoff * INT_ANGSTROM_SCALE
+        self.augment = augment
+        self.jitter_std = jitter_std
+        self.parsed = [parse_dimer(root_dir, r) for r in self.rows] if preload else None
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, idx):
+        parsed = self.parsed[idx] if self.parsed is not None else parse_dimer(self.root_dir,
+                                                                              self.rows[idx])
+        if self.augment:
+            return make_graph(parsed, self.internal_cutoff, rotation=random_rotation(),
+                              jitter_std=self.jitter_std)
+        return make_graph(parsed, self.internal_cutoff)
+
+
+def cache_metadata(root_dir, physical_cutoff, n_rows):
+    """The metadata a cache must carry and match (SPEC 8, DECISIONS 9)."""
+    return {
+        "format_version": CACHE_FORMAT_VERSION,
+        "physical_cutoff": float(physical_cutoff),
+        "internal_cutoff": float(physical_cutoff * INT_ANGSTROM_SCALE),
+        "int_angstrom_scale": INT_ANGSTROM_SCALE,
+        "irreps_edge_sh": str(IRREPS_EDGE_SH),
+        "n_rows": int(n_rows),
+        "meta_sha256": file_sha256(os.path.join(root_dir, "meta.xlsx")),
+    }
+
+
+def check_cache_metadata(metadata, expected, cache_path):
+    """Return a list of human-readable mismatches between a cache and the current settings."""
+    problems = []
+    for key in ("format_version", "internal_cutoff", "int_angstrom_scale", "irreps_edge_sh",
+                "n_rows", "meta_sha256"):
+        have, want = metadata.get(key), expected[key]
+        same = (math.isclose(have, want, rel_tol=1e-9) if isinstance(want, float)
+                and isinstance(have, (int, float)) else have == want)
+        if not same:
+            problems.append(f"{key}: cache has {have!r}, current settings need {want!r}")
+    return problems
+
+
+def load_cache(cache_path):
+    """Load a cache written by ``build_cache`` (tensors and plain types only)."""
+    try:
+        payload = torch.load(cache_path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise ValueError(f"{cache_path} cannot be loaded as a DeltaCoupling cache ({exc}); "
+                         f"delete it or run with --rebuild_cache") from None
+    if not isinstance(payload, dict) or {"metadata", "graphs", "ids"} - set(payload):
+        raise ValueError(f"{cache_path} is not a DeltaCoupling cache (no metadata/graphs/ids); "
+                         f"delete it or run with --rebuild_cache")
+    return payload
+
+
+class CachedDimerDataset(torch.utils.data.Dataset):
+    """Graphs from a cache written by ``build_cache`` (SPEC 3.2).
+
+    Args:
+        cache: path of ``cached_graphs.pt`` or an already loaded payload (shared between the
+            train and evaluation datasets so the file is read once).
+        rotate: rotate positions, field features and the stored ``edge_attr_sh`` by one random
+            rotation per access (with e3nn's D matrices).
+        jitter_std: Gaussian noise (internal units) on positions; the atom graph, distances and
+            harmonics are then rebuilt at the cached cutoff.
+    """
+
+    def __init__(self, cache, rotate=False, jitter_std=0.0):
+        self.payload = load_cache(cache) if isinstance(cache, (str, os.PathLike)) else cache
+        self.metadata = self.payload["metadata"]
+        self.internal_cutoff = float(self.metadata["internal_cutoff"])
+        self.graphs = self.payload["graphs"]
+        self.ids = self.payload["ids"]
+        self.rotate = rotate
+        self.jitter_std = jitter_std
+
+    def __len__(self):
+        return len(self.graphs)
+
+    def __getitem__(self, idx):
+        fields = dict(self.graphs[idx])
+        if self.rotate:
+            rot = random_rotation(fields["pos_atoms"].dtype)
+            d_sh = IRREPS_EDGE_SH.D_from_matrix(rot)  # (64, 64)
+            fields["pos_atoms"] = fields["pos_atoms"] @ rot.T
+            fields["field_node_features"] = rotate_field_features(fields["field_node_features"],
+                                                                  rot)
+            fields["edge_attr_sh"] = fields["edge_attr_sh"] @ d_sh.T
+        if self.jitter_std > 0:
+            pos = fields["pos_atoms"] + self.jitter_std * torch.randn_like(fields["pos_atoms"])
+            edge_index = radius_graph(pos, self.internal_cutoff)
+            edge_vec = edge_vectors(pos, edge_index)
+            fields.update(pos_atoms=pos, edge_index_atoms=edge_index,
+                          edge_attr_atoms=edge_vec.norm(dim=-1, keepdim=True),
+                          edge_attr_sh=edge_spherical_harmonics(edge_vec))
+        data = Data(num_nodes=fields["z_atoms"].size(0), **fields)
+        data.id = self.ids[idx]
+        return data
+
+
+# ----------------------------------------------------------------------------- model
+class RadialBesselBasisLayer(nn.Module):
+    """phi_k(r) = sin(w_k r) / (w_k r) * 0.5 (1 + cos(pi r / cutoff)) for r <= cutoff, else 0.
+
+    ``w_k = k pi / cutoff``, k = 1..num_rbf (SPEC 4.4). Input (E,) or (E, 1); output (E, num_rbf).
+    """
+
+    def __init__(self, num_rbf, cutoff):
+        super().__init__()
+        self.num_rbf = num_rbf
+        self.cutoff = float(cutoff)
+        self.register_buffer("omega", torch.arange(1, num_rbf + 1) * math.pi / self.cutoff)
+
+    def forward(self, r):
+        r = r.reshape(-1, 1)  # (E, 1)
+        sinc = torch.sinc(self.omega * r / math.pi)  # (E, K): sin(w r) / (w r), 1 at r = 0
+        envelope = 0.5 * (1.0 + torch.cos(math.pi * r / self.cutoff))  # (E, 1)
+        return sinc * envelope * (r <= self.cutoff)  # (E, K)
+
+
+class PointsConvolutionIntegrated(nn.Module):
+    """One equivariant message-passing block (SPEC 4.4).
+
+    ``out = sc(x, attr) + tanh(alpha(agg, attr)) * lin2(agg, attr)`` with
+    ``agg = scatter_mean_dst(tp(lin1(x, attr)[src], sh, w = fc(rbf(|r|))))``.
+    """
+
+    def __init__(self, irreps_node_input, irreps_node_attr, irreps_edge_attr,
+                 irreps_node_output, num_rbf, cutoff, radial_hidden=DEFAULT_RADIAL_HIDDEN):
+        super().__init__()
+        self.irreps_node_input = o3.Irreps(irreps_node_input)
+        self.irreps_node_attr = o3.Irreps(irreps_node_attr)
+        self.irreps_edge_attr = o3.Irreps(irreps_edge_attr)
+        self.irreps_node_output = o3.Irreps(irreps_node_output)
+
+        self.rbf = RadialBesselBasisLayer(num_rbf, cutoff)
+        self.sc = o3.FullyConnectedTensorProduct(self.irreps_node_input, self.irreps_node_attr,
+                                                 self.irreps_node_output)
+        self.lin1 = o3.FullyConnectedTensorProduct(self.irreps_node_input, self.irreps_node_attr,
+                                                   self.irreps_node_input)
+        irreps_mid, instructions = [], []
+        for i, (mul, ir_in) in enumerate(self.irreps_node_input):
+            for j, (_, ir_edge) in enumerate(self.irreps_edge_attr):
+                for ir_out in ir_in * ir_edge:
+                    if ir_out in self.irreps_node_output or ir_out == o3.Irrep("0e"):
+                        instructions.append((i, j, len(irreps_mid), "uvu", True))
+                        irreps_mid.append((mul, ir_out))
+        irreps_mid = o3.Irreps(irreps_mid)
+        irreps_mid, perm, _ = irreps_mid.sort()
+        instructions = [(i, j, perm[k], mode, train) for i, j, k, mode, train in instructions]
+        self.irreps_mid = irreps_mid
+        self.tp = o3.TensorProduct(self.irreps_node_input, self.irreps_edge_attr, irreps_mid,
+                                   instructions, internal_weights=False, shared_weights=False)
+        self.fc = FullyConnectedNet([num_rbf, radial_hidden, self.tp.weight_numel],
+                                    torch.nn.functional.silu)
+        self.lin2 = o3.FullyConnectedTensorProduct(irreps_mid, self.irreps_node_attr,
+                                                   self.irreps_node_output)
+        self.alpha = o3.FullyConnectedTensorProduct(irreps_mid, self.irreps_node_attr, "0e")
+
+    def forward(self, node_features, node_attr, edge_src, edge_dst, edge_sh, edge_length):
+        num_nodes = node_features.size(0)
+        edge_weight = self.fc(self.rbf(edge_length))  # (E, weight_numel)
+        node_self = self.sc(node_features, node_attr)  # (N, out)
+        node_pre = self.lin1(node_features, node_attr)  # (N, in)
+        edge_msg = self.tp(node_pre[edge_src], edge_sh, edge_weight)  # (E, mid)
+        agg = node_pre.new_zeros(num_nodes, edge_msg.size(1)).index_add_(0, edge_dst, edge_msg)
+        count = node_pre.new_zeros(num_nodes).index_add_(0, edge_dst,
+                                                          torch.ones_like(edge_dst, dtype=agg.dtype))
+        agg = agg / count.clamp(min=1).unsqueeze(1)  # (N, mid) scatter-mean (DECISIONS 5)
+        gate = torch.tanh(self.alpha(agg, node_attr))  # (N, 1)
+        return node_self + gate * self.lin2(agg, node_attr)  # (N, out)
+
+
+class DeltaCoupling(nn.Module):
+    """Atoms + one field node per dimer -> dV (SPEC 4). ``forward(batch)`` returns (B,)."""
+
+    def __init__(self, num_conv_layers=DEFAULT_NUM_CONV_LAYERS, num_rbf=DEFAULT_NUM_RBF,
+                 cutoff=DEFAULT_PHYSICAL_CUTOFF * INT_ANGSTROM_SCALE,
+                 radial_hidden=DEFAULT_RADIAL_HIDDEN, mlp_hidden=DEFAULT_MLP_HIDDEN):
+        super().__init__()
+        self.config = dict(num_conv_layers=num_conv_layers, num_rbf=num_rbf, cutoff=float(cutoff),
+                           radial_hidden=radial_hidden, mlp_hidden=mlp_hidden)
+        self.z_embedding = nn.Embedding(NUM_ELEMENTS + 1, NUM_NODE_SCALARS)  # Z -> 8x0e
+        self.attr_embedding = nn.Sequential(  # Mulliken [s, p, d] -> 8x0e node attributes
+            nn.Linear(MULLIKEN_DIM, NODE_ATTR_DIM), nn.SiLU(),
+            nn.Linear(NODE_ATTR_DIM, NODE_ATTR_DIM))
+        self.field_node_attr = nn.Parameter(torch.randn(NODE_ATTR_DIM))  # (8,) DECISIONS 6
+        irreps_attr = o3.Irreps(f"{NODE_ATTR_DIM}x0e")
+        self.convs = nn.ModuleList([
+            PointsConvolutionIntegrated(IRREPS_NODE, irreps_attr, IRREPS_EDGE_SH, IRREPS_NODE,
+                                        num_rbf, cutoff, radial_hidden)
+            for _ in range(num_conv_layers)])
+        self.readout = nn.Sequential(
+            nn.Linear(NUM_NODE_SCALARS + U_DIM, mlp_hidden), nn.SiLU(),
+            nn.Linear(mlp_hidden, mlp_hidden), nn.SiLU(),
+            nn.Linear(mlp_hidden, 1))
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def forward(self, data):
+        z, pos_atoms = data.z_atoms, data.pos_atoms  # (N,), (N, 3)
+        batch_atoms = data.batch  # (N,)
+        u = data.u  # (B, 4)
+        field_feat = data.field_node_features  # (B, 8)
+        num_graphs, num_atoms = u.size(0), z.size(0)
+        dtype = pos_atoms.dtype
+
+        # --- packing: atoms first, then one field node per graph at its atoms' centroid
+        atom_count = pos_atoms.new_zeros(num_graphs).index_add_(
+            0, batch_atoms, torch.ones_like(batch_atoms, dtype=dtype))  # (B,)
+        centroid = pos_atoms.new_zeros(num_graphs, 3).index_add_(0, batch_atoms, pos_atoms)
+        centroid = centroid / atom_count.unsqueeze(1)  # (B, 3)
+        pos_combined = torch.cat([pos_atoms, centroid])  # (N + B, 3)
+        x_atoms = torch.cat([self.z_embedding(z),
+                             pos_atoms.new_zeros(num_atoms, IRREPS_NODE.dim - NUM_NODE_SCALARS)],
+                            dim=1)  # (N, 16): 8x0e embedded, 1o and 2e zero
+        x_field = torch.cat([pos_atoms.new_zeros(num_graphs, NUM_NODE_SCALARS), field_feat],
+                            dim=1)  # (B, 16): scalars zero, 1o + 2e from the multipoles
+        x = torch.cat([x_atoms, x_field])  # (N + B, 16)
+        node_attr = torch.cat([self.attr_embedding(data.atomic_node_attr),
+                               self.field_node_attr.expand(num_graphs, -1)])  # (N + B, 8)
+        batch_combined = torch.cat([batch_atoms,
+                                    torch.arange(num_graphs, device=z.device)])  # (N + B,)
+
+        # --- edges: atom-atom from the data, atom<->field built here
+        atom_idx = torch.arange(num_atoms, device=z.device)
+        field_idx = num_atoms + batch_atoms  # (N,) each atom's field node
+        edge_index_af = torch.stack([torch.cat([atom_idx, field_idx]),
+                                     torch.cat([field_idx, atom_idx])])  # (2, 2N)
+        vec_af = edge_vectors(pos_combined, edge_index_af)  # (2N, 3)
+        sh_atoms = getattr(data, "edge_attr_sh", None)
+        if sh_atoms is None:
+            vec_atoms = edge_vectors(pos_atoms, data.edge_index_atoms)  # (E, 3)
+            sh_atoms = edge_spherical_harmonics(vec_atoms)  # (E, 64)
+            len_atoms = vec_atoms.norm(dim=-1)  # (E,)
+        else:
+            len_atoms = data.edge_attr_atoms.reshape(-1)  # (E,)
+        edge_index = torch.cat([data.edge_index_atoms, edge_index_af], dim=1)  # (2, E + 2N)
+        edge_sh = torch.cat([sh_atoms, edge_spherical_harmonics(vec_af)])  # (E + 2N, 64)
+        edge_length = torch.cat([len_atoms, vec_af.norm(dim=-1)])  # (E + 2N,)
+        edge_src, edge_dst = edge_index[0], edge_index[1]
+
+        # --- convolutions with a residual add every two layers
+        residual = x
+        for i, conv in enumerate(self.convs):
+            x = conv(x, node_attr, edge_src, edge_dst, edge_sh, edge_length)  # (N + B, 16)
+            if i % 2 == 1:
+                x = x + residual
+                residual = x
+
+        # --- mean pooling per graph; the invariant scalars (8x0e) feed the readout
+        scalars = x[:, :NUM_NODE_SCALARS]  # (N + B, 8)
+        node_count = atom_count + 1.0  # (B,) atoms + the field node
+        h = scalars.new_zeros(num_graphs, NUM_NODE_SCALARS).index_add_(0, batch_combined, scalars)
+        h = h / node_count.unsqueeze(1)  # (B, 8)
+        return self.readout(torch.cat([h, u], dim=1)).squeeze(1)  # (B,) dV
+
+
+# ----------------------------------------------------------------------------- losses & metrics
+def distance_weighted_l1_on_vref_loss(pred_vref, true_vref, R):
+    """Distance-weighted L1 in Vref space (DECISIONS 1).
+
+    ``loss = sum_i w_i |pred_i - true_i| / sum_i w_i`` with ``w_i = R_i / mean(R)`` over the
+    batch (R: internal separation). Larger R weighs more; equal R gives plain L1.
+    """
+    w = R / R.mean()  # (B,)
+    return (w * (pred_vref - true_vref).abs()).sum() / w.sum()
+
+
+def mape_loss_fn(pred, true, eps=MAPE_EPS):
+    """Mean absolute percentage error in percent: 100 * mean(|pred - true| / (|true| + eps))."""
+    return 100.0 * ((pred - true).abs() / (true.abs() + eps)).mean()
+
+
+@dataclass
+class EpochResult:
+    """Aggregates of one pass over a loader, weighted by the graphs actually processed."""
+    loss: float = float("nan")  # distance-weighted L1 (training) on Vref
+    mape: float = float("nan")  # % on Vref (V0 + dV)
+    mae: float = float("nan")  # Vref units
+    rmse: float = float("nan")
+    baseline_mape: float = float("nan")  # the same for V0 alone
+    baseline_mae: float = float("nan")
+    baseline_rmse: float = float("nan")
+    n_graphs: int = 0
+    n_batches: int = 0
+    n_skipped: int = 0
+    skipped: list = field(default_factory=list)  # (batch ids, reason) of skipped batches
+
+
+def regression_metrics(pred, true):
+    """MAPE (%), MAE and RMSE of two 1-D tensors (float64)."""
+    pred, true = pred.double(), true.double()
+    err = pred - true
+    return (float(mape_loss_fn(pred, true)), float(err.abs().mean()),
+            float(err.pow(2).mean().sqrt()))
+
+
+# ----------------------------------------------------------------------------- training engine
+def amp_settings(device):
+    """(autocast dtype or None, use GradScaler) for a device (SPEC 6, DECISIONS 10)."""
+    if device.type != "cuda":
+        return None, False
+    if torch.cuda.get_device_capability(device) >= (8, 0):
+        return torch.bfloat16, False
+    return torch.float16, True
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss of a batch was NaN or Inf."""
+
+
+def _graph_u(data):
+    """u as (B, 4); a flat (4B,) vector from an older loader is reshaped (SPEC 6)."""
+    num_graphs = data.num_graphs
+    if data.u.numel() != num_graphs * U_DIM:
+        raise ValueError(f"batch u has {data.u.numel()} values for {num_graphs} graphs "
+                         f"(expected {U_DIM} each); ids {data.id}")
+    return data.u.reshape(num_graphs, U_DIM)
+
+
+def run_epoch(model, loader, device, optimizer=None, scheduler=None, scaler=None,
+              amp_dtype=None, skip_failed_batches=True, log=print):
+    """One pass over ``loader``: trains when ``optimizer`` is given, else evaluates.
+
+    Returns an ``EpochResult``. A batch that raises (or whose loss is NaN/Inf) is logged with
+    its ids and reason, counted and skipped when ``skip_failed_batches``; if every batch fails
+    the first error is raised. With ``skip_failed_batches=False`` errors propagate at once.
+    """
+    training = optimizer is not None
+    model.train(training)
+    sums = dict(loss=0.0, ape=0.0, ae=0.0, se=0.0, b_ape=0.0, b_ae=0.0, b_se=0.0)
+    result = EpochResult()
+    first_error = None
+    for data in loader:
+        data = data.to(device)
+        result.n_batches += 1
+        try:
+            with torch.set_grad_enabled(training):
+                data.u = _graph_u(data)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    dv = model(data)  # (B,)
+                v0 = data.u[:, 2]  # (B,)
+                pred_vref = v0 + dv.float()  # (B,)
+                true_vref = data.y_true_vref  # (B,)
+                loss = distance_weighted_l1_on_vref_loss(pred_vref, true_vref,
+                                                         data.R_internal_val)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(f"loss is {loss.item()}")
+                if training:
+                    optimizer.zero_grad(set_to_none=True)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        loss.backward()
+                        optimizer.step()
+                    if scheduler is not None:
+                        scheduler.step()
+        except (RuntimeError, ValueError, FloatingPointError) as exc:
+            if not skip_failed_batches:
+                raise
+            first_error = first_error or exc
+            result.n_skipped += 1
+            result.skipped.append((list(data.id), f"{type(exc).__name__}: {exc}"))
+            log(f"skipped batch ids {list(data.id)}: {type(exc).__name__}: {exc}")
+            continue
+        n = data.num_graphs
+        result.n_graphs += n
+        pred_d, true_d, v0_d = pred_vref.detach().double(), true_vref.double(), v0.double()
+        err, b_err = pred_d - true_d, v0_d - true_d
+        denom = true_d.abs() + MAPE_EPS
+        sums["loss"] += float(loss.detach()) * n
+        sums["ape"] += float((err.abs() / denom).sum())
+        sums["ae"] += float(err.abs().sum())
+        sums["se"] += float(err.pow(2).sum())
+        sums["b_ape"] += float((b_err.abs() / denom).sum())
+        sums["b_ae"] += float(b_err.abs().sum())
+        sums["b_se"] += float(b_err.pow(2).sum())
+    if result.n_batches and result.n_skipped == result.n_batches:
+        raise RuntimeError(f"every batch of this epoch failed ({result.n_skipped}); "
+                           f"first error: {type(first_error).__name__}: {first_error}") \
+            from first_error
+    n = result.n_graphs
+    if n:
+        result.loss = sums["loss"] / n
+        result.mape, result.mae = 100.0 * sums["ape"] / n, sums["ae"] / n
+        result.rmse = math.sqrt(sums["se"] / n)
+        result.baseline_mape, result.baseline_mae = 100.0 * sums["b_ape"] / n, sums["b_ae"] / n
+        result.baseline_rmse = math.sqrt(sums["b_se"] / n)
+    return result
+
+
+@torch.no_grad()
+def predict_vref(model, loader, device, amp_dtype=None):
+    """Predicted and true Vref and V0 over a loader: three 1-D float64 numpy arrays."""
+    model.eval()
+    preds, trues, v0s = [], [], []
+    for data in loader:
+        data = data.to(device)
+        data.u = _graph_u(data)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            dv = model(data)
+        preds.append((data.u[:, 2] + dv.float()).double().cpu())
+        trues.append(data.y_true_vref.double().cpu())
+        v0s.append(data.u[:, 2].double().cpu())
+    cat = (lambda xs: torch.cat(xs).numpy() if xs else np.zeros(0))
+    return cat(preds), cat(trues), cat(v0s)
+
+
+# ----------------------------------------------------------------------------- plotting
+def plot_regression(model, loader, device, save_path=None, title="", amp_dtype=None):
+    """Scatter predicted vs. reference Vref with the ideal diagonal; save a PNG (SPEC 7).
+
+    Returns ``(pred, true)`` numpy arrays.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pred, true, _ = predict_vref(model, loader, device, amp_dtype)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(true, pred, s=14, alpha=0.8, label="V0 + dV")
+    if true.size:
+        lo, hi = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="ideal")
+        mae = float(np.abs(pred - true).mean())
+        title = f"{title}  (MAE {mae:.3f})".strip()
+    ax.set_xlabel("Vref (reference)")
+    ax.set_ylabel("predicted Vref = V0 + dV")
+    ax.set_title(title)
+    ax.legend(loc="best")
+    fig.tight_layout()
+    if save_path:
+        os.makedirs(os.path.dirname(os.path.abspath(save_path)), exist_ok=True)
+        fig.savefig(save_path, dpi=120)
+    plt.close(fig)
+    return pred, true
+
+
+# ----------------------------------------------------------------------------- main
+def split_sizes(n):
+    """(n_train, n_val, n_test) for n items (SPEC 8).
+
+    n < 10: 1 -> (1, 0, 0); 2 -> (1, 1, 0); 3..9 -> (n - 2, 1, 1).
+    n >= 10: 80/10/10 with val and test rounded and at least 1 each; train takes the rest.
+    """
+    if n < 1:
+        raise ValueError(f"cannot split {n} items")
+    if n < SPLIT_MIN_N_FRACTIONAL:
+        return {1: (1, 0, 0), 2: (1, 1, 0)}.get(n, (n - 2, 1, 1))
+    n_val = max(1, round(SPLIT_FRACTIONS[1] * n))
+    n_test = max(1, round(SPLIT_FRACTIONS[2] * n))
+    return n - n_val - n_test, n_val, n_test
+
+
+def make_splits(rows, seed=DEFAULT_SEED):
+    """Seeded train/val/test row indices (DECISIONS 8).
+
+    With a ``group`` on every row, whole groups are split by ``split_sizes`` of the group count,
+    so one dimer's distance scan never straddles train and test. Returns (train, val, test, rule).
+    """
+    rng = np.random.default_rng(seed)
+    groups = [r.get("group") for r in rows]
+    if all(g is not None for g in groups):
+        names = sorted(set(groups))
+        order = [names[i] for i in rng.permutation(len(names))]
+        n_tr, n_va, _ = split_sizes(len(names))
+        which = {g: (0 if k < n_tr else 1 if k < n_tr + n_va else 2) for k, g in enumerate(order)}
+        parts = [[i for i, g in enumerate(groups) if which[g] == s] for s in range(3)]
+        rule = f"by group ({len(names)} groups: {n_tr}/{n_va}/{len(names) - n_tr - n_va})"
+    else:
+        perm = rng.permutation(len(rows)).tolist()
+        n_tr, n_va, _ = split_sizes(len(rows))
+        parts = [sorted(perm[:n_tr]), sorted(perm[n_tr:n_tr + n_va]), sorted(perm[n_tr + n_va:])]
+        rule = "by row (80/10/10)" if len(rows) >= SPLIT_MIN_N_FRACTIONAL else "by row (tiny set)"
+    return parts[0], parts[1], parts[2], rule
+
+
+def atomic_torch_save(obj, path):
+    """torch.save to a temp file in the same folder, then rename: never a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load a checkpoint (plain types and tensors only) and rebuild its model."""
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    model = DeltaCoupling.from_config(ckpt["model_config"]).to(device)
+    model.load_state_dict(ckpt["model_state"])
+    return model, ckpt
+
+
+def build_arg_parser():
+    p = argparse.ArgumentParser(
+        description="Train DeltaCoupling: learn dV so that V0 + dV matches Vref.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--root_dir", default=DEFAULT_ROOT_DIR,
+                   help="data folder with meta.xlsx (DATA_FORMAT)")
+    p.add_argument("--cache_file_name", default=DEFAULT_CACHE_FILE,
+                   help="cache file inside root_dir")
+    p.add_argument("--rebuild_cache", action="store_true", help="rebuild the cache first")
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE)
+    p.add_argument("--physical_cutoff", type=float, default=DEFAULT_PHYSICAL_CUTOFF,
+                   help="radius-graph cutoff in Angstrom")
+    p.add_argument("--num_conv_layers", type=int, default=DEFAULT_NUM_CONV_LAYERS)
+    p.add_argument("--num_rbf", type=int, default=DEFAULT_NUM_RBF)
+    p.add_argument("--radial_hidden", type=int, default=DEFAULT_RADIAL_HIDDEN,
+                   help="hidden width of the RBF -> tensor-product-weight MLP")
+    p.add_argument("--mlp_hidden", type=int, default=DEFAULT_MLP_HIDDEN,
+                   help="hidden width of the readout MLP")
+    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak OneCycle learning rate")
+    p.add_argument("--apply_augmentations", action=argparse.BooleanOptionalAction, default=True,
+                   help="random rotation + jitter of training dimers")
+    p.add_argument("--augment_cached_train", action=argparse.BooleanOptionalAction,
+                   default=False, help="augment cached training graphs instead of re-reading")
+    p.add_argument("--jitter_std", type=float, default=DEFAULT_JITTER_STD,
+                   help="position noise, internal units (0.001 = 0.01 Angstrom)")
+    p.add_argument("--patience", type=int, default=DEFAULT_PATIENCE,
+                   help="early-stopping patience on val MAPE, epochs")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--log_every", type=int, default=DEFAULT_LOG_EVERY, help="epochs")
+    p.add_argument("--num_workers", type=int, default=None,
+                   help="DataLoader workers (default: 0 on CPU, 4 on CUDA)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--compile", default="auto", choices=["auto", "off", "inductor", "aot_eager"],
+                   help="torch.compile backend; auto = aot_eager on Windows, inductor on CUDA, "
+                        "off on CPU")
+    p.add_argument("--skip_failed_batches", action=argparse.BooleanOptionalAction, default=True,
+                   help="log, count and skip a batch that fails instead of stopping")
+    return p
+
+
+def _exit(message):
+    """Stop main() with a message for the user (exit status 2)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def prepare_cache(args, rows):
+    """Find, build or validate ``<root_dir>/<cache_file_name>``; return the loaded payload."""
+    cache_path = os.path.join(args.root_dir, args.cache_file_name)
+    expected = cache_metadata(args.root_dir, args.physical_cutoff, len(rows))
+    if args.rebuild_cache or not os.path.exists(cache_path):
+        try:
+            from preprocess_and_cache import build_cache
+        except ImportError as exc:
+            _exit(f"cannot import build_cache from preprocess_and_cache.py ({exc}); keep "
+                  f"preprocess_and_cache.py next to delta_coupling.py, or build {cache_path} "
+                  f"yourself")
+        print(f"building cache {cache_path} ...")
+        build_cache(args.root_dir, args.physical_cutoff, cache_file_name=args.cache_file_name)
+    try:
+        payload = load_cache(cache_path)
+    except ValueError as exc:
+        _exit(str(exc))
+    problems = check_cache_metadata(payload["metadata"], expected, cache_path)
+    if problems:
+        _exit(f"cache {cache_path} does not match the current settings:\n  "
+              + "\n  ".join(problems)
+              + f"\nRebuild it: delete {cache_path} or run again with --rebuild_cache")
+    return payload
+
+
+def resolve_compile_backend(choice, device):
+    if choice == "auto":
+        if sys.platform.startswith("win"):
+            return "aot_eager"
+        return "inductor" if device.type == "cuda" else None
+    if choice == "off":
+        return None
+    if choice in ("inductor", "aot_eager"):
+        return choice
+    raise ValueError(f"unknown --compile {choice!r}")
+
+
+def main(argv=None):
+    """Train and evaluate (SPEC 8). ``argv=None`` reads sys.argv; every argument has a default."""
+    args = build_arg_parser().parse_args(argv)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                          if args.device == "auto" else args.device)
+    amp_dtype, use_scaler = amp_settings(device)
+
+    rows = read_meta(args.root_dir)
+    payload = prepare_cache(args, rows)
+    internal_cutoff = float(payload["metadata"]["internal_cutoff"])
+
+    train_idx, val_idx, test_idx, rule = make_splits(rows, args.seed)
+    ids = [r["id"] for r in rows]
+    print(f"{len(rows)} dimers from {args.root_dir}; split {rule}: "
+          f"train {len(train_idx)}, val {len(val_idx)}, test {len(test_idx)}")
+    if args.apply_augmentations and not args.augment_cached_train:
+        train_ds = DimerDataset(args.root_dir, args.physical_cutoff, augment=True,
+                                jitter_std=args.jitter_std)
+    else:
+        aug = args.apply_augmentations
+        train_ds = CachedDimerDataset(payload, rotate=aug, jitter_std=args.jitter_std if aug else 0)
+    eval_ds = CachedDimerDataset(payload)
+    Subset = torch.utils.data.Subset
+    num_workers = args.num_workers if args.num_workers is not None else (
+        4 if device.type == "cuda" else 0)
+    loader_kw = dict(batch_size=args.batch_size, num_workers=num_workers,
+                     pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
+    train_loader = DataLoader(Subset(train_ds, train_idx), shuffle=True, **loader_kw)
+    val_loader = DataLoader(Subset(eval_ds, val_idx), shuffle=False, **loader_kw)
+    test_loader = DataLoader(Subset(eval_ds, test_idx), shuffle=False, **loader_kw)
+
+    model_config = dict(num_conv_layers=args.num_conv_layers, num_rbf=args.num_rbf,
+                        cutoff=internal_cutoff, radial_hidden=args.radial_hidden,
+                        mlp_hidden=args.mlp_hidden)
+    model = DeltaCoupling.from_config(model_config).to(device)
+    run_model = model
+    backend = resolve_compile_backend(args.compile, device)
+    if backend is not None:
+        run_model = torch.compile(model, backend=backend, dynamic=True)
+        try:  # compilation is lazy: try one batch so a failure falls back here, not mid-run
+            probe = next(iter(val_loader if len(val_idx) else train_loader)).to(device)
+            probe.u = _graph_u(probe)
+            with torch.no_grad():
+                run_model(probe)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eager (SPEC 8)
+            warnings.warn(f"torch.compile({backend}) failed, running eager: "
+                          f"{type(exc).__name__}: {exc}")
+            run_model = model
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    scheduler = None
+    if len(train_idx):
+        total_steps = max(ONECYCLE_MIN_STEPS, args.epochs * len(train_loader))
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr,
+                                                        total_steps=total_steps,
+                                                        pct_start=ONECYCLE_PCT_START)
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+
+    plots_dir = os.path.join(args.root_dir, "plots")
+    models_dir = os.path.join(args.root_dir, "models")
+    best_path = os.path.join(models_dir, BEST_CHECKPOINT)
+    split_ids = {"train": [ids[i] for i in train_idx], "val": [ids[i] for i in val_idx],
+                 "test": [ids[i] for i in test_idx]}
+    config = {k: v for k, v in vars(args).items()}
+
+    def checkpoint(epoch, val_result):
+        return {"model_state": model.state_dict(), "model_config": model_config,
+                "config": config, "metadata": dict(payload["metadata"]), "epoch": epoch,
+                "val_mape": val_result.mape, "val_mae": val_result.mae, "split_ids": split_ids}
+
+    monitor_name = "val MAPE" if len(val_idx) else "train loss"
+    best, best_epoch, stale = float("inf"), -1, 0
+    t_start, epoch = time.time(), 0
+    for epoch in range(1, args.epochs + 1):
+        tr = run_epoch(run_model, train_loader, device, optimizer, scheduler, scaler, amp_dtype,
+                       args.skip_failed_batches)
+        with torch.no_grad():
+            va = (run_epoch(run_model, val_loader, device, amp_dtype=amp_dtype,
+                            skip_failed_batches=args.skip_failed_batches)
+                  if len(val_idx) else EpochResult())
+        monitor = va.mape if len(val_idx) else tr.loss
+        improved = monitor < best
+        if improved:
+            best, best_epoch, stale = monitor, epoch, 0
+            atomic_torch_save(checkpoint(epoch, va), best_path)
+        else:
+            stale += 1
+        if epoch == 1 or epoch % args.log_every == 0 or epoch == args.epochs:
+            print(f"epoch {epoch:5d}  train loss {tr.loss:9.4f}  val MAPE {va.mape:8.2f}%  "
+                  f"val MAE {va.mae:8.4f}  best {monitor_name} {best:8.3f} (epoch {best_epoch})  "
+                  f"lr {optimizer.param_groups[0]['lr']:.2e}  skipped {tr.n_skipped + va.n_skipped}"
+                  f"  {time.time() - t_start:7.1f} s")
+        if stale >= args.patience:
+            print(f"early stop at epoch {epoch}: no {monitor_name} improvement for "
+                  f"{args.patience} epochs")
+            break
+
+    if os.path.exists(best_path):
+        best_ckpt = torch.load(best_path, map_location=device, weights_only=True)
+        model.load_state_dict(best_ckpt["model_state"])
+        print(f"loaded best checkpoint (epoch {best_ckpt['epoch']}) from {best_path}")
+    for name, loader, idx in (("test", test_loader, test_idx), ("val", val_loader, val_idx)):
+        if not len(idx):
+            continue
+        with torch.no_grad():
+            res = run_epoch(model, loader, device, amp_dtype=amp_dtype,
+                            skip_failed_batches=args.skip_failed_batches)
+        print(f"{name:5s} ({res.n_graphs} dimers): V0 + dV  MAPE {res.mape:8.2f}%  "
+              f"MAE {res.mae:.4f}  RMSE {res.rmse:.4f} | V0 alone  MAPE {res.baseline_mape:8.2f}%"
+              f"  MAE {res.baseline_mae:.4f}  RMSE {res.baseline_rmse:.4f}")
+        plot_regression(model, loader, device,
+                        os.path.join(plots_dir, f"{name}_final_delta_learning.png"),
+                        title=f"{name} set", amp_dtype=amp_dtype)
+    final = checkpoint(epoch, EpochResult())
+    final.update(best_epoch=best_epoch, best_monitor=best, monitor=monitor_name)
+    atomic_torch_save(final, os.path.join(models_dir, FINAL_CHECKPOINT))
+    print(f"saved {os.path.join(models_dir, FINAL_CHECKPOINT)}; plots in {plots_dir}")
+    return {"best_epoch": best_epoch, "best_monitor": best, "best_path": best_path,
+            "split_ids": split_ids}
+
+
+if __name__ == "__main__":
+    main()

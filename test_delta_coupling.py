@@ -1,0 +1,533 @@
+"""Tests for delta_coupling.py and preprocess_and_cache.py.
+
+Tiny synthetic dimers are written in the DATA_FORMAT by fixtures; exactness checks run in
+float64 against independent references (e3nn's D matrices, hand-computed numbers).
+Run with ``pytest`` (the whole suite takes a minute or two on 2 cores).
+"""
+import math
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from e3nn import o3
+from torch_geometric.loader import DataLoader
+
+import delta_coupling as dc
+from preprocess_and_cache import build_cache
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+S22X5_DIR = os.path.join(HERE, "examples", "s22x5")
+
+# a water-like and an ammonia-like monomer (Angstrom), hand-typed
+WATER = (["O", "H", "H"], [[0.0, 0.0, 0.0], [0.757, 0.586, 0.0], [-0.757, 0.586, 0.0]])
+AMMONIA = (["N", "H", "H", "H"], [[0.0, 0.0, 0.1], [0.94, 0.0, -0.25], [-0.47, 0.81, -0.25],
+                                  [-0.47, -0.81, -0.25]])
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def pdb_text(symbols, pos, chain="A", with_element=True):
+    lines = []
+    for i, (sym, (x, y, z)) in enumerate(zip(symbols, pos), start=1):
+        line = f"HETATM{i:5d} {sym + str(i):<4s} MOL {chain}   1    {x:8.3f}{y:8.3f}{z:8.3f}  1.00  0.00"
+        if with_element:
+            line += f"          {sym:>2s}"
+        lines.append(line)
+    return "\n".join(lines + ["END"]) + "\n"
+
+
+def write_dataset(root, n_rows, groups=False, seed=0):
+    """Write ``n_rows`` random water-ammonia dimers in the DATA_FORMAT; return root."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    rows = []
+    for i in range(n_rows):
+        rot_a, rot_b = (o3.rand_matrix(dtype=torch.float64).numpy() for _ in range(2))
+        pos_a = np.asarray(WATER[1]) @ rot_a.T
+        pos_b = np.asarray(AMMONIA[1]) @ rot_b.T + rng.normal(size=3)  # absolute place: ignored
+        d = os.path.join(root, f"d{i}")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "A.pdb"), "w") as fh:
+            fh.write(pdb_text(WATER[0], pos_a, "A"))
+        with open(os.path.join(d, "B.pdb"), "w") as fh:
+            fh.write(pdb_text(AMMONIA[0], pos_b, "B"))
+        q = rng.normal(size=(3, 3))
+        np.savez(os.path.join(d, "dimer.npz"), mulliken_spd=rng.uniform(0, 4, size=(7, 3)),
+                 dipole=rng.normal(size=3), quadrupole=q + q.T)
+        r_nm = 0.28 + 0.05 * i / max(n_rows, 1)
+        v0 = -3.0 + rng.normal()
+        row = {"id": f"dimer{i}", "pdb_a": f"d{i}/A.pdb", "pdb_b": f"d{i}/B.pdb",
+               "npz": f"d{i}/dimer.npz", "R_nm": r_nm, "theta_deg": rng.uniform(0, 90),
+               "V0": v0, "Vref": v0 + rng.normal(scale=0.5), "PR": 1.0 + 0.1 * i}
+        if groups:
+            row["group"] = f"g{i // 3}"
+        rows.append(row)
+    pd.DataFrame(rows).to_excel(os.path.join(root, "meta.xlsx"), index=False)
+    return root
+
+
+@pytest.fixture
+def tiny_root(tmp_path):
+    return write_dataset(str(tmp_path / "data"), 4)
+
+
+def small_model(**kw):
+    cfg = dict(num_conv_layers=2, num_rbf=8, cutoff=1.2, radial_hidden=16, mlp_hidden=16)
+    cfg.update(kw)
+    return dc.DeltaCoupling(**cfg)
+
+
+def batch_of(graphs):
+    return next(iter(DataLoader(graphs, batch_size=len(graphs))))
+
+
+# ----------------------------------------------------------------------------- constants & units
+def test_unit_conversions_against_hand_computed_values():
+    assert dc.INT_ANGSTROM_SCALE == 0.1
+    # 1 D = 0.20819434 e*A -> x 0.1 internal
+    np.testing.assert_allclose(dc.dipole_debye_to_internal([1.0, -2.0, 0.5]),
+                               [0.020819434, -0.041638868, 0.010409717], rtol=1e-12)
+    # 1 D*A = 0.20819434 e*A^2 -> x 0.01 internal
+    np.testing.assert_allclose(dc.quadrupole_debye_angstrom_to_internal(np.eye(3) * 3.0),
+                               np.eye(3) * 0.0062458302, rtol=1e-12)
+    assert torch.get_default_dtype() == torch.float32
+    assert str(dc.IRREPS_EDGE_SH) == "4x0e+4x1o+4x2e+4x3o"
+    assert str(dc.IRREPS_U) == "4x0e"
+    assert str(dc.IRREPS_FIELD) == "1x1o+1x2e"
+    assert str(dc.IRREPS_NODE) == "8x0e+1x1o+1x2e"
+
+
+def test_graph_fields_units_and_placement(tiny_root):
+    ds = dc.DimerDataset(tiny_root, physical_cutoff=12.0)
+    rows = pd.read_excel(os.path.join(tiny_root, "meta.xlsx"))
+    g = ds[1]
+    r_nm = rows.loc[1, "R_nm"]
+    r_int = r_nm * 10.0 * 0.1  # nm -> Angstrom -> internal
+    assert g.pos_atoms.shape == (7, 3) and g.z_atoms.tolist() == [8, 1, 1, 7, 1, 1, 1]
+    np.testing.assert_allclose(g.pos_atoms[:3].mean(0).numpy(), 0.0, atol=1e-6)
+    np.testing.assert_allclose(g.pos_atoms[3:].mean(0).numpy(), [0, 0, r_int], atol=1e-6)
+    # O-H bond 0.9572 Angstrom (from the PDB, 3 decimals) -> about 0.0957 internal
+    assert abs(float((g.pos_atoms[1] - g.pos_atoms[0]).norm()) - 0.09572) < 2e-4
+    np.testing.assert_allclose(g.u.numpy(), [[r_int, math.radians(rows.loc[1, "theta_deg"]),
+                                              rows.loc[1, "V0"], rows.loc[1, "PR"]]], rtol=1e-6)
+    assert g.y.item() == pytest.approx(rows.loc[1, "Vref"] - rows.loc[1, "V0"], rel=1e-6)
+    assert g.y_true_vref.item() == pytest.approx(rows.loc[1, "Vref"], rel=1e-6)
+    assert g.R_internal_val.item() == pytest.approx(r_int, rel=1e-6)
+    assert g.atomic_node_attr.shape == (7, 3) and g.field_node_features.shape == (1, 8)
+    npz = np.load(os.path.join(tiny_root, "d1", "dimer.npz"))
+    np.testing.assert_allclose(g.field_node_features[0, :3].numpy(),
+                               npz["dipole"] * 0.20819434 * 0.1, rtol=1e-6)
+    # every pair is closer than 12 Angstrom: the radius graph is complete, distances match
+    assert g.edge_index_atoms.shape == (2, 7 * 6)
+    src, dst = g.edge_index_atoms
+    np.testing.assert_allclose(g.edge_attr_atoms[:, 0].numpy(),
+                               (g.pos_atoms[src] - g.pos_atoms[dst]).norm(dim=1).numpy(),
+                               rtol=1e-6)
+    batch = batch_of([ds[0], ds[1], ds[2]])
+    assert batch.u.shape == (3, 4) and batch.field_node_features.shape == (3, 8)
+    assert batch.y.shape == (3,)
+
+
+def test_radius_graph_respects_cutoff_against_brute_force():
+    pos = torch.rand(30, 3) * 2.0
+    batch = torch.tensor([0] * 12 + [1] * 18)
+    edges = dc.radius_graph(pos, 0.7, batch)
+    got = {tuple(e) for e in edges.t().tolist()}
+    want = {(j, i) for i in range(30) for j in range(30)
+            if i != j and batch[i] == batch[j] and float((pos[i] - pos[j]).norm()) < 0.7}
+    assert got == want and len(want) > 0
+
+
+def test_radius_graph_torch_cluster_matches_pure_torch(monkeypatch):
+    torch_cluster = pytest.importorskip("torch_cluster")
+    pos = torch.rand(200, 3) * 3.0  # dense: many more than 32 neighbours each
+    with_tc = {tuple(e) for e in dc.radius_graph(pos, 1.2).t().tolist()}
+    monkeypatch.setattr(dc, "torch_cluster", None)
+    pure = {tuple(e) for e in dc.radius_graph(pos, 1.2).t().tolist()}
+    assert with_tc == pure and torch_cluster is not None
+
+
+# ----------------------------------------------------------------------------- parsing
+def test_pdb_elements_from_columns_and_names(tmp_path):
+    path = tmp_path / "mixed.pdb"
+    records = [
+        # element columns present: they win over the name
+        "HETATM    1 X1   MOL A   1       0.000   0.000   0.000  1.00  0.00          CL",
+        # no element columns: guess from the name field (columns 13-16)
+        "ATOM      2  CA  ALA A   1       1.000   0.000   0.000  1.00  0.00",  # C-alpha
+        "ATOM      3 CA   ALA A   1       2.000   0.000   0.000  1.00  0.00",  # left-just., protein
+        "HETATM    4 CA    CA B   2       3.000   0.000   0.000  1.00  0.00",  # calcium ion
+        "HETATM    5 CL1  LIG B   3       4.000   0.000   0.000  1.00  0.00",  # chlorine
+        "HETATM    6 NA    NA B   4       5.000   0.000   0.000  1.00  0.00",  # sodium
+        "HETATM    7 MG   MG  B   5       6.000   0.000   0.000  1.00  0.00",  # magnesium
+        "ATOM      8 1HB  ALA A   1       7.000   0.000   0.000  1.00  0.00",  # hydrogen
+        "ATOM      9  N   ALA A   1       8.000   0.000   0.000  1.00  0.00",  # nitrogen
+        "HETATM   10 C12  LIG B   3       9.000   1.000  -2.500  1.00  0.00",  # carbon
+        "REMARK not an atom",
+    ]
+    path.write_text("\n".join(records) + "\nEND\n")
+    z, pos = dc.parse_pdb(str(path))
+    assert z.tolist() == [17, 6, 6, 20, 17, 11, 12, 1, 7, 6]
+    np.testing.assert_allclose(pos[-1], [9.0, 1.0, -2.5])
+
+
+def test_pdb_unknown_element_names_file_and_line(tmp_path):
+    path = tmp_path / "iron.pdb"
+    path.write_text(pdb_text(["O", "Fe"], [[0, 0, 0], [1, 0, 0]]))
+    with pytest.raises(ValueError, match=r"iron\.pdb, line 2: element 'Fe' is not supported"):
+        dc.parse_pdb(str(path))
+
+
+def test_pdb_truncated_and_empty(tmp_path):
+    trunc = tmp_path / "trunc.pdb"
+    trunc.write_text("HETATM    1 O1   MOL A   1       0.000   0.0\n")
+    with pytest.raises(ValueError, match=r"trunc\.pdb, line 1: cannot read x/y/z"):
+        dc.parse_pdb(str(trunc))
+    empty = tmp_path / "empty.pdb"
+    empty.write_text("REMARK nothing\nEND\n")
+    with pytest.raises(ValueError, match="no ATOM/HETATM records"):
+        dc.parse_pdb(str(empty))
+
+
+def test_meta_errors_name_file_row_and_problem(tmp_path):
+    root = write_dataset(str(tmp_path / "bad"), 3)
+    meta = pd.read_excel(os.path.join(root, "meta.xlsx"))
+    meta["R_nm"] = meta["R_nm"].astype(object)
+    meta.loc[1, "R_nm"] = "far"
+    meta.to_excel(os.path.join(root, "meta.xlsx"), index=False)
+    with pytest.raises(ValueError, match=r"meta\.xlsx, row 3 \(id dimer1\): R_nm = 'far' is not"):
+        dc.read_meta(root)
+    meta.drop(columns=["Vref"]).to_excel(os.path.join(root, "meta.xlsx"), index=False)
+    with pytest.raises(ValueError, match=r"missing required column\(s\) \['Vref'\]"):
+        dc.read_meta(root)
+
+
+def test_npz_atom_count_mismatch_is_refused(tmp_path):
+    root = write_dataset(str(tmp_path / "bad"), 2)
+    np.savez(os.path.join(root, "d1", "dimer.npz"), mulliken_spd=np.ones((6, 3)),
+             dipole=np.zeros(3), quadrupole=np.eye(3))
+    with pytest.raises(ValueError, match=r"row 3 \(id dimer1\).*6 rows but the two PDBs hold 7"):
+        dc.DimerDataset(root)
+
+
+# ----------------------------------------------------------------------------- irreps
+def test_dipole_and_quadrupole_rotate_as_e3nn_irreps(float64):
+    rng = np.random.default_rng(1)
+    dip = rng.normal(size=3)
+    q = rng.normal(size=(3, 3))
+    quad = q + q.T  # symmetric, with a trace on purpose
+    for _ in range(5):
+        rot = o3.rand_matrix(dtype=torch.float64)
+        r = rot.numpy()
+        d1 = o3.Irrep(1, -1).D_from_matrix(rot).numpy()
+        d2 = o3.Irrep(2, 1).D_from_matrix(rot).numpy()
+        np.testing.assert_allclose(d1 @ dip, r @ dip, atol=1e-12)
+        np.testing.assert_allclose(d2 @ dc.quadrupole_to_l2(quad),
+                                   dc.quadrupole_to_l2(r @ quad @ r.T), atol=1e-12)
+        # and the library's own rotation of the packed (8,) field features
+        feat = torch.as_tensor(np.concatenate([dip, dc.quadrupole_to_l2(quad)]))
+        rotated = dc.rotate_field_features(feat, rot).numpy()
+        np.testing.assert_allclose(rotated[:3], r @ dip, atol=1e-12)
+        np.testing.assert_allclose(rotated[3:], dc.quadrupole_to_l2(r @ quad @ r.T), atol=1e-12)
+    # the trace does not enter: an isotropic tensor has no l=2 part
+    np.testing.assert_allclose(dc.quadrupole_to_l2(np.eye(3) * 7.0), 0.0, atol=1e-15)
+
+
+# ----------------------------------------------------------------------------- model
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_model_dv_is_invariant_under_rotation_translation_permutation(tiny_root, float64):
+    plain = dc.DimerDataset(tiny_root)
+    rotated = dc.DimerDataset(tiny_root, augment=True, jitter_std=0.0)
+    model = small_model(num_conv_layers=4).double().eval()
+    graphs = [plain[i] for i in range(len(plain))]
+    ref_batch = batch_of(graphs)
+    with torch.no_grad():
+        ref = model(ref_batch)  # (B,)
+        assert ref.dtype == torch.float64 and ref.shape == (4,)
+        assert float(ref.std()) > 1e-6  # the model tells the dimers apart: not a constant
+        rot_graphs = [rotated[i] for i in range(len(rotated))]
+        assert not torch.allclose(rot_graphs[0].pos_atoms, graphs[0].pos_atoms)
+        assert _rel(model(batch_of(rot_graphs)), ref) < 1e-9
+
+        # translation of whole dimers
+        moved = batch_of([g.clone() for g in graphs])
+        moved.pos_atoms = moved.pos_atoms + torch.tensor([0.3, -1.7, 2.2], dtype=torch.float64)
+        assert _rel(model(moved), ref) < 1e-9
+
+        # permutation of the atom order inside each dimer
+        perm_graphs = []
+        for g in graphs:
+            n = g.num_nodes
+            perm = torch.randperm(n)
+            inv = torch.empty_like(perm)
+            inv[perm] = torch.arange(n)
+            h = g.clone()
+            h.z_atoms, h.pos_atoms = g.z_atoms[perm], g.pos_atoms[perm]
+            h.atomic_node_attr = g.atomic_node_attr[perm]
+            h.edge_index_atoms = inv[g.edge_index_atoms]
+            perm_graphs.append(h)
+        assert _rel(model(batch_of(perm_graphs)), ref) < 1e-9
+
+        # negative control: rotating the atoms but not the multipoles must change dV
+        wrong = batch_of([g.clone() for g in graphs])
+        rot = o3.rand_matrix(dtype=torch.float64)
+        wrong.pos_atoms = wrong.pos_atoms @ rot.T
+        assert _rel(model(wrong), ref) > 1e-6
+
+
+def test_model_accepts_cached_harmonics_and_matches_on_the_fly(tiny_root):
+    build_cache(tiny_root, 12.0)
+    cached = dc.CachedDimerDataset(os.path.join(tiny_root, dc.DEFAULT_CACHE_FILE))
+    model = small_model().eval()
+    with torch.no_grad():
+        with_sh = model(batch_of([cached[i] for i in range(4)]))
+        no_sh = [cached[i] for i in range(4)]
+        for g in no_sh:
+            del g.edge_attr_sh
+        torch.testing.assert_close(model(batch_of(no_sh)), with_sh, rtol=1e-5, atol=1e-6)
+
+
+def test_cached_rotation_rotates_stored_harmonics(tiny_root, float64):
+    build_cache(tiny_root, 12.0)
+    cache = os.path.join(tiny_root, dc.DEFAULT_CACHE_FILE)
+    plain = dc.CachedDimerDataset(cache)
+    rotating = dc.CachedDimerDataset(cache, rotate=True)
+    for i in range(len(plain)):
+        g = rotating[i]
+        assert not torch.allclose(g.pos_atoms, plain[i].pos_atoms.to(g.pos_atoms.dtype))
+        expect = dc.edge_spherical_harmonics(dc.edge_vectors(g.pos_atoms, g.edge_index_atoms))
+        torch.testing.assert_close(g.edge_attr_sh, expect.to(g.edge_attr_sh.dtype),
+                                   rtol=1e-5, atol=1e-5)
+        # the dipole turned with the atoms: its angle to the A->B axis is unchanged
+        axis0 = plain[i].pos_atoms[3:].mean(0) - plain[i].pos_atoms[:3].mean(0)
+        axis1 = g.pos_atoms[3:].mean(0) - g.pos_atoms[:3].mean(0)
+        dip0, dip1 = plain[i].field_node_features[0, :3], g.field_node_features[0, :3]
+        assert float(axis0 @ dip0) == pytest.approx(float(axis1 @ dip1), rel=1e-5)
+
+
+def test_cached_jitter_rebuilds_consistent_graph(tiny_root):
+    build_cache(tiny_root, 3.0)  # a small cutoff so that jitter can change the edge set
+    ds = dc.CachedDimerDataset(os.path.join(tiny_root, dc.DEFAULT_CACHE_FILE), jitter_std=0.02)
+    assert ds.internal_cutoff == pytest.approx(0.3)
+    for i in range(len(ds)):
+        g = ds[i]
+        pos = g.pos_atoms
+        want = dc.radius_graph(pos, 0.3)
+        assert {tuple(e) for e in g.edge_index_atoms.t().tolist()} == \
+            {tuple(e) for e in want.t().tolist()}
+        vec = dc.edge_vectors(pos, g.edge_index_atoms)
+        torch.testing.assert_close(g.edge_attr_atoms[:, 0], vec.norm(dim=1))
+        torch.testing.assert_close(g.edge_attr_sh, dc.edge_spherical_harmonics(vec))
+
+
+def test_bessel_basis_matches_formula_and_vanishes_beyond_cutoff(float64):
+    cutoff, k = 1.2, 6
+    layer = dc.RadialBesselBasisLayer(k, cutoff)
+    r = torch.tensor([0.05, 0.3, 0.77, 1.19, 1.2, 1.3, 5.0])
+    out = layer(r)
+    assert out.shape == (7, k)
+    for i, ri in enumerate(r.tolist()):
+        for j in range(k):
+            w = (j + 1) * math.pi / cutoff
+            want = (math.sin(w * ri) / (w * ri) * 0.5 * (1 + math.cos(math.pi * ri / cutoff))
+                    if ri <= cutoff else 0.0)
+            assert float(out[i, j]) == pytest.approx(want, abs=1e-12)
+    assert torch.all(out[-2:] == 0)
+    assert torch.all(torch.isfinite(layer(torch.zeros(1))))  # sinc at r = 0 is 1, not NaN
+
+
+def test_conv_layer_is_equivariant(float64):
+    irreps_attr = o3.Irreps("8x0e")
+    conv = dc.PointsConvolutionIntegrated(dc.IRREPS_NODE, irreps_attr, dc.IRREPS_EDGE_SH,
+                                          dc.IRREPS_NODE, num_rbf=8, cutoff=1.2, radial_hidden=16)
+    pos = torch.randn(6, 3) * 0.3
+    edge_index = dc.radius_graph(pos, 1.2)
+    x = dc.IRREPS_NODE.randn(6, -1)
+    attr = torch.randn(6, 8)
+
+    def run(x_in, pos_in):
+        vec = dc.edge_vectors(pos_in, edge_index)
+        return conv(x_in, attr, edge_index[0], edge_index[1], dc.edge_spherical_harmonics(vec),
+                    vec.norm(dim=1))
+
+    rot = o3.rand_matrix(dtype=torch.float64)
+    d_node = dc.IRREPS_NODE.D_from_matrix(rot)
+    torch.testing.assert_close(run(x @ d_node.T, pos @ rot.T), run(x, pos) @ d_node.T,
+                               rtol=1e-9, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- losses
+def test_losses_zero_on_perfect_prediction_and_hand_example():
+    true = torch.tensor([-1.0, -2.0, 0.5])
+    r = torch.tensor([0.3, 0.3, 0.6])
+    assert float(dc.distance_weighted_l1_on_vref_loss(true.clone(), true, r)) == 0.0
+    assert float(dc.mape_loss_fn(true.clone(), true)) == 0.0
+    pred = torch.tensor([-1.5, -2.0, 1.5])  # |err| = 0.5, 0, 1
+    # w = R / mean(R) = [0.75, 0.75, 1.5]; sum w|e| = 0.375 + 1.5 = 1.875; sum w = 3
+    assert float(dc.distance_weighted_l1_on_vref_loss(pred, true, r)) == pytest.approx(0.625)
+    # equal R: plain L1
+    assert float(dc.distance_weighted_l1_on_vref_loss(pred, true, torch.full((3,), 0.4))) == \
+        pytest.approx(0.5)
+    # MAPE = 100 * mean(0.5/1, 0/2, 1/0.5) = 100 * 2.5 / 3
+    assert float(dc.mape_loss_fn(pred, true)) == pytest.approx(250.0 / 3, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- splits
+@pytest.mark.parametrize("n", list(range(1, 13)) + [100])
+def test_splits_disjoint_covering_sized(n):
+    rows = [{"id": str(i)} for i in range(n)]
+    train, val, test, _ = dc.make_splits(rows, seed=3)
+    assert sorted(train + val + test) == list(range(n))
+    assert not (set(train) & set(val) or set(train) & set(test) or set(val) & set(test))
+    if n == 1:
+        want = (1, 0, 0)
+    elif n == 2:
+        want = (1, 1, 0)
+    elif n < 10:
+        want = (n - 2, 1, 1)
+    else:
+        want = (n - 2 * max(1, round(n / 10)), max(1, round(n / 10)), max(1, round(n / 10)))
+    assert (len(train), len(val), len(test)) == want
+    if n == 100:
+        assert want == (80, 10, 10)
+    assert dc.make_splits(rows, seed=3)[:3] == (train, val, test)  # seeded
+
+
+def test_group_split_keeps_groups_together():
+    rows = [{"id": str(i), "group": f"g{i // 5}"} for i in range(110)]  # like S22x5
+    train, val, test, rule = dc.make_splits(rows, seed=42)
+    assert "group" in rule
+    for part_a, part_b in ((train, val), (train, test), (val, test)):
+        assert not {rows[i]["group"] for i in part_a} & {rows[i]["group"] for i in part_b}
+    assert (len(train), len(val), len(test)) == (90, 10, 10)
+
+
+# ----------------------------------------------------------------------------- engine
+def test_run_epoch_skips_and_counts_nonfinite_batches(tiny_root):
+    ds = dc.DimerDataset(tiny_root)
+    loader = DataLoader(ds, batch_size=2)
+    model = small_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    logged = []
+
+    class PoisonFirst(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.calls = model, 0
+
+        def forward(self, data):
+            self.calls += 1
+            out = self.inner(data)
+            return out * float("nan") if self.calls == 1 else out
+
+    res = dc.run_epoch(PoisonFirst(), loader, torch.device("cpu"), opt, log=logged.append)
+    assert res.n_skipped == 1 and res.n_graphs == 2 and res.n_batches == 2
+    assert "NonFiniteLossError" in logged[0] and "dimer0" in logged[0]
+    with pytest.raises(dc.NonFiniteLossError):
+        dc.run_epoch(PoisonFirst(), loader, torch.device("cpu"), opt, skip_failed_batches=False)
+
+    class AlwaysNaN(torch.nn.Module):
+        def forward(self, data):
+            return model(data) * float("nan")
+
+    with pytest.raises(RuntimeError, match="every batch of this epoch failed"):
+        dc.run_epoch(AlwaysNaN(), loader, torch.device("cpu"), opt, log=logged.append)
+
+
+def test_run_epoch_metrics_are_weighted_by_graphs(tiny_root):
+    ds = dc.DimerDataset(tiny_root)
+    model = small_model()
+    res = dc.run_epoch(model, DataLoader(ds, batch_size=3), torch.device("cpu"))
+    pred, true, v0 = dc.predict_vref(model, DataLoader(ds, batch_size=4), torch.device("cpu"))
+    assert res.n_graphs == 4
+    assert res.mae == pytest.approx(float(np.abs(pred - true).mean()), rel=1e-5)
+    assert res.rmse == pytest.approx(float(np.sqrt(((pred - true) ** 2).mean())), rel=1e-5)
+    assert res.mape == pytest.approx(float(100 * np.mean(np.abs(pred - true) / np.abs(true))),
+                                     rel=1e-5)
+    assert res.baseline_mae == pytest.approx(float(np.abs(v0 - true).mean()), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- cache
+def test_cache_round_trip_equals_dimer_dataset(tiny_root):
+    path = build_cache(tiny_root, 12.0)
+    payload = torch.load(path, weights_only=True)  # plain types and tensors only
+    meta = payload["metadata"]
+    assert meta["internal_cutoff"] == pytest.approx(1.2)
+    assert meta["format_version"] == dc.CACHE_FORMAT_VERSION and meta["n_rows"] == 4
+    assert meta["int_angstrom_scale"] == dc.INT_ANGSTROM_SCALE
+    cached = dc.CachedDimerDataset(path)
+    raw = dc.DimerDataset(tiny_root, 12.0)
+    for i in range(4):
+        c, r = cached[i], raw[i]
+        assert c.id == r.id
+        for key in r.keys():
+            if key == "id":
+                continue
+            torch.testing.assert_close(c[key], r[key], rtol=0, atol=0)
+        assert c.edge_attr_sh.shape == (r.edge_index_atoms.size(1), 64)
+    assert not [f for f in os.listdir(tiny_root) if ".tmp" in f]  # atomic write left nothing
+
+
+def test_main_exits_with_clear_message_on_cutoff_mismatch(tiny_root, capsys):
+    build_cache(tiny_root, 10.0)
+    with pytest.raises(SystemExit) as exc:
+        dc.main(["--root_dir", tiny_root, "--epochs", "1", "--physical_cutoff", "12"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "internal_cutoff: cache has 1.0, current settings need 1.2" in err
+    assert "--rebuild_cache" in err
+
+
+def test_main_explains_missing_cache_builder(tiny_root, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "preprocess_and_cache", None)  # import now fails
+    with pytest.raises(SystemExit):
+        dc.main(["--root_dir", tiny_root, "--epochs", "1"])
+    assert "cannot import build_cache from preprocess_and_cache.py" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- main end to end
+def test_default_arguments_are_specs():
+    args = dc.build_arg_parser().parse_args([])
+    assert (args.epochs, args.batch_size, args.physical_cutoff, args.num_conv_layers,
+            args.num_rbf, args.lr, args.apply_augmentations, args.patience) == \
+        (1500, 5, 12.0, 6, 50, 1e-3, True, 250)
+    assert os.path.samefile(args.root_dir, S22X5_DIR)
+
+
+def test_main_end_to_end_and_best_checkpoint_reproduces_val(tmp_path):
+    root = write_dataset(str(tmp_path / "e2e"), 12, groups=False)
+    out = dc.main(["--root_dir", root, "--epochs", "2", "--num_conv_layers", "2",
+                   "--num_rbf", "8", "--radial_hidden", "16", "--mlp_hidden", "16",
+                   "--batch_size", "4", "--no-skip_failed_batches"])
+    for rel in ("models/best_model_delta_learning.pt", "models/final_model_delta_learning.pt",
+                "plots/test_final_delta_learning.png", "plots/val_final_delta_learning.png",
+                "cached_graphs.pt"):
+        assert os.path.getsize(os.path.join(root, rel)) > 0, rel
+    model, ckpt = dc.load_checkpoint(out["best_path"])
+    assert ckpt["config"]["epochs"] == 2 and ckpt["metadata"]["internal_cutoff"] == pytest.approx(1.2)
+    ids = dc.CachedDimerDataset(os.path.join(root, "cached_graphs.pt")).ids
+    val_idx = [ids.index(i) for i in ckpt["split_ids"]["val"]]
+    assert len(val_idx) == 1 and len(ckpt["split_ids"]["train"]) == 10
+    ds = dc.CachedDimerDataset(os.path.join(root, "cached_graphs.pt"))
+    res = dc.run_epoch(model, DataLoader(torch.utils.data.Subset(ds, val_idx), batch_size=4),
+                       torch.device("cpu"), skip_failed_batches=False)
+    assert res.mape == pytest.approx(ckpt["val_mape"], rel=1e-6)
