@@ -19,8 +19,10 @@ training engine, plotting, main.
 """
 import argparse
 import hashlib
+import json
 import math
 import os
+import pickle
 import sys
 import time
 import warnings
@@ -91,10 +93,17 @@ ELEMENTS = ("H", "He", "Li", "Be", "B", "C", "N", "O", "F", "Ne",
             "Na", "Mg", "Al", "Si", "P", "S", "Cl", "Ar", "K", "Ca")
 ELEMENT_TO_Z = {sym.upper(): z for z, sym in enumerate(ELEMENTS, start=1)}
 NUM_ELEMENTS = len(ELEMENTS)
-# residues whose atom names follow the protein/nucleic convention: "CA" is C-alpha, not calcium
+# every element symbol, only to recognise (and refuse by name) elements beyond Ca
+ALL_ELEMENT_SYMBOLS = frozenset((
+    "H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As "
+    "Se Br Kr Rb Sr Y Zr Nb Mo Tc Ru Rh Pd Ag Cd In Sn Sb Te I Xe Cs Ba La Ce Pr Nd Pm Sm Eu Gd "
+    "Tb Dy Ho Er Tm Yb Lu Hf Ta W Re Os Ir Pt Au Hg Tl Pb Bi Po At Rn Fr Ra Ac Th Pa U Np Pu Am "
+    "Cm Bk Cf Es Fm Md No Lr Rf Db Sg Bh Hs Mt Ds Rg Cn Nh Fl Mc Lv Ts Og").upper().split())
+# residues whose atom names follow the protein/nucleic convention: "CA" is C-alpha, "HE21" a
+# hydrogen, "NE2" a nitrogen (standard and common modified amino acids, nucleotides, caps)
 STANDARD_RESIDUES = frozenset(
     "ALA ARG ASN ASP CYS GLN GLU GLY HIS ILE LEU LYS MET PHE PRO SER THR TRP TYR VAL "
-    "HID HIE HIP HSD HSE HSP CYX ASH GLH LYN ACE NME "
+    "HID HIE HIP HSD HSE HSP CYX ASH GLH LYN ACE NME NH2 MSE SEP TPO PTR HYP MLY CSO PCA "
     "A C G U T DA DC DG DT DU RA RC RG RU".split())
 
 META_REQUIRED_COLUMNS = ("pdb_a", "pdb_b", "npz", "R_nm", "theta_deg", "V0", "Vref", "PR")
@@ -130,16 +139,30 @@ def quadrupole_to_l2(quad):
 
 # ----------------------------------------------------------------------------- parsing
 def _element_from_atom_name(name4, res_name):
-    """Guess the element symbol from the 4-character PDB atom-name field (columns 13-16)."""
-    first = name4[:1]
-    letters = "".join(ch for ch in name4 if ch.isalpha())
+    """Guess the element symbol from the 4-character PDB atom-name field (columns 13-16).
+
+    PDB convention: a one-letter element sits in column 14 (the field starts with a space or a
+    digit, " CA " is C-alpha); a two-letter element starts in column 13 ("CL1 ", "MG  ").
+    In standard residues names are always one-letter elements. A left-justified name whose
+    first two letters form an element (HE21, NE2, CA) is read as two letters only when that is
+    unambiguous: the first letter alone is no element (ZN, MG), the name is the residue name
+    (an ion: "CA" in residue "CA"), the name is the bare symbol (FE), or a halogen (CL1, BR1).
+    """
+    stripped = name4.strip().upper()
+    letters = stripped.lstrip("0123456789")
+    letters = letters[:len(letters) - len(letters.lstrip("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))]
     if not letters:
         return ""
-    if first == " " or first.isdigit() or res_name.strip().upper() in STANDARD_RESIDUES:
-        return letters[0]  # element right-justified in 13-14, or a protein/nucleic name: 1 letter
-    two = letters[:2].upper()
-    if len(two) == 2 and two in ELEMENT_TO_Z and name4[1:2].isalpha():
-        return two  # a left-justified two-letter element (CL, NA, MG, CA in a HETATM ion ...)
+    res = res_name.strip().upper()
+    two = letters[:2]
+    if stripped == two and two in ALL_ELEMENT_SYMBOLS and two not in ELEMENT_TO_Z:
+        return two  # a bare symbol beyond Ca (SE in MSE, FE, ZN): refused by name, never guessed
+    if name4[:1] == " " or name4[:1].isdigit() or res in STANDARD_RESIDUES:
+        return letters[0]
+    if len(two) == 2 and two in ALL_ELEMENT_SYMBOLS and (
+            letters[0] not in ALL_ELEMENT_SYMBOLS or stripped in (res, two)
+            or two in ("CL", "BR")):
+        return two
     return letters[0]
 
 
@@ -167,9 +190,12 @@ def parse_pdb(path):
                 element = _element_from_atom_name(line[12:16].ljust(4), line[17:20])
             key = element.upper()
             if key not in ELEMENT_TO_Z:
+                source = "columns 77-78" if line[76:78].strip() else \
+                    f"atom name {line[12:16].strip()!r} (no element in columns 77-78)"
                 raise ValueError(
-                    f"{path}, line {line_no}: element {element!r} is not supported "
-                    f"(supported: {', '.join(ELEMENTS)}); fix columns 77-78 of this record")
+                    f"{path}, line {line_no}: element {element.capitalize()!r} from {source} is "
+                    f"not supported (supported: {', '.join(ELEMENTS)}); if the element is "
+                    f"another one, write it in columns 77-78 of this record")
             z.append(ELEMENT_TO_Z[key])
             pos.append(xyz)
     if not z:
@@ -177,12 +203,15 @@ def parse_pdb(path):
     return np.asarray(z, dtype=np.int64), np.asarray(pos, dtype=np.float64)
 
 
-def file_sha256(path):
-    """Hex SHA-256 of a file's bytes (cache metadata ties a cache to its meta.xlsx)."""
+def data_sha256(root_dir, rows):
+    """Hex SHA-256 over meta.xlsx and every PDB/NPZ it names (ties a cache to its data)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
+    paths = ["meta.xlsx"] + [r[col] for r in rows for col in ("pdb_a", "pdb_b", "npz")]
+    for rel in paths:
+        digest.update(rel.encode() + b"\0")
+        with open(os.path.join(root_dir, rel), "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -242,13 +271,16 @@ def load_npz(path, n_atoms, where):
     """Load and check one dimer NPZ. Returns (mulliken (N,3), dipole (3,) D, quad (3,3) D*A)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{where}: NPZ file {path} not found")
-    with np.load(path, allow_pickle=False) as npz:
-        for key in ("mulliken_spd", "dipole", "quadrupole"):
-            if key not in npz.files:
-                raise ValueError(f"{where}: {path} has no key {key!r} (found {npz.files})")
-        mulliken = np.asarray(npz["mulliken_spd"], dtype=np.float64)
-        dipole = np.asarray(npz["dipole"], dtype=np.float64)
-        quad = np.asarray(npz["quadrupole"], dtype=np.float64)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            for key in ("mulliken_spd", "dipole", "quadrupole"):
+                if key not in npz.files:
+                    raise ValueError(f"{where}: {path} has no key {key!r} (found {npz.files})")
+            mulliken = np.asarray(npz["mulliken_spd"], dtype=np.float64)
+            dipole = np.asarray(npz["dipole"], dtype=np.float64)
+            quad = np.asarray(npz["quadrupole"], dtype=np.float64)
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{where}: {path} cannot be read as an NPZ file ({exc})") from None
     if mulliken.ndim != 2 or mulliken.shape[1] not in (2, 3):
         raise ValueError(f"{where}: {path}: mulliken_spd has shape {mulliken.shape}, "
                          f"expected (N, 3) or (N, 2)")
@@ -384,7 +416,8 @@ def make_graph(parsed, internal_cutoff, rotation=None, jitter_std=0.0, with_sh=F
         R_internal_val=torch.tensor([r_internal], dtype=dtype),  # (1,)
         edge_index_atoms=edge_index,  # (2, E)
         edge_attr_atoms=edge_vec.norm(dim=-1, keepdim=True),  # (E, 1) internal
-        row_index=torch.tensor([row["row"]], dtype=torch.long),  # (1,) spreadsheet row
+        row_number=torch.tensor([row["row"]], dtype=torch.long),  # (1,) spreadsheet row
+        # (not "*_index": PyG would offset it by num_nodes when batching)
         num_nodes=len(parsed.z),
     )
     data.id = row["id"]
@@ -426,7 +459,7 @@ class DimerDataset(torch.utils.data.Dataset):
         return make_graph(parsed, self.internal_cutoff)
 
 
-def cache_metadata(root_dir, physical_cutoff, n_rows):
+def cache_metadata(root_dir, physical_cutoff, rows):
     """The metadata a cache must carry and match (SPEC 8, DECISIONS 9)."""
     return {
         "format_version": CACHE_FORMAT_VERSION,
@@ -434,8 +467,8 @@ def cache_metadata(root_dir, physical_cutoff, n_rows):
         "internal_cutoff": float(physical_cutoff * INT_ANGSTROM_SCALE),
         "int_angstrom_scale": INT_ANGSTROM_SCALE,
         "irreps_edge_sh": str(IRREPS_EDGE_SH),
-        "n_rows": int(n_rows),
-        "meta_sha256": file_sha256(os.path.join(root_dir, "meta.xlsx")),
+        "n_rows": len(rows),
+        "data_sha256": data_sha256(root_dir, rows),
     }
 
 
@@ -443,7 +476,7 @@ def check_cache_metadata(metadata, expected, cache_path):
     """Return a list of human-readable mismatches between a cache and the current settings."""
     problems = []
     for key in ("format_version", "internal_cutoff", "int_angstrom_scale", "irreps_edge_sh",
-                "n_rows", "meta_sha256"):
+                "n_rows", "data_sha256"):
         have, want = metadata.get(key), expected[key]
         same = (math.isclose(have, want, rel_tol=1e-9) if isinstance(want, float)
                 and isinstance(have, (int, float)) else have == want)
@@ -456,10 +489,11 @@ def load_cache(cache_path):
     """Load a cache written by ``build_cache`` (tensors and plain types only)."""
     try:
         payload = torch.load(cache_path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
         raise ValueError(f"{cache_path} cannot be loaded as a DeltaCoupling cache ({exc}); "
                          f"delete it or run with --rebuild_cache") from None
-    if not isinstance(payload, dict) or {"metadata", "graphs", "ids"} - set(payload):
+    if (not isinstance(payload, dict) or {"metadata", "graphs", "ids"} - set(payload)
+            or not isinstance(payload["metadata"], dict)):
         raise ValueError(f"{cache_path} is not a DeltaCoupling cache (no metadata/graphs/ids); "
                          f"delete it or run with --rebuild_cache")
     return payload
@@ -497,7 +531,8 @@ class CachedDimerDataset(torch.utils.data.Dataset):
             fields["pos_atoms"] = fields["pos_atoms"] @ rot.T
             fields["field_node_features"] = rotate_field_features(fields["field_node_features"],
                                                                   rot)
-            fields["edge_attr_sh"] = fields["edge_attr_sh"] @ d_sh.T
+            if "edge_attr_sh" in fields:
+                fields["edge_attr_sh"] = fields["edge_attr_sh"] @ d_sh.T
         if self.jitter_std > 0:
             pos = fields["pos_atoms"] + self.jitter_std * torch.randn_like(fields["pos_atoms"])
             edge_index = radius_graph(pos, self.internal_cutoff)
@@ -575,10 +610,12 @@ class PointsConvolutionIntegrated(nn.Module):
         node_self = self.sc(node_features, node_attr)  # (N, out)
         node_pre = self.lin1(node_features, node_attr)  # (N, in)
         edge_msg = self.tp(node_pre[edge_src], edge_sh, edge_weight)  # (E, mid)
-        agg = node_pre.new_zeros(num_nodes, edge_msg.size(1)).index_add_(0, edge_dst, edge_msg)
-        count = node_pre.new_zeros(num_nodes).index_add_(0, edge_dst,
-                                                          torch.ones_like(edge_dst, dtype=agg.dtype))
-        agg = agg / count.clamp(min=1).unsqueeze(1)  # (N, mid) scatter-mean (DECISIONS 5)
+        acc = torch.promote_types(edge_msg.dtype, torch.float32)  # exact counts under AMP
+        agg = edge_msg.new_zeros(num_nodes, edge_msg.size(1), dtype=acc).index_add_(
+            0, edge_dst, edge_msg.to(acc))
+        count = edge_msg.new_zeros(num_nodes, dtype=acc).index_add_(
+            0, edge_dst, torch.ones_like(edge_dst, dtype=acc))
+        agg = (agg / count.clamp(min=1).unsqueeze(1)).to(edge_msg.dtype)  # (N, mid) scatter-mean
         gate = torch.tanh(self.alpha(agg, node_attr))  # (N, 1)
         return node_self + gate * self.lin2(agg, node_attr)  # (N, out)
 
@@ -807,34 +844,51 @@ def run_epoch(model, loader, device, optimizer=None, scheduler=None, scaler=None
 
 
 @torch.no_grad()
-def predict_vref(model, loader, device, amp_dtype=None):
-    """Predicted and true Vref and V0 over a loader: three 1-D float64 numpy arrays."""
+def predict_vref(model, loader, device, amp_dtype=None, skip_failed_batches=True, log=print):
+    """Predicted and true Vref and V0 over a loader: three 1-D float64 numpy arrays.
+
+    Inconsistent batches are logged and skipped like in ``run_epoch`` (SPEC 7).
+    """
     model.eval()
     preds, trues, v0s = [], [], []
+    n_batches, first_error = 0, None
     for data in loader:
         data = data.to(device)
-        data.u = _graph_u(data)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            dv = model(data)
+        n_batches += 1
+        try:
+            data.u = _graph_u(data)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                dv = model(data)  # (B,)
+        except (RuntimeError, ValueError) as exc:
+            if not skip_failed_batches:
+                raise
+            first_error = first_error or exc
+            log(f"skipped batch ids {list(data.id)} in prediction: {type(exc).__name__}: {exc}")
+            continue
         preds.append((data.u[:, 2] + dv.float()).double().cpu())
         trues.append(data.y_true_vref.double().cpu())
         v0s.append(data.u[:, 2].double().cpu())
+    if n_batches and not preds:
+        raise RuntimeError(f"every batch failed in prediction; first error: "
+                           f"{type(first_error).__name__}: {first_error}") from first_error
     cat = (lambda xs: torch.cat(xs).numpy() if xs else np.zeros(0))
     return cat(preds), cat(trues), cat(v0s)
 
 
 # ----------------------------------------------------------------------------- plotting
-def plot_regression(model, loader, device, save_path=None, title="", amp_dtype=None):
+def plot_regression(model, loader, device, save_path=None, title="", amp_dtype=None,
+                    skip_failed_batches=True):
     """Scatter predicted vs. reference Vref with the ideal diagonal; save a PNG (SPEC 7).
 
     Returns ``(pred, true)`` numpy arrays.
     """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
-    pred, true, _ = predict_vref(model, loader, device, amp_dtype)
-    fig, ax = plt.subplots(figsize=(5, 5))
+    pred, true, _ = predict_vref(model, loader, device, amp_dtype, skip_failed_batches)
+    fig = Figure(figsize=(5, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     ax.scatter(true, pred, s=14, alpha=0.8, label="V0 + dV")
     if true.size:
         lo, hi = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
@@ -849,7 +903,6 @@ def plot_regression(model, loader, device, save_path=None, title="", amp_dtype=N
     if save_path:
         os.makedirs(os.path.dirname(os.path.abspath(save_path)), exist_ok=True)
         fig.savefig(save_path, dpi=120)
-    plt.close(fig)
     return pred, true
 
 
@@ -872,12 +925,14 @@ def split_sizes(n):
 def make_splits(rows, seed=DEFAULT_SEED):
     """Seeded train/val/test row indices (DECISIONS 8).
 
-    With a ``group`` on every row, whole groups are split by ``split_sizes`` of the group count,
-    so one dimer's distance scan never straddles train and test. Returns (train, val, test, rule).
+    When rows carry a ``group`` (a row without one is a group of its own), whole groups are
+    split by ``split_sizes`` of the group count, so one dimer's distance scan never straddles
+    train and test. Returns (train, val, test, rule).
     """
     rng = np.random.default_rng(seed)
-    groups = [r.get("group") for r in rows]
-    if all(g is not None for g in groups):
+    if any(r.get("group") is not None for r in rows):
+        # a row without a group is a group of its own
+        groups = [r.get("group", f"\0row {i}") for i, r in enumerate(rows)]
         names = sorted(set(groups))
         order = [names[i] for i in rng.permutation(len(names))]
         n_tr, n_va, _ = split_sizes(len(names))
@@ -963,7 +1018,7 @@ def _exit(message):
 def prepare_cache(args, rows):
     """Find, build or validate ``<root_dir>/<cache_file_name>``; return the loaded payload."""
     cache_path = os.path.join(args.root_dir, args.cache_file_name)
-    expected = cache_metadata(args.root_dir, args.physical_cutoff, len(rows))
+    expected = cache_metadata(args.root_dir, args.physical_cutoff, rows)
     if args.rebuild_cache or not os.path.exists(cache_path):
         try:
             from preprocess_and_cache import build_cache
@@ -1038,14 +1093,17 @@ def main(argv=None):
     backend = resolve_compile_backend(args.compile, device)
     if backend is not None:
         run_model = torch.compile(model, backend=backend, dynamic=True)
-        try:  # compilation is lazy: try one batch so a failure falls back here, not mid-run
-            probe = next(iter(val_loader if len(val_idx) else train_loader)).to(device)
+        try:  # compilation is lazy: one forward + backward now, so a failure falls back here
+            probe = next(iter(DataLoader(Subset(eval_ds, train_idx or val_idx or test_idx),
+                                         batch_size=args.batch_size))).to(device)
             probe.u = _graph_u(probe)
-            with torch.no_grad():
-                run_model(probe)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                run_model(probe).float().sum().backward()
+            model.zero_grad(set_to_none=True)
         except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eager (SPEC 8)
             warnings.warn(f"torch.compile({backend}) failed, running eager: "
                           f"{type(exc).__name__}: {exc}")
+            model.zero_grad(set_to_none=True)
             run_model = model
 
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -1062,7 +1120,10 @@ def main(argv=None):
     best_path = os.path.join(models_dir, BEST_CHECKPOINT)
     split_ids = {"train": [ids[i] for i in train_idx], "val": [ids[i] for i in val_idx],
                  "test": [ids[i] for i in test_idx]}
-    config = {k: v for k, v in vars(args).items()}
+    os.makedirs(models_dir, exist_ok=True)
+    with open(os.path.join(models_dir, "split_ids.json"), "w") as fh:
+        json.dump({"rule": rule, "seed": args.seed, **split_ids}, fh, indent=1)
+    config = dict(vars(args))
 
     def checkpoint(epoch, val_result):
         return {"model_state": model.state_dict(), "model_config": model_config,
@@ -1080,44 +1141,50 @@ def main(argv=None):
                             skip_failed_batches=args.skip_failed_batches)
                   if len(val_idx) else EpochResult())
         monitor = va.mape if len(val_idx) else tr.loss
-        improved = monitor < best
-        if improved:
+        if monitor < best:
             best, best_epoch, stale = monitor, epoch, 0
             atomic_torch_save(checkpoint(epoch, va), best_path)
         else:
             stale += 1
-        if epoch == 1 or epoch % args.log_every == 0 or epoch == args.epochs:
+        stop = stale >= args.patience
+        if epoch == 1 or epoch % args.log_every == 0 or epoch == args.epochs or stop:
             print(f"epoch {epoch:5d}  train loss {tr.loss:9.4f}  val MAPE {va.mape:8.2f}%  "
-                  f"val MAE {va.mae:8.4f}  best {monitor_name} {best:8.3f} (epoch {best_epoch})  "
-                  f"lr {optimizer.param_groups[0]['lr']:.2e}  skipped {tr.n_skipped + va.n_skipped}"
-                  f"  {time.time() - t_start:7.1f} s")
-        if stale >= args.patience:
+                  f"MAE {va.mae:8.4f}  RMSE {va.rmse:8.4f}  best {monitor_name} {best:8.3f} "
+                  f"(epoch {best_epoch})  lr {optimizer.param_groups[0]['lr']:.2e}  "
+                  f"skipped {tr.n_skipped + va.n_skipped}  {time.time() - t_start:7.1f} s")
+        if stop:
             print(f"early stop at epoch {epoch}: no {monitor_name} improvement for "
                   f"{args.patience} epochs")
             break
 
-    if os.path.exists(best_path):
+    if best_epoch > 0:  # saved by this run (never an older run's file)
         best_ckpt = torch.load(best_path, map_location=device, weights_only=True)
         model.load_state_dict(best_ckpt["model_state"])
         print(f"loaded best checkpoint (epoch {best_ckpt['epoch']}) from {best_path}")
+    final_metrics = {}
     for name, loader, idx in (("test", test_loader, test_idx), ("val", val_loader, val_idx)):
         if not len(idx):
             continue
         with torch.no_grad():
             res = run_epoch(model, loader, device, amp_dtype=amp_dtype,
                             skip_failed_batches=args.skip_failed_batches)
+        final_metrics[name] = {k: getattr(res, k) for k in (
+            "mape", "mae", "rmse", "baseline_mape", "baseline_mae", "baseline_rmse", "n_graphs")}
         print(f"{name:5s} ({res.n_graphs} dimers): V0 + dV  MAPE {res.mape:8.2f}%  "
               f"MAE {res.mae:.4f}  RMSE {res.rmse:.4f} | V0 alone  MAPE {res.baseline_mape:8.2f}%"
               f"  MAE {res.baseline_mae:.4f}  RMSE {res.baseline_rmse:.4f}")
         plot_regression(model, loader, device,
                         os.path.join(plots_dir, f"{name}_final_delta_learning.png"),
-                        title=f"{name} set", amp_dtype=amp_dtype)
-    final = checkpoint(epoch, EpochResult())
-    final.update(best_epoch=best_epoch, best_monitor=best, monitor=monitor_name)
+                        title=f"{name} set", amp_dtype=amp_dtype,
+                        skip_failed_batches=args.skip_failed_batches)
+    final = checkpoint(epoch, EpochResult(**{k: v for k, v in final_metrics.get("val", {}).items()
+                                             if k in ("mape", "mae")}))
+    final.update(weights_from_epoch=best_epoch, last_epoch=epoch, best_monitor=best,
+                 monitor=monitor_name, final_metrics=final_metrics)
     atomic_torch_save(final, os.path.join(models_dir, FINAL_CHECKPOINT))
     print(f"saved {os.path.join(models_dir, FINAL_CHECKPOINT)}; plots in {plots_dir}")
     return {"best_epoch": best_epoch, "best_monitor": best, "best_path": best_path,
-            "split_ids": split_ids}
+            "split_ids": split_ids, "final_metrics": final_metrics}
 
 
 if __name__ == "__main__":

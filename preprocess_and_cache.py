@@ -31,7 +31,7 @@ def build_cache(root_dir, physical_cutoff=DEFAULT_PHYSICAL_CUTOFF,
         data = make_graph(parsed, dataset.internal_cutoff, with_sh=True)
         graphs.append({key: data[key] for key in data.keys() if key not in ("id", "num_nodes")})
         ids.append(parsed.row["id"])
-    payload = {"metadata": cache_metadata(root_dir, physical_cutoff, len(graphs)),
+    payload = {"metadata": cache_metadata(root_dir, physical_cutoff, dataset.rows),
                "graphs": graphs, "ids": ids}
     path = os.path.join(root_dir, cache_file_name)
     atomic_torch_save(payload, path)

@@ -4,6 +4,7 @@ Tiny synthetic dimers are written in the DATA_FORMAT by fixtures; exactness chec
 float64 against independent references (e3nn's D matrices, hand-computed numbers).
 Run with ``pytest`` (the whole suite takes a minute or two on 2 cores).
 """
+import json
 import math
 import os
 import sys
@@ -87,6 +88,10 @@ def tiny_root(tmp_path):
     return write_dataset(str(tmp_path / "data"), 4)
 
 
+class Foreign:
+    """A class a weights_only load must refuse to unpickle."""
+
+
 def small_model(**kw):
     cfg = dict(num_conv_layers=2, num_rbf=8, cutoff=1.2, radial_hidden=16, mlp_hidden=16)
     cfg.update(kw)
@@ -139,9 +144,21 @@ def test_graph_fields_units_and_placement(tiny_root):
     np.testing.assert_allclose(g.edge_attr_atoms[:, 0].numpy(),
                                (g.pos_atoms[src] - g.pos_atoms[dst]).norm(dim=1).numpy(),
                                rtol=1e-6)
-    batch = batch_of([ds[0], ds[1], ds[2]])
+    q = npz["quadrupole"]
+    np.testing.assert_allclose(g.field_node_features[0, 3:].numpy(),
+                               dc.quadrupole_to_l2(q * 0.20819434 * 0.01), rtol=1e-5, atol=1e-9)
+    # batching keeps per-graph values in order (and does not offset per-graph integers)
+    singles = [ds[0], ds[1], ds[2]]
+    batch = batch_of(singles)
     assert batch.u.shape == (3, 4) and batch.field_node_features.shape == (3, 8)
     assert batch.y.shape == (3,)
+    assert batch.row_number.tolist() == [2, 3, 4]  # spreadsheet rows
+    for i, single in enumerate(singles):
+        torch.testing.assert_close(batch.u[i], single.u[0])
+        torch.testing.assert_close(batch.y[i], single.y[0])
+    n0, n1 = singles[0].edge_index_atoms.size(1), singles[1].edge_index_atoms.size(1)
+    torch.testing.assert_close(batch.edge_index_atoms[:, n0:n0 + n1],
+                               singles[1].edge_index_atoms + singles[0].num_nodes)
 
 
 def test_radius_graph_respects_cutoff_against_brute_force():
@@ -179,18 +196,33 @@ def test_pdb_elements_from_columns_and_names(tmp_path):
         "ATOM      8 1HB  ALA A   1       7.000   0.000   0.000  1.00  0.00",  # hydrogen
         "ATOM      9  N   ALA A   1       8.000   0.000   0.000  1.00  0.00",  # nitrogen
         "HETATM   10 C12  LIG B   3       9.000   1.000  -2.500  1.00  0.00",  # carbon
+        "HETATM   11 NE2  LIG B   3       9.000   1.000  -2.500  1.00  0.00",  # nitrogen
+        "HETATM   12 HE21 LIG B   3       9.000   1.000  -2.500  1.00  0.00",  # hydrogen
+        "HETATM   13 CA   MSE B   3       9.000   1.000  -2.500  1.00  0.00",  # C-alpha
+        "HETATM   14 SI1  LIG B   3       9.000   1.000  -2.500  1.00  0.00",  # sulfur (S + I1)
         "REMARK not an atom",
     ]
     path.write_text("\n".join(records) + "\nEND\n")
     z, pos = dc.parse_pdb(str(path))
-    assert z.tolist() == [17, 6, 6, 20, 17, 11, 12, 1, 7, 6]
-    np.testing.assert_allclose(pos[-1], [9.0, 1.0, -2.5])
+    assert z.tolist() == [17, 6, 6, 20, 17, 11, 12, 1, 7, 6, 7, 1, 6, 16]
+    np.testing.assert_allclose(pos[9], [9.0, 1.0, -2.5])
+
+
+@pytest.mark.parametrize("name, res, element", [
+    ("BR1 ", "LIG", "Br"), ("FE  ", "HEM", "Fe"), ("ZN  ", "ZN ", "Zn"), ("SE  ", "MSE", "Se")])
+def test_pdb_names_beyond_calcium_are_refused_not_guessed(tmp_path, name, res, element):
+    path = tmp_path / "metal.pdb"
+    path.write_text("HETATM    1 O1   MOL A   1       0.000   0.000   0.000  1.00  0.00\n"
+                    f"HETATM    2 {name} {res} A   1       1.000   0.000   0.000  1.00  0.00\n")
+    with pytest.raises(ValueError, match=rf"metal\.pdb, line 2: element '{element}' from atom "
+                                         rf"name '{name.strip()}'.*not supported"):
+        dc.parse_pdb(str(path))
 
 
 def test_pdb_unknown_element_names_file_and_line(tmp_path):
     path = tmp_path / "iron.pdb"
     path.write_text(pdb_text(["O", "Fe"], [[0, 0, 0], [1, 0, 0]]))
-    with pytest.raises(ValueError, match=r"iron\.pdb, line 2: element 'Fe' is not supported"):
+    with pytest.raises(ValueError, match=r"iron\.pdb, line 2: element 'Fe' from columns 77-78"):
         dc.parse_pdb(str(path))
 
 
@@ -294,6 +326,19 @@ def test_model_dv_is_invariant_under_rotation_translation_permutation(tiny_root,
         assert _rel(model(wrong), ref) > 1e-6
 
 
+def test_model_dv_is_invariant_on_the_cached_rotation_path(tiny_root, float64):
+    build_cache(tiny_root, 12.0)  # built in float64 here
+    cache = os.path.join(tiny_root, dc.DEFAULT_CACHE_FILE)
+    plain = dc.CachedDimerDataset(cache)
+    rotating = dc.CachedDimerDataset(cache, rotate=True)
+    model = small_model(num_conv_layers=4).double().eval()
+    with torch.no_grad():
+        ref = model(batch_of([plain[i] for i in range(4)]))
+        rot = model(batch_of([rotating[i] for i in range(4)]))
+    assert plain[0].edge_attr_sh.dtype == torch.float64
+    assert _rel(rot, ref) < 1e-9
+
+
 def test_model_accepts_cached_harmonics_and_matches_on_the_fly(tiny_root):
     build_cache(tiny_root, 12.0)
     cached = dc.CachedDimerDataset(os.path.join(tiny_root, dc.DEFAULT_CACHE_FILE))
@@ -326,17 +371,26 @@ def test_cached_rotation_rotates_stored_harmonics(tiny_root, float64):
 
 def test_cached_jitter_rebuilds_consistent_graph(tiny_root):
     build_cache(tiny_root, 3.0)  # a small cutoff so that jitter can change the edge set
-    ds = dc.CachedDimerDataset(os.path.join(tiny_root, dc.DEFAULT_CACHE_FILE), jitter_std=0.02)
+    cache = os.path.join(tiny_root, dc.DEFAULT_CACHE_FILE)
+    plain = dc.CachedDimerDataset(cache)
+    ds = dc.CachedDimerDataset(cache, jitter_std=0.02)
     assert ds.internal_cutoff == pytest.approx(0.3)
-    for i in range(len(ds)):
-        g = ds[i]
-        pos = g.pos_atoms
-        want = dc.radius_graph(pos, 0.3)
-        assert {tuple(e) for e in g.edge_index_atoms.t().tolist()} == \
-            {tuple(e) for e in want.t().tolist()}
-        vec = dc.edge_vectors(pos, g.edge_index_atoms)
-        torch.testing.assert_close(g.edge_attr_atoms[:, 0], vec.norm(dim=1))
-        torch.testing.assert_close(g.edge_attr_sh, dc.edge_spherical_harmonics(vec))
+    changed = 0
+    for _ in range(5):
+        for i in range(len(ds)):
+            g = ds[i]
+            pos = g.pos_atoms
+            assert not torch.allclose(pos, plain[i].pos_atoms)
+            n = pos.size(0)
+            want = {(a, b) for a in range(n) for b in range(n)
+                    if a != b and float((pos[a] - pos[b]).norm()) < 0.3}  # brute force
+            got = {tuple(e) for e in g.edge_index_atoms.t().tolist()}
+            assert got == want
+            changed += got != {tuple(e) for e in plain[i].edge_index_atoms.t().tolist()}
+            vec = dc.edge_vectors(pos, g.edge_index_atoms)
+            torch.testing.assert_close(g.edge_attr_atoms[:, 0], vec.norm(dim=1))
+            torch.testing.assert_close(g.edge_attr_sh, dc.edge_spherical_harmonics(vec))
+    assert changed > 0  # the jitter did move atoms across the cutoff at least once
 
 
 def test_bessel_basis_matches_formula_and_vanishes_beyond_cutoff(float64):
@@ -398,17 +452,9 @@ def test_splits_disjoint_covering_sized(n):
     train, val, test, _ = dc.make_splits(rows, seed=3)
     assert sorted(train + val + test) == list(range(n))
     assert not (set(train) & set(val) or set(train) & set(test) or set(val) & set(test))
-    if n == 1:
-        want = (1, 0, 0)
-    elif n == 2:
-        want = (1, 1, 0)
-    elif n < 10:
-        want = (n - 2, 1, 1)
-    else:
-        want = (n - 2 * max(1, round(n / 10)), max(1, round(n / 10)), max(1, round(n / 10)))
+    want = {1: (1, 0, 0), 2: (1, 1, 0), 10: (8, 1, 1), 11: (9, 1, 1), 12: (10, 1, 1),
+            100: (80, 10, 10)}.get(n, (n - 2, 1, 1))
     assert (len(train), len(val), len(test)) == want
-    if n == 100:
-        assert want == (80, 10, 10)
     assert dc.make_splits(rows, seed=3)[:3] == (train, val, test)  # seeded
 
 
@@ -419,6 +465,13 @@ def test_group_split_keeps_groups_together():
     for part_a, part_b in ((train, val), (train, test), (val, test)):
         assert not {rows[i]["group"] for i in part_a} & {rows[i]["group"] for i in part_b}
     assert (len(train), len(val), len(test)) == (90, 10, 10)
+    # a partly filled group column: rows without a group are groups of their own
+    rows[7] = {"id": "7"}
+    train, val, test, _ = dc.make_splits(rows, seed=1)
+    assert sorted(train + val + test) == list(range(110))
+    for part_a, part_b in ((train, val), (train, test), (val, test)):
+        assert not {rows[i].get("group") for i in part_a} & \
+            {rows[i].get("group") for i in part_b} - {None}
 
 
 # ----------------------------------------------------------------------------- engine
@@ -456,7 +509,8 @@ def test_run_epoch_skips_and_counts_nonfinite_batches(tiny_root):
 def test_run_epoch_metrics_are_weighted_by_graphs(tiny_root):
     ds = dc.DimerDataset(tiny_root)
     model = small_model()
-    res = dc.run_epoch(model, DataLoader(ds, batch_size=3), torch.device("cpu"))
+    res = dc.run_epoch(model, DataLoader(ds, batch_size=3), torch.device("cpu"),
+                       skip_failed_batches=False)
     pred, true, v0 = dc.predict_vref(model, DataLoader(ds, batch_size=4), torch.device("cpu"))
     assert res.n_graphs == 4
     assert res.mae == pytest.approx(float(np.abs(pred - true).mean()), rel=1e-5)
@@ -464,6 +518,14 @@ def test_run_epoch_metrics_are_weighted_by_graphs(tiny_root):
     assert res.mape == pytest.approx(float(100 * np.mean(np.abs(pred - true) / np.abs(true))),
                                      rel=1e-5)
     assert res.baseline_mae == pytest.approx(float(np.abs(v0 - true).mean()), rel=1e-6)
+
+
+def test_amp_settings(monkeypatch):
+    assert dc.amp_settings(torch.device("cpu")) == (None, False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert dc.amp_settings(torch.device("cuda")) == (torch.bfloat16, False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert dc.amp_settings(torch.device("cuda")) == (torch.float16, True)
 
 
 # ----------------------------------------------------------------------------- cache
@@ -485,6 +547,26 @@ def test_cache_round_trip_equals_dimer_dataset(tiny_root):
             torch.testing.assert_close(c[key], r[key], rtol=0, atol=0)
         assert c.edge_attr_sh.shape == (r.edge_index_atoms.size(1), 64)
     assert not [f for f in os.listdir(tiny_root) if ".tmp" in f]  # atomic write left nothing
+
+
+def test_cache_with_pickled_objects_or_garbage_is_refused(tmp_path):
+    path = str(tmp_path / "foreign.pt")
+    torch.save({"metadata": Foreign(), "graphs": [], "ids": []}, path)
+    with pytest.raises(ValueError, match="cannot be loaded as a DeltaCoupling cache"):
+        dc.load_cache(path)
+    with open(path, "wb") as fh:
+        fh.write(b"not a torch file")
+    with pytest.raises(ValueError, match="--rebuild_cache"):
+        dc.load_cache(path)
+
+
+def test_main_refuses_cache_of_changed_data(tiny_root, capsys):
+    build_cache(tiny_root, 12.0)
+    with open(os.path.join(tiny_root, "d2", "B.pdb"), "a") as fh:
+        fh.write("REMARK edited after the cache was built\n")
+    with pytest.raises(SystemExit):
+        dc.main(["--root_dir", tiny_root, "--epochs", "1"])
+    assert "data_sha256: cache has" in capsys.readouterr().err
 
 
 def test_main_exits_with_clear_message_on_cutoff_mismatch(tiny_root, capsys):
@@ -531,3 +613,11 @@ def test_main_end_to_end_and_best_checkpoint_reproduces_val(tmp_path):
     res = dc.run_epoch(model, DataLoader(torch.utils.data.Subset(ds, val_idx), batch_size=4),
                        torch.device("cpu"), skip_failed_batches=False)
     assert res.mape == pytest.approx(ckpt["val_mape"], rel=1e-6)
+    final_model, final = dc.load_checkpoint(os.path.join(root, "models",
+                                                         "final_model_delta_learning.pt"))
+    assert final["weights_from_epoch"] == out["best_epoch"] and final["last_epoch"] == 2
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(final_model.state_dict()[key], value, rtol=0, atol=0)
+    assert final["final_metrics"]["val"]["mape"] == pytest.approx(res.mape, rel=1e-6)
+    with open(os.path.join(root, "models", "split_ids.json")) as fh:
+        assert json.load(fh)["val"] == ckpt["split_ids"]["val"]
