@@ -171,14 +171,19 @@ def parse_pdb(path):
 
     Returns ``(z, pos)``: atomic numbers (N,) int64 and positions (N, 3) float64 in Angstrom.
     The element comes from columns 77-78 when present, else from the atom name (columns 13-16).
+    Only the first MODEL is read, and of alternate locations (column 17) only ' ' and 'A'.
     Raises ``ValueError`` naming the file and line for an unparsable or unsupported record.
     """
     z, pos = [], []
     with open(path) as fh:
         for line_no, raw in enumerate(fh, start=1):
             line = raw.rstrip("\r\n")
+            if line.startswith("ENDMDL"):
+                break
             if not (line.startswith("ATOM") or line.startswith("HETATM")):
                 continue
+            if line[16:17] not in ("", " ", "A"):
+                continue  # alternate location B, C, ...: the 'A' conformer is kept
             try:
                 xyz = [float(line[30:38]), float(line[38:46]), float(line[46:54])]
             except ValueError:

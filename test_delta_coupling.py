@@ -226,6 +226,20 @@ def test_pdb_unknown_element_names_file_and_line(tmp_path):
         dc.parse_pdb(str(path))
 
 
+def test_pdb_reads_first_model_and_altloc_a_only(tmp_path):
+    path = tmp_path / "models.pdb"
+    def atom(serial, name, alt, x, element):  # columns as in the PDB format
+        return (f"ATOM  {serial:5d} {name:<4s}{alt}HOH A   1    {x:8.3f}{0.0:8.3f}{0.0:8.3f}"
+                f"  1.00  0.00          {element:>2s}\n")
+
+    path.write_text("MODEL        1\n" + atom(1, " O", "A", 1.0, "O") + atom(2, " O", "B", 9.0, "O")
+                    + atom(3, " H1", " ", 1.5, "H") + "ENDMDL\nMODEL        2\n"
+                    + atom(1, " O", " ", 5.0, "O") + "ENDMDL\nEND\n")
+    z, pos = dc.parse_pdb(str(path))
+    assert z.tolist() == [8, 1]
+    np.testing.assert_allclose(pos[:, 0], [1.0, 1.5])
+
+
 def test_pdb_truncated_and_empty(tmp_path):
     trunc = tmp_path / "trunc.pdb"
     trunc.write_text("HETATM    1 O1   MOL A   1       0.000   0.0\n")
