@@ -982,12 +982,14 @@ def build_arg_parser():
     p.add_argument("--cache_file_name", default=DEFAULT_CACHE_FILE,
                    help="cache file inside root_dir")
     p.add_argument("--rebuild_cache", action="store_true", help="rebuild the cache first")
-    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
-    p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE)
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs")
+    p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="dimers per batch")
     p.add_argument("--physical_cutoff", type=float, default=DEFAULT_PHYSICAL_CUTOFF,
                    help="radius-graph cutoff in Angstrom")
-    p.add_argument("--num_conv_layers", type=int, default=DEFAULT_NUM_CONV_LAYERS)
-    p.add_argument("--num_rbf", type=int, default=DEFAULT_NUM_RBF)
+    p.add_argument("--num_conv_layers", type=int, default=DEFAULT_NUM_CONV_LAYERS,
+                   help="equivariant convolution blocks")
+    p.add_argument("--num_rbf", type=int, default=DEFAULT_NUM_RBF,
+                   help="radial Bessel basis functions")
     p.add_argument("--radial_hidden", type=int, default=DEFAULT_RADIAL_HIDDEN,
                    help="hidden width of the RBF -> tensor-product-weight MLP")
     p.add_argument("--mlp_hidden", type=int, default=DEFAULT_MLP_HIDDEN,
@@ -1001,8 +1003,10 @@ def build_arg_parser():
                    help="position noise, internal units (0.001 = 0.01 Angstrom)")
     p.add_argument("--patience", type=int, default=DEFAULT_PATIENCE,
                    help="early-stopping patience on val MAPE, epochs")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    p.add_argument("--log_every", type=int, default=DEFAULT_LOG_EVERY, help="epochs")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help="seed of the split, the initial weights and the augmentation")
+    p.add_argument("--log_every", type=int, default=DEFAULT_LOG_EVERY,
+                   help="print a progress line every this many epochs")
     p.add_argument("--num_workers", type=int, default=None,
                    help="DataLoader workers (default: 0 on CPU, 4 on CUDA)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
