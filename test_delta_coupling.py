@@ -635,3 +635,29 @@ def test_main_end_to_end_and_best_checkpoint_reproduces_val(tmp_path):
     assert final["final_metrics"]["val"]["mape"] == pytest.approx(res.mape, rel=1e-6)
     with open(os.path.join(root, "models", "split_ids.json")) as fh:
         assert json.load(fh)["val"] == ckpt["split_ids"]["val"]
+
+
+# ----------------------------------------------------------------------------- bundled example
+def test_bundled_s22x5_loads_and_matches_ase():
+    ds = dc.DimerDataset(S22X5_DIR)
+    assert len(ds) == 110
+    for parsed in ds.parsed:
+        npz = np.load(os.path.join(S22X5_DIR, parsed.row["npz"]))
+        assert npz["mulliken_spd"].shape[0] == len(parsed.z)
+    water = [p for p in ds.parsed if p.row["id"].startswith("Water_dimer_")]
+    assert len(water) == 5
+    for p in water:
+        dip = np.load(os.path.join(S22X5_DIR, p.row["npz"]))["dipole"]
+        assert 2.0 < np.linalg.norm(dip) < 3.5
+    from ase.data import s22  # a test requirement (requirements.txt)
+    checked = 0
+    for p in ds.parsed:
+        if p.row["PR"] != 1.0:
+            continue
+        d = s22.data[p.row["group"]]
+        pos = np.asarray(d["positions 1.0"])
+        n_a = d["dimer atoms"][0]
+        r_ase = np.linalg.norm(pos[n_a:].mean(0) - pos[:n_a].mean(0)) / 10.0  # nm
+        assert p.row["R_nm"] == pytest.approx(r_ase, abs=1e-6)
+        checked += 1
+    assert checked == 22
