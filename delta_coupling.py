@@ -378,6 +378,17 @@ def edge_spherical_harmonics(edge_vec):
                                   normalization="component")
 
 
+def atom_graph_fields(pos, cutoff, with_sh):
+    """Radius-graph edges of ``pos`` with their lengths (and harmonics): the Data fields."""
+    edge_index = radius_graph(pos, cutoff)  # (2, E)
+    edge_vec = edge_vectors(pos, edge_index)  # (E, 3)
+    fields = {"edge_index_atoms": edge_index,
+              "edge_attr_atoms": edge_vec.norm(dim=-1, keepdim=True)}  # (E, 1)
+    if with_sh:
+        fields["edge_attr_sh"] = edge_spherical_harmonics(edge_vec)  # (E, 64)
+    return fields
+
+
 def random_rotation(dtype=None):
     """A uniformly random proper rotation (3, 3) from torch's global RNG."""
     return o3.rand_matrix(dtype=dtype or torch.get_default_dtype())
@@ -406,8 +417,6 @@ def make_graph(parsed, internal_cutoff, rotation=None, jitter_std=0.0, with_sh=F
         field_feat = rotate_field_features(field_feat, rot)
     if jitter_std > 0:
         pos = pos + jitter_std * torch.randn_like(pos)
-    edge_index = radius_graph(pos, internal_cutoff)  # (2, E)
-    edge_vec = edge_vectors(pos, edge_index)  # (E, 3)
     r_internal = row["R_nm"] * NM_TO_ANGSTROM * INT_ANGSTROM_SCALE
     data = Data(
         z_atoms=torch.as_tensor(parsed.z, dtype=torch.long),  # (N,)
@@ -419,15 +428,12 @@ def make_graph(parsed, internal_cutoff, rotation=None, jitter_std=0.0, with_sh=F
         y=torch.tensor([row["Vref"] - row["V0"]], dtype=dtype),  # (1,) dV target
         y_true_vref=torch.tensor([row["Vref"]], dtype=dtype),  # (1,)
         R_internal_val=torch.tensor([r_internal], dtype=dtype),  # (1,)
-        edge_index_atoms=edge_index,  # (2, E)
-        edge_attr_atoms=edge_vec.norm(dim=-1, keepdim=True),  # (E, 1) internal
         row_number=torch.tensor([row["row"]], dtype=torch.long),  # (1,) spreadsheet row
         # (not "*_index": PyG would offset it by num_nodes when batching)
         num_nodes=len(parsed.z),
+        **atom_graph_fields(pos, internal_cutoff, with_sh),  # edges (2, E), lengths (E, 1), SH
     )
     data.id = row["id"]
-    if with_sh:
-        data.edge_attr_sh = edge_spherical_harmonics(edge_vec)  # (E, 64)
     return data
 
 
@@ -540,11 +546,7 @@ class CachedDimerDataset(torch.utils.data.Dataset):
                 fields["edge_attr_sh"] = fields["edge_attr_sh"] @ d_sh.T
         if self.jitter_std > 0:
             pos = fields["pos_atoms"] + self.jitter_std * torch.randn_like(fields["pos_atoms"])
-            edge_index = radius_graph(pos, self.internal_cutoff)
-            edge_vec = edge_vectors(pos, edge_index)
-            fields.update(pos_atoms=pos, edge_index_atoms=edge_index,
-                          edge_attr_atoms=edge_vec.norm(dim=-1, keepdim=True),
-                          edge_attr_sh=edge_spherical_harmonics(edge_vec))
+            fields.update(pos_atoms=pos, **atom_graph_fields(pos, self.internal_cutoff, True))
         data = Data(num_nodes=fields["z_atoms"].size(0), **fields)
         data.id = self.ids[idx]
         return data
