@@ -746,14 +746,6 @@ class EpochResult:
     skipped: list = field(default_factory=list)  # (batch ids, reason) of skipped batches
 
 
-def regression_metrics(pred, true):
-    """MAPE (%), MAE and RMSE of two 1-D tensors (float64)."""
-    pred, true = pred.double(), true.double()
-    err = pred - true
-    return (float(mape_loss_fn(pred, true)), float(err.abs().mean()),
-            float(err.pow(2).mean().sqrt()))
-
-
 # ----------------------------------------------------------------------------- training engine
 def amp_settings(device):
     """(autocast dtype or None, use GradScaler) for a device (SPEC 6, DECISIONS 10)."""
@@ -799,7 +791,7 @@ def run_epoch(model, loader, device, optimizer=None, scheduler=None, scaler=None
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     dv = model(data)  # (B,)
                 v0 = data.u[:, 2]  # (B,)
-                pred_vref = v0 + dv.float()  # (B,)
+                pred_vref = v0 + dv.to(v0.dtype)  # (B,) AMP output back to the data's dtype
                 true_vref = data.y_true_vref  # (B,)
                 loss = distance_weighted_l1_on_vref_loss(pred_vref, true_vref,
                                                          data.R_internal_val)
@@ -872,7 +864,7 @@ def predict_vref(model, loader, device, amp_dtype=None, skip_failed_batches=True
             first_error = first_error or exc
             log(f"skipped batch ids {list(data.id)} in prediction: {type(exc).__name__}: {exc}")
             continue
-        preds.append((data.u[:, 2] + dv.float()).double().cpu())
+        preds.append((data.u[:, 2] + dv.to(data.u.dtype)).double().cpu())
         trues.append(data.y_true_vref.double().cpu())
         v0s.append(data.u[:, 2].double().cpu())
     if n_batches and not preds:
