@@ -769,6 +769,18 @@ def _graph_u(data):
     return data.u.reshape(num_graphs, U_DIM)
 
 
+def predict_batch(model, data, amp_dtype=None):
+    """Forward one batch: (predicted Vref = V0 + dV, V0), both (B,) in the data's dtype.
+
+    Sets ``data.u`` to (B, 4) first; the model runs under autocast when ``amp_dtype`` is given.
+    """
+    data.u = _graph_u(data)
+    with torch.autocast(data.u.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        dv = model(data)  # (B,)
+    v0 = data.u[:, 2]  # (B,)
+    return v0 + dv.to(v0.dtype), v0  # AMP output back to the data's dtype
+
+
 def run_epoch(model, loader, device, optimizer=None, scheduler=None, scaler=None,
               amp_dtype=None, skip_failed_batches=True, log=print):
     """One pass over ``loader``: trains when ``optimizer`` is given, else evaluates.
@@ -787,11 +799,7 @@ def run_epoch(model, loader, device, optimizer=None, scheduler=None, scaler=None
         result.n_batches += 1
         try:
             with torch.set_grad_enabled(training):
-                data.u = _graph_u(data)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    dv = model(data)  # (B,)
-                v0 = data.u[:, 2]  # (B,)
-                pred_vref = v0 + dv.to(v0.dtype)  # (B,) AMP output back to the data's dtype
+                pred_vref, v0 = predict_batch(model, data, amp_dtype)  # (B,), (B,)
                 true_vref = data.y_true_vref  # (B,)
                 loss = distance_weighted_l1_on_vref_loss(pred_vref, true_vref,
                                                          data.R_internal_val)
@@ -855,18 +863,16 @@ def predict_vref(model, loader, device, amp_dtype=None, skip_failed_batches=True
         data = data.to(device)
         n_batches += 1
         try:
-            data.u = _graph_u(data)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                dv = model(data)  # (B,)
+            pred_vref, v0 = predict_batch(model, data, amp_dtype)  # (B,), (B,)
         except (RuntimeError, ValueError) as exc:
             if not skip_failed_batches:
                 raise
             first_error = first_error or exc
             log(f"skipped batch ids {list(data.id)} in prediction: {type(exc).__name__}: {exc}")
             continue
-        preds.append((data.u[:, 2] + dv.to(data.u.dtype)).double().cpu())
+        preds.append(pred_vref.double().cpu())
         trues.append(data.y_true_vref.double().cpu())
-        v0s.append(data.u[:, 2].double().cpu())
+        v0s.append(v0.double().cpu())
     if n_batches and not preds:
         raise RuntimeError(f"every batch failed in prediction; first error: "
                            f"{type(first_error).__name__}: {first_error}") from first_error
@@ -1099,9 +1105,7 @@ def main(argv=None):
         try:  # compilation is lazy: one forward + backward now, so a failure falls back here
             probe = next(iter(DataLoader(Subset(eval_ds, train_idx or val_idx or test_idx),
                                          batch_size=args.batch_size))).to(device)
-            probe.u = _graph_u(probe)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                run_model(probe).float().sum().backward()
+            predict_batch(run_model, probe, amp_dtype)[0].sum().backward()
             model.zero_grad(set_to_none=True)
         except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eager (SPEC 8)
             warnings.warn(f"torch.compile({backend}) failed, running eager: "
