@@ -1168,15 +1168,14 @@ def main(argv=None):
         best_ckpt = torch.load(best_path, map_location=device, weights_only=True)
         model.load_state_dict(best_ckpt["model_state"])
         print(f"loaded best checkpoint (epoch {best_ckpt['epoch']}) from {best_path}")
-    final_metrics = {}
+    final_results = {}
     for name, loader, idx in (("test", test_loader, test_idx), ("val", val_loader, val_idx)):
         if not len(idx):
             continue
         with torch.no_grad():
             res = run_epoch(model, loader, device, amp_dtype=amp_dtype,
                             skip_failed_batches=args.skip_failed_batches)
-        final_metrics[name] = {k: getattr(res, k) for k in (
-            "mape", "mae", "rmse", "baseline_mape", "baseline_mae", "baseline_rmse", "n_graphs")}
+        final_results[name] = res
         print(f"{name:5s} ({res.n_graphs} dimers): V0 + dV  MAPE {res.mape:8.2f}%  "
               f"MAE {res.mae:.4f}  RMSE {res.rmse:.4f} | V0 alone  MAPE {res.baseline_mape:8.2f}%"
               f"  MAE {res.baseline_mae:.4f}  RMSE {res.baseline_rmse:.4f}")
@@ -1184,8 +1183,10 @@ def main(argv=None):
                         os.path.join(plots_dir, f"{name}_final_delta_learning.png"),
                         title=f"{name} set", amp_dtype=amp_dtype,
                         skip_failed_batches=args.skip_failed_batches)
-    final = checkpoint(epoch, EpochResult(**{k: v for k, v in final_metrics.get("val", {}).items()
-                                             if k in ("mape", "mae")}))
+    final_metrics = {name: {k: getattr(res, k) for k in (
+        "mape", "mae", "rmse", "baseline_mape", "baseline_mae", "baseline_rmse", "n_graphs")}
+        for name, res in final_results.items()}
+    final = checkpoint(epoch, final_results.get("val", EpochResult()))
     final.update(weights_from_epoch=best_epoch, last_epoch=epoch, best_monitor=best,
                  monitor=monitor_name, final_metrics=final_metrics)
     atomic_torch_save(final, os.path.join(models_dir, FINAL_CHECKPOINT))
