@@ -56,6 +56,8 @@ DEG_TO_RAD = math.pi / 180.0
 MIN_INTERMONOMER_DISTANCE_ANGSTROM = 0.5  # closer atoms of A and B: the dimer is refused
 
 IRREPS_EDGE_SH = o3.Irreps("4x0e+4x1o+4x2e+4x3o")  # edge spherical harmonics, l <= 3
+# e3nn returns IRREPS_EDGE_SH as four identical copies of each l; one copy of each:
+IRREPS_EDGE_SH_SINGLE = o3.Irreps([(1, ir) for _, ir in IRREPS_EDGE_SH])  # 0e+1o+2e+3o (16)
 IRREPS_U = o3.Irreps("4x0e")  # global scalars u = [R, theta, V0, PR]
 IRREPS_FIELD = o3.Irreps("1x1o+1x2e")  # field node: dipole (l=1) + quadrupole (l=2)
 IRREPS_NODE = o3.Irreps("8x0e+1x1o+1x2e")  # node state: scalars, dipole-like, quadrupole-like
@@ -372,10 +374,25 @@ def edge_vectors(pos, edge_index):
     return pos[edge_index[0]] - pos[edge_index[1]]
 
 
-def edge_spherical_harmonics(edge_vec):
-    """Spherical harmonics ``4x0e+4x1o+4x2e+4x3o`` of edge vectors: (E, 64), component norm."""
-    return o3.spherical_harmonics(IRREPS_EDGE_SH, edge_vec, normalize=True,
-                                  normalization="component")
+def edge_spherical_harmonics(edge_vec, irreps=IRREPS_EDGE_SH):
+    """Spherical harmonics of edge vectors, component norm: (E, 64) for ``4x0e+4x1o+4x2e+4x3o``.
+
+    ``irreps=IRREPS_EDGE_SH_SINGLE`` gives one copy of each l, (E, 16).
+    """
+    return o3.spherical_harmonics(irreps, edge_vec, normalize=True, normalization="component")
+
+
+def _copy_index(irreps_copies, copy=0):
+    """Column index (dim_single,) that picks copy ``copy`` of every l from tiled harmonics."""
+    return torch.cat([torch.arange(s.start + copy * ir.dim, s.start + (copy + 1) * ir.dim)
+                      for (_, ir), s in zip(irreps_copies, irreps_copies.slices())])
+
+
+def _tile_index(irreps_copies):
+    """Column index (dim,) that tiles single-copy harmonics into ``irreps_copies``'s layout."""
+    starts = np.cumsum([0] + [ir.dim for _, ir in irreps_copies])
+    return torch.cat([torch.arange(int(starts[k]), int(starts[k]) + ir.dim).repeat(mul)
+                      for k, (mul, ir) in enumerate(irreps_copies)])
 
 
 def atom_graph_fields(pos, cutoff, with_sh):
@@ -394,10 +411,28 @@ def random_rotation(dtype=None):
     return o3.rand_matrix(dtype=dtype or torch.get_default_dtype())
 
 
+# l=2 components <-> row-major symmetric traceless 3x3, for the quadrupole's rotation matrix
+_L2_FROM_CARTESIAN = torch.as_tensor(np.stack([
+    quadrupole_to_l2(0.5 * (np.outer(e_i, e_j) + np.outer(e_j, e_i)))
+    for e_i in np.eye(3) for e_j in np.eye(3)], axis=1))  # (5, 9) float64
+_CARTESIAN_FROM_L2 = torch.linalg.pinv(_L2_FROM_CARTESIAN)  # (9, 5): the traceless preimage
+
+
+def field_rotation_matrix(rot):
+    """e3nn's D matrix (8, 8) of the field irreps ``1x1o+1x2e`` for a proper rotation (3, 3).
+
+    Equal to ``IRREPS_FIELD.D_from_matrix(rot)`` (tested) without its Euler-angle detour, which
+    costs milliseconds per call: the dipole rotates with ``rot`` itself (e3nn's l=1 order is
+    x, y, z) and the quadrupole as ``rot Q rot^T`` read back in l=2 components.
+    """
+    r = rot.to(torch.float64)
+    d2 = _L2_FROM_CARTESIAN @ torch.kron(r, r) @ _CARTESIAN_FROM_L2  # (5, 5)
+    return torch.block_diag(r, d2).to(rot.dtype)  # (8, 8)
+
+
 def rotate_field_features(field_features, rot):
     """Rotate (..., 8) field features (1o dipole + 2e quadrupole) with e3nn's D matrix."""
-    d_field = IRREPS_FIELD.D_from_matrix(rot).to(field_features.dtype)  # (8, 8)
-    return field_features @ d_field.T
+    return field_features @ field_rotation_matrix(rot).to(field_features.dtype).T
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -572,6 +607,157 @@ class RadialBesselBasisLayer(nn.Module):
         return sinc * envelope * (r <= self.cutoff)  # (E, K)
 
 
+def tensor_product_terms(tp):
+    """Every nonzero term of an e3nn ``TensorProduct`` as flat index arrays (for dense kernels).
+
+    e3nn computes ``out[c] = sum path_weight * w3j[m1, m2, m3] * w[j] * x1[a] * x2[b]`` over its
+    instructions; this returns int64 tensors ``a, b, c, j`` and float64 ``coef`` (one entry per
+    term, ``coef = path_weight * w3j``) for 'uvw' and 'uvu' instructions with weights. The dense
+    kernels below are checked against e3nn's own forward in the tests.
+    """
+    terms, offset = [], 0
+    slices_1, slices_2 = tp.irreps_in1.slices(), tp.irreps_in2.slices()
+    slices_out = tp.irreps_out.slices()
+    for ins in tp.instructions:
+        if ins.connection_mode not in ("uvw", "uvu") or not ins.has_weight:
+            raise NotImplementedError(f"dense kernel for mode {ins.connection_mode!r}")
+        in1, in2, out = tp.irreps_in1[ins.i_in1], tp.irreps_in2[ins.i_in2], tp.irreps_out[ins.i_out]
+        w3j = o3.wigner_3j(in1.ir.l, in2.ir.l, out.ir.l, dtype=torch.float64)  # (d1, d2, d3)
+        m1, m2, m3 = (w3j.abs() > 1e-12).nonzero(as_tuple=True)
+        value = ins.path_weight * w3j[m1, m2, m3]
+        mul_w = out.mul if ins.connection_mode == "uvw" else 1
+        u, v, w = torch.meshgrid(torch.arange(in1.mul), torch.arange(in2.mul),
+                                 torch.arange(mul_w), indexing="ij")
+        u, v, w = (t.reshape(-1, 1) for t in (u, v, w))  # (paths, 1) against (1, nnz)
+        c_chan = w if ins.connection_mode == "uvw" else u
+        terms.append(torch.broadcast_tensors(  # each (paths, nnz)
+            slices_1[ins.i_in1].start + u * in1.ir.dim + m1,
+            slices_2[ins.i_in2].start + v * in2.ir.dim + m2,
+            slices_out[ins.i_out].start + c_chan * out.ir.dim + m3,
+            offset + (u * in2.mul + v) * mul_w + w,
+            value))
+        offset += math.prod(ins.path_shape)
+    return [torch.cat([t[k].reshape(-1) for t in terms]) for k in range(5)]
+
+
+class DenseBilinear(nn.Module):
+    """Several e3nn ``FullyConnectedTensorProduct(x, attr)`` of the same inputs as one matmul.
+
+    The products keep their own ``weight`` parameters (state dicts are unchanged); each forward
+    scatters them into one dense (dim_x * dim_attr, sum of dim_out) matrix, then
+    ``out = (x outer attr) @ W`` and the result is split per product. The same function as
+    calling the products one by one, in a few large ops instead of many small einsums.
+    """
+
+    def __init__(self, products):
+        super().__init__()
+        self.products = list(products)  # not registered twice: the owner holds the modules
+        self.split = [p.irreps_out.dim for p in self.products]
+        dim_2 = self.products[0].irreps_in2.dim
+        n_out = sum(self.split)
+        positions, weight_index, coefs, offset_c, offset_j = [], [], [], 0, 0
+        for p in self.products:
+            a, b, c, j, coef = tensor_product_terms(p)
+            positions.append((a * dim_2 + b) * n_out + offset_c + c)
+            weight_index.append(offset_j + j)
+            coefs.append(coef)
+            offset_c, offset_j = offset_c + p.irreps_out.dim, offset_j + p.weight_numel
+        self.shape = (self.products[0].irreps_in1.dim * dim_2, n_out)
+        self.register_buffer("position", torch.cat(positions), persistent=False)
+        self.register_buffer("weight_index", torch.cat(weight_index), persistent=False)
+        self.register_buffer("coef", torch.cat(coefs).to(torch.get_default_dtype()),
+                             persistent=False)
+
+    def forward(self, x, attr):
+        weight = torch.cat([p.weight for p in self.products])  # (sum weight_numel,)
+        values = weight[self.weight_index] * self.coef  # (terms,)
+        dense = values.new_zeros(self.shape[0] * self.shape[1]).index_add_(
+            0, self.position, values).view(self.shape)  # (dim_x * dim_attr, sum dim_out)
+        outer = (x.unsqueeze(2) * attr.unsqueeze(1)).reshape(x.size(0), -1)  # (N, dim_x * dim_attr)
+        return (outer @ dense.to(outer.dtype)).split(self.split, dim=1)
+
+
+class DenseEdgeTensorProduct(nn.Module):
+    """An e3nn 'uvu' ``TensorProduct(x, sh, w)`` over tiled harmonics, computed on one copy.
+
+    ``sh`` in the product's layout holds ``n`` identical copies of each l (e3nn's
+    ``spherical_harmonics`` of ``"4x0e+4x1o+..."``), so for every output channel
+    ``sum_v w[u, v] C(x[u], sh_v) = C(x[u], sh_0) * sum_v w[u, v]``: one product over a single
+    copy with the copies' weights summed, keeping the tiled product's path normalisation (folded
+    into the coefficients). The weights come from a linear last layer, so they are summed in
+    that layer's matrix (``summed_weights``). Per input block i the coefficients of all its
+    paths form one (16, d_i * k_i) matrix shared by its channels: ``T_i = sh_0 @ C_i`` then
+    ``out_i = x_i @ T_i`` (a batched (mul_i, d_i) x (d_i, k_i) product per edge).
+    The same parameters and the same function at a fraction of the cost.
+    """
+
+    def __init__(self, tp, fc):
+        super().__init__()
+        copies = {mul for mul, _ in tp.irreps_in2}
+        if (len(copies) != 1 or any(i.connection_mode != "uvu" or not i.has_weight
+                                    for i in tp.instructions) or fc[-1].act is not None):
+            raise NotImplementedError("needs weighted 'uvu' paths over equal copies of each l "
+                                      "and a linear last radial layer")
+        self.n_copies = copies.pop()
+        single = o3.Irreps([(1, ir) for _, ir in tp.irreps_in2])
+        self.dim_single = single.dim
+        slices_out, slices_single = tp.irreps_out.slices(), single.slices()
+        weight_offsets = np.cumsum([0] + [math.prod(i.path_shape) for i in tp.instructions])
+        self.blocks = []  # (input slice, mul, dim, k) per input block with paths
+        order, weight_col, coefs = [], [], []
+        for i_in, ((mul, ir_in), s_in) in enumerate(zip(tp.irreps_in1, tp.irreps_in1.slices())):
+            paths = [(k, ins) for k, ins in enumerate(tp.instructions) if ins.i_in1 == i_in]
+            if not paths:
+                continue
+            dims_out = [tp.irreps_out[ins.i_out].ir.dim for _, ins in paths]
+            coef = torch.zeros(single.dim, ir_in.dim, sum(dims_out), dtype=torch.float64)
+            col = 0
+            for (k, ins), d_out in zip(paths, dims_out):
+                l_edge, l_out = tp.irreps_in2[ins.i_in2].ir.l, tp.irreps_out[ins.i_out].ir.l
+                s_edge = slices_single[ins.i_in2]
+                coef[s_edge, :, col:col + d_out] = ins.path_weight * o3.wigner_3j(
+                    ir_in.l, l_edge, l_out, dtype=torch.float64).transpose(0, 1)
+                col += d_out
+            for u in range(mul):  # output columns (u, path, m) -> the product's layout
+                for (k, ins), d_out in zip(paths, dims_out):
+                    start = slices_out[ins.i_out].start + u * d_out
+                    order.extend(range(start, start + d_out))
+                    weight_col.extend([int(weight_offsets[k]) // self.n_copies + u] * d_out)
+            coefs.append(coef.reshape(single.dim, -1))
+            self.blocks.append((s_in, mul, ir_in.dim, sum(dims_out)))
+        if sorted(order) != list(range(tp.irreps_out.dim)):
+            raise NotImplementedError("every output column needs exactly one path")
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        self.register_buffer("coef", torch.cat(coefs, dim=1).to(torch.get_default_dtype()),
+                             persistent=False)  # (16, sum_i d_i * k_i)
+        self.register_buffer("order", inverse, persistent=False)  # product column -> block column
+        self.register_buffer("weight_col", torch.tensor(weight_col)[inverse], persistent=False)
+        self.split = [d * k for _, _, d, k in self.blocks]
+
+    def summed_weights(self, fc, basis):
+        """``fc(basis)`` with its output summed over the copies: (E, weight_numel / n)."""
+        layers = list(fc)
+        hidden = basis
+        for layer in layers[:-1]:
+            hidden = layer(hidden)
+        last = layers[-1]
+        w = last.weight / (last.h_in * last.var_in / last.var_out) ** 0.5  # e3nn's _Layer
+        return hidden @ w.view(last.h_in, -1, self.n_copies).sum(-1)
+
+    def forward(self, x, sh_single, summed):
+        """x (E, dim_1), one copy of the harmonics (E, 16), summed weights -> (E, dim_out)."""
+        num_edges = x.size(0)
+        per_block = (sh_single @ self.coef.to(sh_single.dtype)).split(self.split, dim=1)
+        outs = []
+        for (s_in, mul, dim, k), t in zip(self.blocks, per_block):
+            x_block = x[:, s_in].reshape(num_edges, mul, dim, 1)  # (E, mul, d, 1)
+            prod = x_block * t.reshape(num_edges, 1, dim, k)  # (E, mul, d, k)
+            outs.append((prod.sum(2) if dim > 1 else prod).reshape(num_edges, -1))  # (E, mul k)
+        out = torch.cat(outs, dim=1).index_select(1, self.order)  # (E, dim_out)
+        return out * summed.index_select(1, self.weight_col)
+
+
 class PointsConvolutionIntegrated(nn.Module):
     """One equivariant message-passing block (SPEC 4.4).
 
@@ -611,24 +797,58 @@ class PointsConvolutionIntegrated(nn.Module):
                                                    self.irreps_node_output)
         self.alpha = o3.FullyConnectedTensorProduct(irreps_mid, self.irreps_node_attr, "0e")
 
-    def forward(self, node_features, node_attr, edge_src, edge_dst, edge_sh, edge_length):
+        # the fast path: the same products as dense kernels over the same parameters
+        self.reference = False  # True: e3nn's modules one by one (the straightforward path)
+        self.dense_node = DenseBilinear([self.sc, self.lin1])
+        self.dense_mid = DenseBilinear([self.lin2, self.alpha])
+        try:
+            self.dense_edge = DenseEdgeTensorProduct(self.tp, self.fc)
+        except NotImplementedError:  # edge irreps that are not copies of one set: e3nn's tp
+            self.dense_edge = None
+        self.register_buffer("sh_first_copy", _copy_index(self.irreps_edge_attr),
+                             persistent=False)
+        self.register_buffer("sh_tile", _tile_index(self.irreps_edge_attr), persistent=False)
+
+    def forward(self, node_features, node_attr, edge_src, edge_dst, edge_sh, edge_length,
+                edge_basis=None):
+        """(N, in), (N, attr), (E,), (E,), harmonics (E, 64) or one copy of each l (E, 16),
+        lengths (E,) -> (N, out). ``edge_basis``: ``self.rbf(edge_length)`` if already computed."""
         num_nodes = node_features.size(0)
-        edge_weight = self.fc(self.rbf(edge_length))  # (E, weight_numel)
-        node_self = self.sc(node_features, node_attr)  # (N, out)
-        node_pre = self.lin1(node_features, node_attr)  # (N, in)
-        edge_msg = self.tp(node_pre[edge_src], edge_sh, edge_weight)  # (E, mid)
+        basis = self.rbf(edge_length) if edge_basis is None else edge_basis  # (E, num_rbf)
+        dense = not self.reference and self.dense_edge is not None
+        if dense:
+            if edge_sh.size(1) != self.dense_edge.dim_single:
+                edge_sh = edge_sh.index_select(1, self.sh_first_copy)  # (E, 16)
+            node_self, node_pre = self.dense_node(node_features, node_attr)  # (N, out), (N, in)
+            edge_msg = self.dense_edge(node_pre.index_select(0, edge_src), edge_sh,
+                                       self.dense_edge.summed_weights(self.fc, basis))  # (E, mid)
+        else:
+            if edge_sh.size(1) != self.irreps_edge_attr.dim:
+                edge_sh = edge_sh[:, self.sh_tile]  # (E, 64)
+            node_self = self.sc(node_features, node_attr)  # (N, out)
+            node_pre = self.lin1(node_features, node_attr)  # (N, in)
+            edge_msg = self.tp(node_pre[edge_src], edge_sh, self.fc(basis))  # (E, mid)
         acc = torch.promote_types(edge_msg.dtype, torch.float32)  # exact counts under AMP
         agg = edge_msg.new_zeros(num_nodes, edge_msg.size(1), dtype=acc).index_add_(
             0, edge_dst, edge_msg.to(acc))
         count = edge_msg.new_zeros(num_nodes, dtype=acc).index_add_(
             0, edge_dst, torch.ones_like(edge_dst, dtype=acc))
         agg = (agg / count.clamp(min=1).unsqueeze(1)).to(edge_msg.dtype)  # (N, mid) scatter-mean
-        gate = torch.tanh(self.alpha(agg, node_attr))  # (N, 1)
-        return node_self + gate * self.lin2(agg, node_attr)  # (N, out)
+        if dense:
+            update, gate_logit = self.dense_mid(agg, node_attr)  # (N, out), (N, 1)
+        else:
+            update, gate_logit = self.lin2(agg, node_attr), self.alpha(agg, node_attr)
+        return node_self + torch.tanh(gate_logit) * update  # (N, out)
 
 
 class DeltaCoupling(nn.Module):
-    """Atoms + one field node per dimer -> dV (SPEC 4). ``forward(batch)`` returns (B,)."""
+    """Atoms + one field node per dimer -> dV (SPEC 4). ``forward(batch)`` returns (B,).
+
+    ``forward`` unpacks the PyG batch and calls ``forward_tensors`` (tensors only, the part
+    ``compile_forward`` hands to ``torch.compile``). ``set_reference(True)`` runs e3nn's modules one by one
+    over the tiled harmonics instead of the dense kernels: the same function, kept as the
+    straightforward implementation for tests and the benchmark.
+    """
 
     def __init__(self, num_conv_layers=DEFAULT_NUM_CONV_LAYERS, num_rbf=DEFAULT_NUM_RBF,
                  cutoff=DEFAULT_PHYSICAL_CUTOFF * INT_ANGSTROM_SCALE,
@@ -651,15 +871,40 @@ class DeltaCoupling(nn.Module):
             nn.Linear(mlp_hidden, mlp_hidden), nn.SiLU(),
             nn.Linear(mlp_hidden, 1))
 
+        self.register_buffer("sh_first_copy", _copy_index(IRREPS_EDGE_SH), persistent=False)
+        self.reference = False
+        self._compiled = None  # torch.compile'd forward_tensors, see compile_forward()
+
     @classmethod
     def from_config(cls, config):
         return cls(**config)
 
+    def set_reference(self, enabled=True):
+        """Use e3nn's modules one by one (True) or the dense kernels (False, the default)."""
+        self.reference = enabled
+        for conv in self.convs:
+            conv.reference = enabled
+        return self
+
+    def compile_forward(self, backend, dynamic=True):
+        """torch.compile ``forward_tensors`` (a PyG batch is not traceable); returns self."""
+        self._compiled = torch.compile(self.forward_tensors, backend=backend, dynamic=dynamic)
+        return self
+
+    def uncompile_forward(self):
+        self._compiled = None
+        return self
+
     def forward(self, data):
-        z, pos_atoms = data.z_atoms, data.pos_atoms  # (N,), (N, 3)
-        batch_atoms = data.batch  # (N,)
-        u = data.u  # (B, 4)
-        field_feat = data.field_node_features  # (B, 8)
+        core = self._compiled or self.forward_tensors
+        return core(data.z_atoms, data.pos_atoms, data.batch, data.atomic_node_attr,
+                    data.field_node_features, data.u, data.edge_index_atoms,
+                    getattr(data, "edge_attr_sh", None), data.edge_attr_atoms)
+
+    def forward_tensors(self, z, pos_atoms, batch_atoms, atomic_node_attr, field_feat, u,
+                        edge_index_atoms, sh_atoms=None, edge_attr_atoms=None):
+        """z (N,), pos (N, 3), batch (N,), Mulliken (N, 3), field (B, 8), u (B, 4), edges (2, E),
+        optional cached harmonics (E, 64) with lengths (E, 1) -> dV (B,)."""
         num_graphs, num_atoms = u.size(0), z.size(0)
         dtype = pos_atoms.dtype
 
@@ -675,7 +920,7 @@ class DeltaCoupling(nn.Module):
         x_field = torch.cat([pos_atoms.new_zeros(num_graphs, NUM_NODE_SCALARS), field_feat],
                             dim=1)  # (B, 16): scalars zero, 1o + 2e from the multipoles
         x = torch.cat([x_atoms, x_field])  # (N + B, 16)
-        node_attr = torch.cat([self.attr_embedding(data.atomic_node_attr),
+        node_attr = torch.cat([self.attr_embedding(atomic_node_attr),
                                self.field_node_attr.expand(num_graphs, -1)])  # (N + B, 8)
         batch_combined = torch.cat([batch_atoms,
                                     torch.arange(num_graphs, device=z.device)])  # (N + B,)
@@ -686,22 +931,25 @@ class DeltaCoupling(nn.Module):
         edge_index_af = torch.stack([torch.cat([atom_idx, field_idx]),
                                      torch.cat([field_idx, atom_idx])])  # (2, 2N)
         vec_af = edge_vectors(pos_combined, edge_index_af)  # (2N, 3)
-        sh_atoms = getattr(data, "edge_attr_sh", None)
+        sh_irreps = IRREPS_EDGE_SH if self.reference else IRREPS_EDGE_SH_SINGLE  # 64 or 16
         if sh_atoms is None:
-            vec_atoms = edge_vectors(pos_atoms, data.edge_index_atoms)  # (E, 3)
-            sh_atoms = edge_spherical_harmonics(vec_atoms)  # (E, 64)
+            vec_atoms = edge_vectors(pos_atoms, edge_index_atoms)  # (E, 3)
+            sh_atoms = edge_spherical_harmonics(vec_atoms, sh_irreps)  # (E, 64 or 16)
             len_atoms = vec_atoms.norm(dim=-1)  # (E,)
         else:
-            len_atoms = data.edge_attr_atoms.reshape(-1)  # (E,)
-        edge_index = torch.cat([data.edge_index_atoms, edge_index_af], dim=1)  # (2, E + 2N)
-        edge_sh = torch.cat([sh_atoms, edge_spherical_harmonics(vec_af)])  # (E + 2N, 64)
+            if not self.reference:
+                sh_atoms = sh_atoms[:, self.sh_first_copy]  # (E, 16) of the cached (E, 64)
+            len_atoms = edge_attr_atoms.reshape(-1)  # (E,)
+        edge_index = torch.cat([edge_index_atoms, edge_index_af], dim=1)  # (2, E + 2N)
+        edge_sh = torch.cat([sh_atoms, edge_spherical_harmonics(vec_af, sh_irreps)])  # (E + 2N, .)
         edge_length = torch.cat([len_atoms, vec_af.norm(dim=-1)])  # (E + 2N,)
         edge_src, edge_dst = edge_index[0], edge_index[1]
 
         # --- convolutions with a residual add every two layers
         residual = x
+        basis = self.convs[0].rbf(edge_length) if len(self.convs) else None  # same in every layer
         for i, conv in enumerate(self.convs):
-            x = conv(x, node_attr, edge_src, edge_dst, edge_sh, edge_length)  # (N + B, 16)
+            x = conv(x, node_attr, edge_src, edge_dst, edge_sh, edge_length, basis)  # (N + B, 16)
             if i % 2 == 1:
                 x = x + residual
                 residual = x
