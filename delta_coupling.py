@@ -62,6 +62,7 @@ IRREPS_U = o3.Irreps("4x0e")  # global scalars u = [R, theta, V0, PR]
 IRREPS_FIELD = o3.Irreps("1x1o+1x2e")  # field node: dipole (l=1) + quadrupole (l=2)
 IRREPS_NODE = o3.Irreps("8x0e+1x1o+1x2e")  # node state: scalars, dipole-like, quadrupole-like
 NUM_NODE_SCALARS = IRREPS_NODE.count("0e")  # 8 scalar channels
+NODE_DIM = IRREPS_NODE.dim  # 16 = 8 + 3 + 5
 U_DIM = IRREPS_U.dim  # 4
 FIELD_DIM = IRREPS_FIELD.dim  # 8 = 3 + 5
 MULLIKEN_DIM = 3  # s, p, d populations per atom
@@ -374,14 +375,6 @@ def edge_vectors(pos, edge_index):
     return pos[edge_index[0]] - pos[edge_index[1]]
 
 
-def edge_spherical_harmonics(edge_vec, irreps=IRREPS_EDGE_SH):
-    """Spherical harmonics of edge vectors, component norm: (E, 64) for ``4x0e+4x1o+4x2e+4x3o``.
-
-    ``irreps=IRREPS_EDGE_SH_SINGLE`` gives one copy of each l, (E, 16).
-    """
-    return o3.spherical_harmonics(irreps, edge_vec, normalize=True, normalization="component")
-
-
 def _copy_index(irreps_copies, copy=0):
     """Column index (dim_single,) that picks copy ``copy`` of every l from tiled harmonics."""
     return torch.cat([torch.arange(s.start + copy * ir.dim, s.start + (copy + 1) * ir.dim)
@@ -393,6 +386,21 @@ def _tile_index(irreps_copies):
     starts = np.cumsum([0] + [ir.dim for _, ir in irreps_copies])
     return torch.cat([torch.arange(int(starts[k]), int(starts[k]) + ir.dim).repeat(mul)
                       for k, (mul, ir) in enumerate(irreps_copies)])
+
+
+_SH_LS = [ir.l for _, ir in IRREPS_EDGE_SH_SINGLE]  # [0, 1, 2, 3]
+_SH_TILE_INDEX = _tile_index(IRREPS_EDGE_SH)  # (64,) single-copy column of each tiled column
+
+
+def edge_spherical_harmonics(edge_vec, tiled=True):
+    """Spherical harmonics of edge vectors, component normalisation.
+
+    ``tiled``: (E, 64) in the layout of ``4x0e+4x1o+4x2e+4x3o`` (what e3nn returns for those
+    irreps: four copies of each l), else one copy of each l, (E, 16). Only tensors and ints
+    reach e3nn here, so the call traces under ``torch.compile``.
+    """
+    sh = o3.spherical_harmonics(_SH_LS, edge_vec, normalize=True, normalization="component")
+    return sh[:, _SH_TILE_INDEX.to(sh.device)] if tiled else sh
 
 
 def atom_graph_fields(pos, cutoff, with_sh):
@@ -915,7 +923,7 @@ class DeltaCoupling(nn.Module):
         centroid = centroid / atom_count.unsqueeze(1)  # (B, 3)
         pos_combined = torch.cat([pos_atoms, centroid])  # (N + B, 3)
         x_atoms = torch.cat([self.z_embedding(z),
-                             pos_atoms.new_zeros(num_atoms, IRREPS_NODE.dim - NUM_NODE_SCALARS)],
+                             pos_atoms.new_zeros(num_atoms, NODE_DIM - NUM_NODE_SCALARS)],
                             dim=1)  # (N, 16): 8x0e embedded, 1o and 2e zero
         x_field = torch.cat([pos_atoms.new_zeros(num_graphs, NUM_NODE_SCALARS), field_feat],
                             dim=1)  # (B, 16): scalars zero, 1o + 2e from the multipoles
@@ -931,17 +939,17 @@ class DeltaCoupling(nn.Module):
         edge_index_af = torch.stack([torch.cat([atom_idx, field_idx]),
                                      torch.cat([field_idx, atom_idx])])  # (2, 2N)
         vec_af = edge_vectors(pos_combined, edge_index_af)  # (2N, 3)
-        sh_irreps = IRREPS_EDGE_SH if self.reference else IRREPS_EDGE_SH_SINGLE  # 64 or 16
         if sh_atoms is None:
             vec_atoms = edge_vectors(pos_atoms, edge_index_atoms)  # (E, 3)
-            sh_atoms = edge_spherical_harmonics(vec_atoms, sh_irreps)  # (E, 64 or 16)
+            sh_atoms = edge_spherical_harmonics(vec_atoms, self.reference)  # (E, 64 or 16)
             len_atoms = vec_atoms.norm(dim=-1)  # (E,)
         else:
             if not self.reference:
                 sh_atoms = sh_atoms[:, self.sh_first_copy]  # (E, 16) of the cached (E, 64)
             len_atoms = edge_attr_atoms.reshape(-1)  # (E,)
         edge_index = torch.cat([edge_index_atoms, edge_index_af], dim=1)  # (2, E + 2N)
-        edge_sh = torch.cat([sh_atoms, edge_spherical_harmonics(vec_af, sh_irreps)])  # (E + 2N, .)
+        sh_af = edge_spherical_harmonics(vec_af, self.reference)  # (2N, 64 or 16)
+        edge_sh = torch.cat([sh_atoms, sh_af])  # (E + 2N, 64 or 16)
         edge_length = torch.cat([len_atoms, vec_af.norm(dim=-1)])  # (E + 2N,)
         edge_src, edge_dst = edge_index[0], edge_index[1]
 

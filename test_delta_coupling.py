@@ -118,6 +118,18 @@ def test_unit_conversions_against_hand_computed_values():
     assert str(dc.IRREPS_NODE) == "8x0e+1x1o+1x2e"
 
 
+def test_edge_harmonics_equal_e3nn_tiled_and_single_copy():
+    vec = torch.randn(50, 3)
+    tiled = o3.spherical_harmonics(dc.IRREPS_EDGE_SH, vec, normalize=True,
+                                   normalization="component")  # (50, 64): four copies of each l
+    torch.testing.assert_close(dc.edge_spherical_harmonics(vec), tiled, atol=1e-6, rtol=0)
+    single = o3.spherical_harmonics(dc.IRREPS_EDGE_SH_SINGLE, vec, normalize=True,
+                                    normalization="component")  # (50, 16)
+    torch.testing.assert_close(dc.edge_spherical_harmonics(vec, tiled=False), single)
+    for copy in range(4):  # each copy of the tiled layout is the single-copy set
+        torch.testing.assert_close(tiled[:, dc._copy_index(dc.IRREPS_EDGE_SH, copy)], single)
+
+
 def test_graph_fields_units_and_placement(tiny_root):
     ds = dc.DimerDataset(tiny_root, physical_cutoff=12.0)
     rows = pd.read_excel(os.path.join(tiny_root, "meta.xlsx"))
