@@ -98,6 +98,7 @@ LEARNING_CURVES_PLOT = "learning_curves.png"  # in <root_dir>/plots
 PREDICTIONS_FILE = "predictions.csv"  # in the --predict root_dir
 PREDICTION_METRICS_FILE = "predictions_metrics.json"  # next to it, when Vref is given
 # columns of the metrics table: (key, header, format); MAPE in %, the others in Vref units
+LOG_AXIS_MIN_RATIO = 10.0  # learning curves: a log y axis when max / min spans a decade
 METRIC_COLUMNS = (("mape", "MAPE %", ".2f"), ("mae", "MAE", ".4f"), ("rmse", "RMSE", ".4f"),
                   ("max_abs", "max|err|", ".4f"))
 
@@ -1034,8 +1035,11 @@ def plot_learning_curves(history, save_path, best_epoch=None):
     """Training loss, validation MAPE and validation MAE against epoch; a PNG.
 
     ``history``: one dict per epoch with ``epoch``, ``train_loss``, ``val_mape``, ``val_mae``
-    (NaN or None where there is no validation set). A log y axis where every value is > 0.
+    (NaN or None where there is no validation set). A log y axis where every value is > 0 and
+    they span at least a factor ``LOG_AXIS_MIN_RATIO``.
     """
+    from matplotlib.ticker import MaxNLocator
+
     epochs = np.array([h["epoch"] for h in history])  # (n_epochs,)
     fig = _new_figure((13, 4))
     panels = (("train_loss", "training loss (weighted L1 on Vref)"), ("val_mape", "val MAPE %"),
@@ -1045,8 +1049,9 @@ def plot_learning_curves(history, save_path, best_epoch=None):
         values = np.array([np.nan if h[key] is None else h[key] for h in history], dtype=float)
         finite = values[np.isfinite(values)]
         ax.plot(epochs, values, lw=1.2)
-        if finite.size and (finite > 0).all():
+        if finite.size and 0 < LOG_AXIS_MIN_RATIO * finite.min() <= finite.max():
             ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if best_epoch is not None and best_epoch > 0:
             ax.axvline(best_epoch, color="k", ls="--", lw=0.8, label=f"best (epoch {best_epoch})")
             ax.legend(loc="best", fontsize=8)
@@ -1280,7 +1285,7 @@ def build_arg_parser():
                    help=f"predict Vref for every row of root_dir/meta.xlsx (Vref optional) with "
                         f"a saved model; writes root_dir/{PREDICTIONS_FILE}")
     p.add_argument("--checkpoint", default=None,
-                   help=f"checkpoint for --predict (default: root_dir/models/{BEST_CHECKPOINT})")
+                   help=f"checkpoint for --predict; None: root_dir/models/{BEST_CHECKPOINT}")
     return p
 
 
