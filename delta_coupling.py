@@ -18,11 +18,14 @@ The file is ordered as SPEC.md: constants and units, parsing, datasets, model, l
 training engine, plotting, main.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import math
 import os
 import pickle
+import platform
+import random
 import sys
 import time
 import warnings
@@ -37,6 +40,7 @@ from e3nn import o3
 from e3nn.nn import FullyConnectedNet
 from torch_geometric.data import Data
 from torch_geometric.loader import DataLoader
+from tqdm import tqdm
 
 try:  # optional fast neighbour search (DECISIONS 3); the pure-torch path below is exact
     import torch_cluster
@@ -90,6 +94,16 @@ SPLIT_MIN_N_FRACTIONAL = 10
 DEFAULT_ROOT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "s22x5")
 BEST_CHECKPOINT = "best_model_delta_learning.pt"
 FINAL_CHECKPOINT = "final_model_delta_learning.pt"
+METRICS_FILE = "metrics.json"  # in <root_dir>/models: the final metrics report
+HISTORY_FILE = "history.json"  # in <root_dir>/models: one record per epoch
+RUN_CONFIG_FILE = "run_config.json"  # in <root_dir>/models: what reproduces the run
+LEARNING_CURVES_PLOT = "learning_curves.png"  # in <root_dir>/plots
+PREDICTIONS_FILE = "predictions.csv"  # in the --predict root_dir
+PREDICTION_METRICS_FILE = "predictions_metrics.json"  # next to it, when Vref is given
+# columns of the metrics table: (key, header, format); MAPE in %, the others in Vref units
+LOG_AXIS_MIN_RATIO = 10.0  # learning curves: a log y axis when max / min spans a decade
+METRIC_COLUMNS = (("mape", "MAPE %", ".2f"), ("mae", "MAE", ".4f"), ("rmse", "RMSE", ".4f"),
+                  ("max_abs", "max|err|", ".4f"))
 
 # Elements H..Ca (Z = 1..20), the built-in periodic table
 ELEMENTS = ("H", "He", "Li", "Be", "B", "C", "N", "O", "F", "Ne",
@@ -223,11 +237,13 @@ def data_sha256(root_dir, rows):
     return digest.hexdigest()
 
 
-def read_meta(root_dir):
+def read_meta(root_dir, require_vref=True):
     """Read ``<root_dir>/meta.xlsx`` into a list of row dicts, validated.
 
     Column names are matched case-insensitively; ``id`` defaults to the row number. Each dict
-    carries ``row`` (the spreadsheet row number, header = 1) for error messages.
+    carries ``row`` (the spreadsheet row number, header = 1) for error messages. With
+    ``require_vref=False`` (prediction) the Vref column may be missing and its cells empty:
+    such rows get ``Vref = NaN``.
     """
     path = os.path.join(root_dir, "meta.xlsx")
     if not os.path.isfile(path):
@@ -238,7 +254,8 @@ def read_meta(root_dir):
     except (ValueError, OSError, KeyError, zipfile.BadZipFile) as exc:
         raise ValueError(f"{path}: cannot be read as an .xlsx workbook ({exc})") from None
     lower = {str(c).strip().lower(): c for c in frame.columns}
-    missing = [c for c in META_REQUIRED_COLUMNS if c.lower() not in lower]
+    missing = [c for c in META_REQUIRED_COLUMNS
+               if c.lower() not in lower and (require_vref or c != "Vref")]
     if missing:
         raise ValueError(f"{path}: missing required column(s) {missing}; "
                          f"found {list(map(str, frame.columns))}")
@@ -247,7 +264,8 @@ def read_meta(root_dir):
     rows, seen = [], {}
     for i, rec in enumerate(frame.to_dict("records")):
         sheet_row = i + 2  # header is spreadsheet row 1
-        get = {k: rec[lower[k.lower()]] for k in META_REQUIRED_COLUMNS}
+        get = {k: rec[lower[k.lower()]] if k.lower() in lower else float("nan")
+               for k in META_REQUIRED_COLUMNS}
         rid = rec[lower["id"]] if "id" in lower else sheet_row
         rid = str(sheet_row if pd.isna(rid) else rid)
         where = f"{path}, row {sheet_row} (id {rid})"
@@ -257,6 +275,9 @@ def read_meta(root_dir):
                 raise ValueError(f"{where}: column {col} is empty")
             row[col] = str(get[col]).strip()
         for col in META_NUMERIC_COLUMNS:
+            if col == "Vref" and not require_vref and pd.isna(get[col]):
+                row[col] = float("nan")  # no reference: predict only
+                continue
             try:
                 value = float(get[col])
             except (TypeError, ValueError):
@@ -1002,6 +1023,71 @@ class EpochResult:
     skipped: list = field(default_factory=list)  # (batch ids, reason) of skipped batches
 
 
+def regression_metrics(pred, true, v0):
+    """Figures of V0 + dV (``model``) and of V0 alone (``baseline``) against Vref.
+
+    ``pred``, ``true``, ``v0``: (n,) arrays in Vref units, n >= 1. Returns ``{"n": n, "model":
+    {...}, "baseline": {...}}``, each with ``mape`` (%, ``mape_loss_fn``, DECISIONS 2), ``mae``,
+    ``rmse`` and ``max_abs`` (the largest |error|) in Vref units.
+    """
+    true_t = torch.as_tensor(np.asarray(true, dtype=np.float64))  # (n,)
+    if true_t.numel() == 0:
+        raise ValueError("regression_metrics needs at least one row")
+    figures = {"n": int(true_t.numel())}
+    for name, values in (("model", pred), ("baseline", v0)):
+        est = torch.as_tensor(np.asarray(values, dtype=np.float64))  # (n,)
+        err = est - true_t  # (n,)
+        figures[name] = {"mape": float(mape_loss_fn(est, true_t)),
+                         "mae": float(err.abs().mean()),
+                         "rmse": float(err.pow(2).mean().sqrt()),
+                         "max_abs": float(err.abs().max())}
+    return figures
+
+
+def metrics_report(predictions, group_of=None):
+    """``regression_metrics`` per split, and per group within each split.
+
+    ``predictions``: {split name: ``predict_rows`` dict}; rows without a Vref (NaN) are left
+    out, and so is a split with none. ``group_of``: {id: group}; rows without a group belong to
+    none. Returns {split: regression_metrics dict, plus ``"groups": {group: dict}`` when any
+    row of the split has a group}.
+    """
+    group_of = group_of or {}
+    report = {}
+    for split, p in predictions.items():
+        known = np.isfinite(p["true"])  # (n,)
+        if not known.any():
+            continue
+        report[split] = regression_metrics(p["pred"][known], p["true"][known], p["v0"][known])
+        groups = np.array([group_of.get(i) for i in p["id"]], dtype=object)  # (n,)
+        per_group = {}
+        for g in sorted({g for g in groups[known] if g is not None}):
+            sel = known & (groups == g)  # (n,)
+            per_group[g] = regression_metrics(p["pred"][sel], p["true"][sel], p["v0"][sel])
+        if per_group:
+            report[split]["groups"] = per_group
+    return report
+
+
+def format_metrics_table(report):
+    """A ``metrics_report`` as one aligned text table: a line per split, indented per group."""
+    lines = [x for split, m in report.items()
+             for x in [(split, m)] + [(f"  {g}", gm) for g, gm in m.get("groups", {}).items()]]
+    width = max([len("split")] + [len(name) for name, _ in lines])
+    block = 10 * len(METRIC_COLUMNS)  # each figure right-aligned in 10 characters
+    labels = "".join(f"{label:>10}" for _, label, _ in METRIC_COLUMNS)
+
+    def figures(m):
+        return "".join(f"{m[key]:>10{fmt}}" for key, _, fmt in METRIC_COLUMNS)
+
+    out = [f"{'':<{width}} {'':>5} | {'V0 + dV (model)':^{block}} | "
+           f"{'V0 alone (baseline)':^{block}}",
+           f"{'split':<{width}} {'n':>5} | {labels} | {labels}"]
+    out += [f"{name:<{width}} {m['n']:>5} | {figures(m['model'])} | {figures(m['baseline'])}"
+            for name, m in lines]
+    return "\n".join(line.rstrip() for line in out)
+
+
 # ----------------------------------------------------------------------------- training engine
 def amp_settings(device):
     """(autocast dtype or None, use GradScaler) for a device (SPEC 6, DECISIONS 10)."""
@@ -1107,13 +1193,15 @@ def run_epoch(model, loader, device, optimizer=None, scheduler=None, scaler=None
 
 
 @torch.no_grad()
-def predict_vref(model, loader, device, amp_dtype=None, skip_failed_batches=True, log=print):
-    """Predicted and true Vref and V0 over a loader: three 1-D float64 numpy arrays.
+def predict_rows(model, loader, device, amp_dtype=None, skip_failed_batches=True, log=print):
+    """Per-dimer predictions over a loader, in its order.
 
-    Inconsistent batches are logged and skipped like in ``run_epoch`` (SPEC 7).
+    Returns ``{"id": [str], "pred": V0 + dV, "true": Vref (NaN where unknown), "v0": V0}``,
+    the arrays (n,) float64 numpy. Inconsistent batches are logged and skipped like in
+    ``run_epoch`` (SPEC 7): their rows are absent.
     """
     model.eval()
-    preds, trues, v0s = [], [], []
+    ids, preds, trues, v0s = [], [], [], []
     n_batches, first_error = 0, None
     for data in loader:
         data = data.to(device)
@@ -1126,6 +1214,7 @@ def predict_vref(model, loader, device, amp_dtype=None, skip_failed_batches=True
             first_error = first_error or exc
             log(f"skipped batch ids {list(data.id)} in prediction: {type(exc).__name__}: {exc}")
             continue
+        ids.extend(data.id)
         preds.append(pred_vref.double().cpu())
         trues.append(data.y_true_vref.double().cpu())
         v0s.append(v0.double().cpu())
@@ -1133,38 +1222,102 @@ def predict_vref(model, loader, device, amp_dtype=None, skip_failed_batches=True
         raise RuntimeError(f"every batch failed in prediction; first error: "
                            f"{type(first_error).__name__}: {first_error}") from first_error
     cat = (lambda xs: torch.cat(xs).numpy() if xs else np.zeros(0))
-    return cat(preds), cat(trues), cat(v0s)
+    return {"id": ids, "pred": cat(preds), "true": cat(trues), "v0": cat(v0s)}
+
+
+def predict_vref(model, loader, device, amp_dtype=None, skip_failed_batches=True, log=print):
+    """Predicted and true Vref and V0 over a loader: three 1-D float64 numpy arrays (SPEC 7)."""
+    out = predict_rows(model, loader, device, amp_dtype, skip_failed_batches, log)
+    return out["pred"], out["true"], out["v0"]
 
 
 # ----------------------------------------------------------------------------- plotting
+def _new_figure(figsize):
+    """A matplotlib Figure on an Agg canvas; no pyplot, so the caller's backend is left alone."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_figure(fig, save_path):
+    """Write a figure as PNG atomically (temp + rename), creating the folder."""
+    fig.tight_layout()
+    with _atomic_target(save_path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+
+
+def save_regression_plot(pred, true, v0, save_path=None, title=""):
+    """Scatter V0 + dV and V0 alone against the reference Vref, with the diagonal.
+
+    ``pred``, ``true``, ``v0``: (n,) arrays in Vref units; the MAE of both is in the legend
+    and the model's in the title. Saves a PNG when ``save_path`` is given; returns the Figure.
+    """
+    fig = _new_figure((5.5, 5))
+    ax = fig.add_subplot()
+    if true.size:
+        mae, b_mae = float(np.abs(pred - true).mean()), float(np.abs(v0 - true).mean())
+        ax.scatter(true, v0, s=14, marker="x", color="tab:gray", alpha=0.8,
+                   label=f"V0 alone (MAE {b_mae:.3f})")
+        ax.scatter(true, pred, s=14, color="tab:blue", alpha=0.8,
+                   label=f"V0 + dV (MAE {mae:.3f})")
+        lo = float(min(true.min(), pred.min(), v0.min()))
+        hi = float(max(true.max(), pred.max(), v0.max()))
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="ideal")
+        title = f"{title}  (MAE {mae:.3f}, V0 alone {b_mae:.3f})".strip()
+        ax.legend(loc="best")
+    ax.set_xlabel("Vref (reference)")
+    ax.set_ylabel("predicted Vref")
+    ax.set_title(title, fontsize=10)
+    if save_path:
+        _save_figure(fig, save_path)
+    return fig
+
+
 def plot_regression(model, loader, device, save_path=None, title="", amp_dtype=None,
                     skip_failed_batches=True):
-    """Scatter predicted vs. reference Vref with the ideal diagonal; save a PNG (SPEC 7).
+    """Predict over ``loader`` and draw ``save_regression_plot`` (SPEC 7).
 
     Returns ``(pred, true)`` numpy arrays.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
-
-    pred, true, _ = predict_vref(model, loader, device, amp_dtype, skip_failed_batches)
-    fig = Figure(figsize=(5, 5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.scatter(true, pred, s=14, alpha=0.8, label="V0 + dV")
-    if true.size:
-        lo, hi = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
-        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="ideal")
-        mae = float(np.abs(pred - true).mean())
-        title = f"{title}  (MAE {mae:.3f})".strip()
-    ax.set_xlabel("Vref (reference)")
-    ax.set_ylabel("predicted Vref = V0 + dV")
-    ax.set_title(title)
-    ax.legend(loc="best")
-    fig.tight_layout()
-    if save_path:
-        os.makedirs(os.path.dirname(os.path.abspath(save_path)), exist_ok=True)
-        fig.savefig(save_path, dpi=120)
+    pred, true, v0 = predict_vref(model, loader, device, amp_dtype, skip_failed_batches)
+    save_regression_plot(pred, true, v0, save_path, title)
     return pred, true
+
+
+def plot_learning_curves(history, save_path, best_epoch=None):
+    """Training loss, validation MAPE and validation MAE against epoch; a PNG.
+
+    ``history``: one dict per epoch with ``epoch``, ``train_loss``, ``val_mape``, ``val_mae``
+    (NaN or None where there is no validation set). A log y axis where every value is > 0 and
+    they span at least a factor ``LOG_AXIS_MIN_RATIO``.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = np.array([h["epoch"] for h in history])  # (n_epochs,)
+    fig = _new_figure((13, 4))
+    panels = (("train_loss", "training loss (weighted L1 on Vref)"), ("val_mape", "val MAPE %"),
+              ("val_mae", "val MAE (Vref units)"))
+    for k, (key, label) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        values = np.array([np.nan if h[key] is None else h[key] for h in history], dtype=float)
+        finite = values[np.isfinite(values)]
+        ax.plot(epochs, values, lw=1.2)
+        if finite.size and 0 < LOG_AXIS_MIN_RATIO * finite.min() <= finite.max():
+            ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if best_epoch is not None and best_epoch > 0:
+            ax.axvline(best_epoch, color="k", ls="--", lw=0.8, label=f"best (epoch {best_epoch})")
+            ax.legend(loc="best", fontsize=8)
+        ax.set_xlabel("epoch")
+        ax.set_title(label, fontsize=10)
+        if not finite.size:
+            ax.text(0.5, 0.5, "no values (no validation set?)", ha="center",
+                    transform=ax.transAxes)
+    _save_figure(fig, save_path)
+    return fig
 
 
 # ----------------------------------------------------------------------------- main
@@ -1208,30 +1361,141 @@ def make_splits(rows, seed=DEFAULT_SEED):
     return parts[0], parts[1], parts[2], rule
 
 
-def atomic_torch_save(obj, path):
-    """torch.save to a temp file in the same folder, then rename: never a half-written file."""
+@contextlib.contextmanager
+def _atomic_target(path):
+    """Yield a temp path in ``path``'s folder; renamed to ``path`` only if the block succeeds."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
     try:
-        torch.save(obj, tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def atomic_torch_save(obj, path):
+    """torch.save to a temp file in the same folder, then rename: never a half-written file."""
+    with _atomic_target(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def atomic_write_text(text, path):
+    """Write a text file atomically (temp + rename)."""
+    with _atomic_target(path) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            fh.write(text)
+
+
+def _json_ready(obj):
+    """A copy with NaN/Inf floats as None and tuples as lists: strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): _json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_ready(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def atomic_write_json(obj, path):
+    """Write plain Python data as strict JSON (NaN -> null), atomically."""
+    atomic_write_text(json.dumps(_json_ready(obj), indent=1, allow_nan=False) + "\n", path)
+
+
+def seed_everything(seed):
+    """Seed Python's, NumPy's and torch's (CPU and every CUDA device) random generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def package_versions():
+    """Versions of Python and of the packages that shape a run's numbers: {name: str}."""
+    import e3nn
+    import matplotlib
+    import torch_geometric
+    import tqdm as tqdm_module
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "torch_geometric": torch_geometric.__version__, "e3nn": e3nn.__version__,
+                "numpy": np.__version__, "pandas": pd.__version__,
+                "matplotlib": matplotlib.__version__, "tqdm": tqdm_module.__version__,
+                "torch_cluster": getattr(torch_cluster, "__version__", None)}
+    # plain str: torch.__version__ is a TorchVersion, which a weights_only load refuses
+    return {name: None if v is None else str(v) for name, v in versions.items()}
+
+
+def resolve_device(choice):
+    """``auto`` -> cuda when available, else cpu; anything else as torch.device(choice)."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def describe_device(device):
+    """The device as text, with the GPU's name on CUDA."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({platform.processor() or platform.machine()})"
+
+
+def progress(iterable, quiet, **kwargs):
+    """A tqdm progress bar on stderr, off when ``quiet``; fine when stderr is no terminal."""
+    return tqdm(iterable, disable=quiet, file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+def log_line(message):
+    """Print a line to stdout without tearing a progress bar (tqdm.write)."""
+    tqdm.write(message, file=sys.stdout)
+
+
 def load_checkpoint(path, device="cpu"):
-    """Load a checkpoint (plain types and tensors only) and rebuild its model."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    """Load a checkpoint (plain types and tensors only) and rebuild its model.
+
+    Raises ``ValueError`` naming the file when it is no DeltaCoupling checkpoint, when it was
+    written with another length scale than ``INT_ANGSTROM_SCALE``, or when its model's cutoff
+    is not the cutoff of the graphs it was trained on.
+    """
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        raise ValueError(f"{path} cannot be loaded as a DeltaCoupling checkpoint ({exc})") \
+            from None
+    if (not isinstance(ckpt, dict) or {"model_state", "model_config", "metadata"} - set(ckpt)
+            or not isinstance(ckpt["metadata"], dict)):
+        raise ValueError(f"{path} is not a DeltaCoupling checkpoint (no model_state, "
+                         f"model_config and metadata); pass a {BEST_CHECKPOINT} or "
+                         f"{FINAL_CHECKPOINT} written by training")
+    scale = ckpt["metadata"].get("int_angstrom_scale")
+    if not (isinstance(scale, (int, float)) and math.isclose(scale, INT_ANGSTROM_SCALE)):
+        raise ValueError(f"{path} was trained with int_angstrom_scale = {scale!r} internal "
+                         f"units per Angstrom, this code uses {INT_ANGSTROM_SCALE}: its graphs "
+                         f"would be built at the wrong scale. Use the delta_coupling.py that "
+                         f"trained it, or retrain")
+    cutoff = ckpt["model_config"].get("cutoff")
+    internal = ckpt["metadata"].get("internal_cutoff")
+    if not (isinstance(cutoff, (int, float)) and isinstance(internal, (int, float))
+            and math.isclose(cutoff, internal, rel_tol=1e-9)):
+        raise ValueError(f"{path}: the model's cutoff ({cutoff!r} internal units) is not the "
+                         f"cutoff of the graphs it was trained on ({internal!r}); the checkpoint "
+                         f"is inconsistent, retrain")
     model = DeltaCoupling.from_config(ckpt["model_config"]).to(device)
-    model.load_state_dict(ckpt["model_state"])
+    try:
+        model.load_state_dict(ckpt["model_state"])
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: the weights do not fit the stored model_config ({exc})") \
+            from None
     return model, ckpt
 
 
 def build_arg_parser():
     p = argparse.ArgumentParser(
-        description="Train DeltaCoupling: learn dV so that V0 + dV matches Vref.",
+        description="Train DeltaCoupling: learn dV so that V0 + dV matches Vref; or, with "
+                    "--predict, predict Vref for new dimers with a saved model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--root_dir", default=DEFAULT_ROOT_DIR,
                    help="data folder with meta.xlsx (DATA_FORMAT)")
@@ -1271,6 +1535,13 @@ def build_arg_parser():
                         "off on CPU")
     p.add_argument("--skip_failed_batches", action=argparse.BooleanOptionalAction, default=True,
                    help="log, count and skip a batch that fails instead of stopping")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (the periodic log lines and the report stay)")
+    p.add_argument("--predict", action="store_true",
+                   help=f"predict Vref for every row of root_dir/meta.xlsx (Vref optional) with "
+                        f"a saved model; writes root_dir/{PREDICTIONS_FILE}")
+    p.add_argument("--checkpoint", default=None,
+                   help=f"checkpoint for --predict; None: root_dir/models/{BEST_CHECKPOINT}")
     return p
 
 
@@ -1291,8 +1562,9 @@ def prepare_cache(args, rows):
             _exit(f"cannot import build_cache from preprocess_and_cache.py ({exc}); keep "
                   f"preprocess_and_cache.py next to delta_coupling.py, or build {cache_path} "
                   f"yourself")
-        print(f"building cache {cache_path} ...")
-        build_cache(args.root_dir, args.physical_cutoff, cache_file_name=args.cache_file_name)
+        log_line(f"building cache {cache_path} ...")
+        build_cache(args.root_dir, args.physical_cutoff, cache_file_name=args.cache_file_name,
+                    progress_bar=not args.quiet)
     try:
         payload = load_cache(cache_path)
     except ValueError as exc:
@@ -1317,13 +1589,117 @@ def resolve_compile_backend(choice, device):
     raise ValueError(f"unknown --compile {choice!r}")
 
 
+def write_run_config(path, args, model_config, device, metadata, split, versions):
+    """``run_config.json``: what reproduces a run (arguments, model, versions, data, split)."""
+    atomic_write_json({"args": vars(args), "model_config": model_config, "versions": versions,
+                       "platform": platform.platform(), "device": describe_device(device),
+                       "data_sha256": metadata["data_sha256"], "split": split}, path)
+
+
+def final_report(model, eval_ds, split_idx, rows, loader_kw, device, amp_dtype, args,
+                 models_dir, plots_dir):
+    """Evaluate the final model: one prediction pass per split feeds the metrics table (printed),
+    ``models/metrics.json`` and the val/test regression plots. Returns the metrics report."""
+    predictions = {
+        name: predict_rows(model, DataLoader(torch.utils.data.Subset(eval_ds, idx),
+                                             shuffle=False, **loader_kw),
+                           device, amp_dtype, args.skip_failed_batches, log=log_line)
+        for name, idx in split_idx.items() if len(idx)}
+    report = metrics_report(predictions, {r["id"]: r["group"] for r in rows if "group" in r})
+    log_line(format_metrics_table(report))
+    atomic_write_json(report, os.path.join(models_dir, METRICS_FILE))
+    for name in ("test", "val"):
+        if name in predictions:
+            p = predictions[name]
+            save_regression_plot(p["pred"], p["true"], p["v0"],
+                                 os.path.join(plots_dir, f"{name}_final_delta_learning.png"),
+                                 title=f"{name} set")
+    return report
+
+
+def predictions_table(rows, pred, split_of):
+    """The ``predictions.csv`` frame: one line per meta.xlsx row, in its order.
+
+    Columns id, V0, dV, Vref_pred (= V0 + dV), Vref, error (= Vref_pred - Vref), split (the
+    checkpoint's split of the row when root_dir is its training data, else empty). Unknown
+    values (no Vref, or a row whose batch failed) are NaN, written as empty cells.
+    """
+    pred_of = dict(zip(pred["id"], pred["pred"]))
+    table = pd.DataFrame({"id": [r["id"] for r in rows], "V0": [r["V0"] for r in rows],
+                          "Vref_pred": [pred_of.get(r["id"], np.nan) for r in rows],
+                          "Vref": [r["Vref"] for r in rows]})
+    table.insert(2, "dV", table["Vref_pred"] - table["V0"])
+    table["error"] = table["Vref_pred"] - table["Vref"]
+    table["split"] = [split_of.get(r["id"], "") for r in rows]
+    return table
+
+
+def run_predict(args, argv=None):
+    """``--predict``: Vref for every row of ``<root_dir>/meta.xlsx`` with a saved model alone.
+
+    The checkpoint's stored config rebuilds the model and its cutoff builds the graphs (no
+    cache is written). Writes ``<root_dir>/predictions.csv``; where Vref is given, prints the
+    metrics table (all rows, each group, and train/val/test when root_dir is the checkpoint's
+    own training data) and writes ``<root_dir>/predictions_metrics.json``.
+    """
+    path = args.checkpoint or os.path.join(args.root_dir, "models", BEST_CHECKPOINT)
+    if not os.path.isfile(path):
+        _exit(f"checkpoint {path} not found; pass --checkpoint PATH (a {BEST_CHECKPOINT} or "
+              f"{FINAL_CHECKPOINT} written by training)")
+    device = resolve_device(args.device)
+    try:
+        model, ckpt = load_checkpoint(path, device)
+    except ValueError as exc:
+        _exit(str(exc))
+    physical_cutoff = ckpt["metadata"]["internal_cutoff"] / INT_ANGSTROM_SCALE  # Angstrom
+    given = build_arg_parser()
+    given.set_defaults(physical_cutoff=None)  # None: --physical_cutoff was not given
+    cutoff_given = given.parse_args(argv).physical_cutoff
+    if cutoff_given is not None and not math.isclose(cutoff_given, physical_cutoff,
+                                                      rel_tol=1e-9):
+        _exit(f"--physical_cutoff {cutoff_given:g} Angstrom differs from the "
+              f"{physical_cutoff:g} Angstrom the model in {path} was trained with; a model "
+              f"works only at its own cutoff: leave --physical_cutoff out")
+    try:
+        rows = read_meta(args.root_dir, require_vref=False)
+        graphs = [make_graph(parse_dimer(args.root_dir, r), model.config["cutoff"])
+                  for r in progress(rows, args.quiet, desc="reading dimers", unit="dimer")]
+    except (ValueError, FileNotFoundError) as exc:
+        _exit(str(exc))
+    log_line(f"{len(rows)} dimers from {args.root_dir}; model from {path} "
+             f"(cutoff {physical_cutoff:g} Angstrom)")
+    loader = DataLoader(graphs, batch_size=args.batch_size, shuffle=False)
+    pred = predict_rows(model, loader, device, amp_settings(device)[0],
+                        args.skip_failed_batches, log=log_line)
+    if len(pred["id"]) < len(rows):
+        log_line(f"warning: {len(rows) - len(pred['id'])} of {len(rows)} dimers could not be "
+                 f"predicted (see the skipped batches above); their cells are empty")
+    same_data = data_sha256(args.root_dir, rows) == ckpt["metadata"].get("data_sha256")
+    split_of = {i: name for name, ids in ckpt.get("split_ids", {}).items() for i in ids} \
+        if same_data else {}
+    csv_path = os.path.join(args.root_dir, PREDICTIONS_FILE)
+    atomic_write_text(predictions_table(rows, pred, split_of).to_csv(index=False), csv_path)
+    log_line(f"wrote {csv_path}")
+    predictions = {"all": pred}
+    for name in ("train", "val", "test"):
+        keep = np.array([split_of.get(i) == name for i in pred["id"]], dtype=bool)
+        if keep.any():
+            predictions[name] = {"id": [i for i, k in zip(pred["id"], keep) if k],
+                                 **{key: pred[key][keep] for key in ("pred", "true", "v0")}}
+    report = metrics_report(predictions, {r["id"]: r["group"] for r in rows if "group" in r})
+    if report:
+        log_line(format_metrics_table(report))
+        atomic_write_json(report, os.path.join(args.root_dir, PREDICTION_METRICS_FILE))
+    return {"predictions_path": csv_path, "metrics": report, "checkpoint": path}
+
+
 def main(argv=None):
     """Train and evaluate (SPEC 8). ``argv=None`` reads sys.argv; every argument has a default."""
     args = build_arg_parser().parse_args(argv)
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
-                          if args.device == "auto" else args.device)
+    seed_everything(args.seed)
+    if args.predict:
+        return run_predict(args, argv)
+    device = resolve_device(args.device)
     amp_dtype, use_scaler = amp_settings(device)
 
     rows = read_meta(args.root_dir)
@@ -1348,7 +1724,6 @@ def main(argv=None):
                      pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
     train_loader = DataLoader(Subset(train_ds, train_idx), shuffle=True, **loader_kw)
     val_loader = DataLoader(Subset(eval_ds, val_idx), shuffle=False, **loader_kw)
-    test_loader = DataLoader(Subset(eval_ds, test_idx), shuffle=False, **loader_kw)
 
     model_config = dict(num_conv_layers=args.num_conv_layers, num_rbf=args.num_rbf,
                         cutoff=internal_cutoff, radial_hidden=args.radial_hidden,
@@ -1383,72 +1758,72 @@ def main(argv=None):
     best_path = os.path.join(models_dir, BEST_CHECKPOINT)
     split_ids = {"train": [ids[i] for i in train_idx], "val": [ids[i] for i in val_idx],
                  "test": [ids[i] for i in test_idx]}
-    os.makedirs(models_dir, exist_ok=True)
-    with open(os.path.join(models_dir, "split_ids.json"), "w") as fh:
-        json.dump({"rule": rule, "seed": args.seed, **split_ids}, fh, indent=1)
+    split = {"rule": rule, "seed": args.seed, **split_ids}
+    atomic_write_json(split, os.path.join(models_dir, "split_ids.json"))
     config = dict(vars(args))
+    versions = package_versions()
+    write_run_config(os.path.join(models_dir, RUN_CONFIG_FILE), args, model_config, device,
+                     payload["metadata"], split, versions)
 
-    def checkpoint(epoch, val_result):
+    def checkpoint(epoch, val_mape, val_mae):
         return {"model_state": model.state_dict(), "model_config": model_config,
                 "config": config, "metadata": dict(payload["metadata"]), "epoch": epoch,
-                "val_mape": val_result.mape, "val_mae": val_result.mae, "split_ids": split_ids}
+                "val_mape": val_mape, "val_mae": val_mae, "split_ids": split_ids,
+                "versions": versions}
 
     monitor_name = "val MAPE" if len(val_idx) else "train loss"
     best, best_epoch, stale = float("inf"), -1, 0
-    t_start, epoch = time.time(), 0
-    for epoch in range(1, args.epochs + 1):
+    t_start, epoch, history = time.time(), 0, []
+    bar = progress(range(1, args.epochs + 1), args.quiet, desc="training", unit="epoch")
+    for epoch in bar:
         tr = run_epoch(run_model, train_loader, device, optimizer, scheduler, scaler, amp_dtype,
-                       args.skip_failed_batches)
+                       args.skip_failed_batches, log=log_line)
         with torch.no_grad():
             va = (run_epoch(run_model, val_loader, device, amp_dtype=amp_dtype,
-                            skip_failed_batches=args.skip_failed_batches)
+                            skip_failed_batches=args.skip_failed_batches, log=log_line)
                   if len(val_idx) else EpochResult())
         monitor = va.mape if len(val_idx) else tr.loss
         if monitor < best:
             best, best_epoch, stale = monitor, epoch, 0
-            atomic_torch_save(checkpoint(epoch, va), best_path)
+            atomic_torch_save(checkpoint(epoch, va.mape, va.mae), best_path)
         else:
             stale += 1
         stop = stale >= args.patience
+        history.append({"epoch": epoch, "train_loss": tr.loss, "val_mape": va.mape,
+                        "val_mae": va.mae, "lr": optimizer.param_groups[0]["lr"],
+                        "seconds": time.time() - t_start})
+        bar.set_postfix_str(f"loss {tr.loss:.4f}, val MAPE {va.mape:.2f}%, best {monitor_name} "
+                            f"{best:.3f} (epoch {best_epoch})", refresh=False)
         if epoch == 1 or epoch % args.log_every == 0 or epoch == args.epochs or stop:
-            print(f"epoch {epoch:5d}  train loss {tr.loss:9.4f}  val MAPE {va.mape:8.2f}%  "
-                  f"MAE {va.mae:8.4f}  RMSE {va.rmse:8.4f}  best {monitor_name} {best:8.3f} "
-                  f"(epoch {best_epoch})  lr {optimizer.param_groups[0]['lr']:.2e}  "
-                  f"skipped {tr.n_skipped + va.n_skipped}  {time.time() - t_start:7.1f} s")
+            log_line(f"epoch {epoch:5d}  train loss {tr.loss:9.4f}  val MAPE {va.mape:8.2f}%  "
+                     f"MAE {va.mae:8.4f}  RMSE {va.rmse:8.4f}  best {monitor_name} {best:8.3f} "
+                     f"(epoch {best_epoch})  lr {optimizer.param_groups[0]['lr']:.2e}  "
+                     f"skipped {tr.n_skipped + va.n_skipped}  {time.time() - t_start:7.1f} s")
         if stop:
-            print(f"early stop at epoch {epoch}: no {monitor_name} improvement for "
-                  f"{args.patience} epochs")
+            log_line(f"early stop at epoch {epoch}: no {monitor_name} improvement for "
+                     f"{args.patience} epochs")
             break
+    bar.close()
 
     if best_epoch > 0:  # saved by this run (never an older run's file)
         best_ckpt = torch.load(best_path, map_location=device, weights_only=True)
         model.load_state_dict(best_ckpt["model_state"])
         print(f"loaded best checkpoint (epoch {best_ckpt['epoch']}) from {best_path}")
-    final_results = {}
-    for name, loader, idx in (("test", test_loader, test_idx), ("val", val_loader, val_idx)):
-        if not len(idx):
-            continue
-        with torch.no_grad():
-            res = run_epoch(model, loader, device, amp_dtype=amp_dtype,
-                            skip_failed_batches=args.skip_failed_batches)
-        final_results[name] = res
-        print(f"{name:5s} ({res.n_graphs} dimers): V0 + dV  MAPE {res.mape:8.2f}%  "
-              f"MAE {res.mae:.4f}  RMSE {res.rmse:.4f} | V0 alone  MAPE {res.baseline_mape:8.2f}%"
-              f"  MAE {res.baseline_mae:.4f}  RMSE {res.baseline_rmse:.4f}")
-        plot_regression(model, loader, device,
-                        os.path.join(plots_dir, f"{name}_final_delta_learning.png"),
-                        title=f"{name} set", amp_dtype=amp_dtype,
-                        skip_failed_batches=args.skip_failed_batches)
-    final_metrics = {name: {k: getattr(res, k) for k in (
-        "mape", "mae", "rmse", "baseline_mape", "baseline_mae", "baseline_rmse", "n_graphs")}
-        for name, res in final_results.items()}
-    final = checkpoint(epoch, final_results.get("val", EpochResult()))
+    final_metrics = final_report(model, eval_ds, {"train": train_idx, "val": val_idx,
+                                                  "test": test_idx},
+                                 rows, loader_kw, device, amp_dtype, args, models_dir, plots_dir)
+    atomic_write_json(history, os.path.join(models_dir, HISTORY_FILE))
+    plot_learning_curves(history, os.path.join(plots_dir, LEARNING_CURVES_PLOT), best_epoch)
+    val_model = final_metrics.get("val", {}).get("model", {})
+    final = checkpoint(epoch, val_model.get("mape", float("nan")),
+                       val_model.get("mae", float("nan")))
     final.update(weights_from_epoch=best_epoch, last_epoch=epoch, best_monitor=best,
-                 monitor=monitor_name, final_metrics=final_metrics)
+                 monitor=monitor_name, final_metrics=final_metrics, history=history)
     atomic_torch_save(final, os.path.join(models_dir, FINAL_CHECKPOINT))
-    print(f"saved {os.path.join(models_dir, FINAL_CHECKPOINT)}; plots in {plots_dir}")
+    log_line(f"saved {os.path.join(models_dir, FINAL_CHECKPOINT)}; metrics in "
+             f"{os.path.join(models_dir, METRICS_FILE)}; plots in {plots_dir}")
     return {"best_epoch": best_epoch, "best_monitor": best, "best_path": best_path,
-            "split_ids": split_ids, "final_metrics": final_metrics}
+            "split_ids": split_ids, "final_metrics": final_metrics, "history": history}
 
 
 if __name__ == "__main__":

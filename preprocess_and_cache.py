@@ -2,7 +2,7 @@
 
 Usage::
 
-    python preprocess_and_cache.py [--root_dir DIR] [--physical_cutoff 12.0]
+    python preprocess_and_cache.py [--root_dir DIR] [--physical_cutoff 12.0] [--quiet]
 
 ``delta_coupling.main`` imports ``build_cache`` from here lazily when the cache is missing. The
 cache holds only tensors and plain Python types (loadable with ``weights_only=True``)::
@@ -16,21 +16,23 @@ import argparse
 import os
 
 from delta_coupling import (DEFAULT_CACHE_FILE, DEFAULT_PHYSICAL_CUTOFF, DEFAULT_ROOT_DIR,
-                            DimerDataset, atomic_torch_save, cache_metadata, make_graph)
+                            DimerDataset, atomic_torch_save, cache_metadata, make_graph,
+                            parse_dimer, progress)
 
 
 def build_cache(root_dir, physical_cutoff=DEFAULT_PHYSICAL_CUTOFF,
-                cache_file_name=DEFAULT_CACHE_FILE):
+                cache_file_name=DEFAULT_CACHE_FILE, progress_bar=False):
     """Parse every row of ``root_dir/meta.xlsx`` and write the cache atomically; return its path.
 
     Each graph is the un-augmented ``DimerDataset`` graph with ``edge_attr_sh`` (E, 64) added.
+    ``progress_bar``: show a tqdm bar over the dimers on stderr.
     """
-    dataset = DimerDataset(root_dir, physical_cutoff, augment=False)
+    dataset = DimerDataset(root_dir, physical_cutoff, augment=False, preload=False)
     graphs, ids = [], []
-    for parsed in dataset.parsed:
-        data = make_graph(parsed, dataset.internal_cutoff, with_sh=True)
+    for row in progress(dataset.rows, not progress_bar, desc="building cache", unit="dimer"):
+        data = make_graph(parse_dimer(root_dir, row), dataset.internal_cutoff, with_sh=True)
         graphs.append({key: data[key] for key in data.keys() if key not in ("id", "num_nodes")})
-        ids.append(parsed.row["id"])
+        ids.append(row["id"])
     payload = {"metadata": cache_metadata(root_dir, physical_cutoff, dataset.rows),
                "graphs": graphs, "ids": ids}
     path = os.path.join(root_dir, cache_file_name)
@@ -45,5 +47,8 @@ if __name__ == "__main__":
     parser.add_argument("--physical_cutoff", type=float, default=DEFAULT_PHYSICAL_CUTOFF,
                         help="Angstrom")
     parser.add_argument("--cache_file_name", default=DEFAULT_CACHE_FILE)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args()
-    print(f"wrote {build_cache(args.root_dir, args.physical_cutoff, args.cache_file_name)}")
+    path = build_cache(args.root_dir, args.physical_cutoff, args.cache_file_name,
+                       progress_bar=not args.quiet)
+    print(f"wrote {path}")

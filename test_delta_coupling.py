@@ -680,7 +680,9 @@ def test_main_end_to_end_and_best_checkpoint_reproduces_val(tmp_path):
     assert final["weights_from_epoch"] == out["best_epoch"] and final["last_epoch"] == 2
     for key, value in model.state_dict().items():
         torch.testing.assert_close(final_model.state_dict()[key], value, rtol=0, atol=0)
-    assert final["final_metrics"]["val"]["mape"] == pytest.approx(res.mape, rel=1e-6)
+    assert final["final_metrics"]["val"]["model"]["mape"] == pytest.approx(res.mape, rel=1e-6)
+    assert final["final_metrics"]["val"]["baseline"]["mae"] == pytest.approx(res.baseline_mae,
+                                                                               rel=1e-6)
     with open(os.path.join(root, "models", "split_ids.json")) as fh:
         assert json.load(fh)["val"] == ckpt["split_ids"]["val"]
 
@@ -709,3 +711,207 @@ def test_bundled_s22x5_loads_and_matches_ase():
         assert p.row["R_nm"] == pytest.approx(r_ase, abs=1e-6)
         checked += 1
     assert checked == 22
+
+
+# ----------------------------------------------------------------------------- metrics report
+def test_regression_metrics_and_table_against_hand_computed_values():
+    pred = np.array([-1.5, -2.0, 1.5, 9.0])
+    true = np.array([-1.0, -2.0, 0.5, np.nan])  # the last row has no Vref: left out
+    v0 = np.array([-1.25, -3.0, 0.5, 7.0])
+    m = dc.regression_metrics(pred[:3], true[:3], v0[:3])
+    # model errors -0.5, 0, 1; baseline errors -0.25, -1, 0
+    assert m["n"] == 3
+    assert m["model"] == pytest.approx({"mape": 100 * (0.5 / 1 + 0 + 1 / 0.5) / 3, "mae": 0.5,
+                                        "rmse": math.sqrt(1.25 / 3), "max_abs": 1.0}, rel=1e-6)
+    assert m["baseline"] == pytest.approx({"mape": 100 * (0.25 / 1 + 1 / 2 + 0) / 3,
+                                           "mae": 1.25 / 3, "rmse": math.sqrt(1.0625 / 3),
+                                           "max_abs": 1.0}, rel=1e-6)
+    report = dc.metrics_report({"test": {"id": ["a", "b", "c", "d"], "pred": pred, "true": true,
+                                         "v0": v0},
+                                "empty": {"id": ["d"], "pred": pred[3:], "true": true[3:],
+                                          "v0": v0[3:]}},
+                               {"a": "g1", "b": "g1", "c": "g2", "d": "g2"})
+    assert list(report) == ["test"]  # a split without any Vref is omitted
+    assert report["test"]["model"] == m["model"]
+    g1, g2 = report["test"]["groups"]["g1"], report["test"]["groups"]["g2"]
+    assert g1["n"] == 2 and g1["model"] == pytest.approx(
+        {"mape": 25.0, "mae": 0.25, "rmse": math.sqrt(0.125), "max_abs": 0.5}, rel=1e-6)
+    assert g1["baseline"] == pytest.approx(
+        {"mape": 37.5, "mae": 0.625, "rmse": math.sqrt(1.0625 / 2), "max_abs": 1.0}, rel=1e-6)
+    assert g2["n"] == 1 and g2["model"]["max_abs"] == 1.0 and g2["baseline"]["mae"] == 0.0
+    table = dc.format_metrics_table(report).splitlines()
+    assert "V0 + dV (model)" in table[0] and "V0 alone (baseline)" in table[0]
+    assert table[1].split() == ["split", "n", "|", "MAPE", "%", "MAE", "RMSE", "max|err|", "|",
+                                "MAPE", "%", "MAE", "RMSE", "max|err|"]
+    assert table[2].split() == ["test", "3", "|", "83.33", "0.5000", "0.6455", "1.0000", "|",
+                                "25.00", "0.4167", "0.5951", "1.0000"]
+    assert table[3].split()[:3] == ["g1", "2", "|"] and table[3].startswith("  g1")
+    assert table[4].split()[3] == "200.00"
+    assert len({len(line) for line in table[1:]}) == 1  # aligned columns
+
+
+def test_atomic_write_json_is_strict_and_leaves_no_temp_file(tmp_path):
+    path = str(tmp_path / "out" / "h.json")
+    dc.atomic_write_json([{"epoch": 1, "val_mape": float("nan"), "pair": (1, 2)}], path)
+    with open(path) as fh:
+        text = fh.read()
+    assert "NaN" not in text and json.loads(text) == [{"epoch": 1, "val_mape": None,
+                                                       "pair": [1, 2]}]
+    assert os.listdir(tmp_path / "out") == ["h.json"]
+
+
+SMALL_MODEL_ARGS = ["--num_conv_layers", "2", "--num_rbf", "8", "--radial_hidden", "16",
+                    "--mlp_hidden", "16", "--batch_size", "4"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One 2-epoch training on 12 grouped dimers, stdout/stderr captured (not terminals)."""
+    import contextlib
+    import io
+
+    root = write_dataset(str(tmp_path_factory.mktemp("trained") / "data"), 12, groups=True)
+    out, err = io.StringIO(), io.StringIO()
+    torch.manual_seed(0)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        result = dc.main(["--root_dir", root, "--epochs", "2", "--no-skip_failed_batches"]
+                         + SMALL_MODEL_ARGS)
+    return {"root": root, "result": result, "stdout": out.getvalue(), "stderr": err.getvalue()}
+
+
+def test_main_writes_metrics_report_curves_history_and_run_config(trained_run):
+    root, result = trained_run["root"], trained_run["result"]
+    models = os.path.join(root, "models")
+    from matplotlib.image import imread
+    for name in ("learning_curves.png", "val_final_delta_learning.png",
+                 "test_final_delta_learning.png"):
+        assert imread(os.path.join(root, "plots", name)).shape[0] > 100, name
+    with open(os.path.join(models, "metrics.json")) as fh:
+        metrics = json.load(fh)
+    assert set(metrics) == {"train", "val", "test"}
+    assert (metrics["train"]["n"], metrics["val"]["n"], metrics["test"]["n"]) == (6, 3, 3)
+    for split in metrics.values():
+        for who in ("model", "baseline"):
+            assert set(split[who]) == {"mape", "mae", "rmse", "max_abs"}
+        assert len(split["groups"]) == split["n"] // 3  # groups of three rows
+    # independent check: the val figures from run_epoch over the cached val graphs
+    model, ckpt = dc.load_checkpoint(result["best_path"])
+    ds = dc.CachedDimerDataset(os.path.join(root, "cached_graphs.pt"))
+    val_idx = [ds.ids.index(i) for i in ckpt["split_ids"]["val"]]
+    res = dc.run_epoch(model, DataLoader(torch.utils.data.Subset(ds, val_idx), batch_size=2),
+                       torch.device("cpu"), skip_failed_batches=False)
+    assert metrics["val"]["model"]["mae"] == pytest.approx(res.mae, rel=1e-6)
+    assert metrics["val"]["baseline"]["rmse"] == pytest.approx(res.baseline_rmse, rel=1e-6)
+    # history: one record per epoch, in the final checkpoint too
+    with open(os.path.join(models, "history.json")) as fh:
+        history = json.load(fh)
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert set(history[0]) == {"epoch", "train_loss", "val_mape", "val_mae", "lr", "seconds"}
+    final = torch.load(os.path.join(models, "final_model_delta_learning.pt"), weights_only=True)
+    assert final["history"][1]["val_mape"] == pytest.approx(history[1]["val_mape"])
+    assert min(h["val_mape"] for h in history) == pytest.approx(ckpt["val_mape"])
+    # reproducibility record
+    with open(os.path.join(models, "run_config.json")) as fh:
+        run = json.load(fh)
+    with open(os.path.join(models, "split_ids.json")) as fh:
+        split = json.load(fh)
+    assert run["args"]["seed"] == 42 and run["args"]["epochs"] == 2
+    assert run["model_config"] == ckpt["model_config"]
+    assert run["versions"]["torch"] == str(torch.__version__) == ckpt["versions"]["torch"]
+    assert {"python", "torch_geometric", "e3nn", "numpy", "pandas", "matplotlib"} <= \
+        set(run["versions"])
+    assert run["split"] == split and run["split"]["test"] == ckpt["split_ids"]["test"]
+    assert run["data_sha256"] == ds.metadata["data_sha256"] and run["device"].startswith("cpu")
+
+
+def test_progress_bar_and_log_lines_when_output_is_no_terminal(trained_run):
+    err, out = trained_run["stderr"], trained_run["stdout"]
+    assert "building cache: 100%" in err and "training: 100%" in err and "2/2" in err
+    assert "best val MAPE" in err  # the bar's postfix
+    assert "%|" not in out  # the bar stays on stderr
+    assert "epoch     1  train loss" in out and "epoch     2  train loss" in out
+    assert "V0 + dV (model)" in out and "\ntest " in out
+
+
+def _copy_data(root, dest):
+    """The data files of ``root`` (no models, plots or cache) in a new folder."""
+    import shutil
+    shutil.copytree(root, dest, ignore=shutil.ignore_patterns("models", "plots", "*.pt"))
+    return str(dest)
+
+
+def test_predict_csv_equals_a_direct_forward_pass(trained_run, tmp_path, capsys):
+    best = trained_run["result"]["best_path"]
+    root = _copy_data(trained_run["root"], tmp_path / "same")
+    out = dc.main(["--predict", "--checkpoint", best, "--root_dir", root, "--quiet"])
+    assert "reading dimers" not in capsys.readouterr().err  # --quiet: no bar
+    table = pd.read_csv(out["predictions_path"], keep_default_na=False, na_values=[""])
+    assert list(table.columns) == ["id", "V0", "dV", "Vref_pred", "Vref", "error", "split"]
+    model, ckpt = dc.load_checkpoint(best)
+    ds = dc.DimerDataset(root, ckpt["metadata"]["physical_cutoff"])
+    with torch.no_grad():
+        dv = model.eval()(batch_of([ds[i] for i in range(len(ds))])).double().numpy()  # (12,)
+    meta = pd.read_excel(os.path.join(root, "meta.xlsx"))
+    assert table["id"].tolist() == meta["id"].tolist()
+    np.testing.assert_allclose(table["dV"], dv, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(table["Vref_pred"], meta["V0"] + dv, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(table["error"], meta["V0"] + dv - meta["Vref"], rtol=0, atol=1e-5)
+    # the same data as training: each row carries its split, and the report has them all
+    split_of = {i: s for s, ids in ckpt["split_ids"].items() for i in ids}
+    assert table["split"].tolist() == [split_of[i] for i in table["id"]]
+    with open(os.path.join(root, "predictions_metrics.json")) as fh:
+        report = json.load(fh)
+    assert set(report) == {"all", "train", "val", "test"} and report["all"]["n"] == 12
+    assert report["all"]["model"]["mae"] == pytest.approx(table["error"].abs().mean(), rel=1e-6)
+    assert report["all"]["groups"]["g0"]["n"] == 3
+    with open(os.path.join(trained_run["root"], "models", "metrics.json")) as fh:
+        trained = json.load(fh)
+    assert report["test"]["model"]["mae"] == pytest.approx(trained["test"]["model"]["mae"],
+                                                           rel=1e-5)
+
+
+def test_predict_without_vref(trained_run, tmp_path):
+    best = trained_run["result"]["best_path"]
+    root = write_dataset(str(tmp_path / "new"), 3, seed=7)  # other dimers: no split column
+    meta = pd.read_excel(os.path.join(root, "meta.xlsx"))
+    meta.loc[1, "Vref"] = np.nan  # an empty cell
+    meta.to_excel(os.path.join(root, "meta.xlsx"), index=False)
+    with pytest.raises(ValueError, match=r"row 3 \(id dimer1\): Vref = nan is not a finite"):
+        dc.read_meta(root)  # training still needs every Vref
+    out = dc.main(["--predict", "--checkpoint", best, "--root_dir", root, "--quiet"])
+    table = pd.read_csv(out["predictions_path"], keep_default_na=False, na_values=[""])
+    assert table["Vref"].isna().tolist() == [False, True, False]
+    assert table["error"].isna().tolist() == [False, True, False]
+    assert table["split"].isna().all() and out["metrics"]["all"]["n"] == 2
+    meta.drop(columns=["Vref"]).to_excel(os.path.join(root, "meta.xlsx"), index=False)
+    os.remove(os.path.join(root, "predictions_metrics.json"))
+    out = dc.main(["--predict", "--checkpoint", best, "--root_dir", root, "--quiet"])
+    table = pd.read_csv(out["predictions_path"], keep_default_na=False, na_values=[""])
+    assert table["Vref"].isna().all() and table["Vref_pred"].notna().all()
+    np.testing.assert_allclose(table["Vref_pred"] - table["V0"], table["dV"], atol=1e-12)
+    assert out["metrics"] == {} and not os.path.exists(os.path.join(root,
+                                                                    "predictions_metrics.json"))
+
+
+def test_predict_refuses_foreign_or_tampered_checkpoints(trained_run, tmp_path, capsys):
+    best = trained_run["result"]["best_path"]
+    root = trained_run["root"]
+    ckpt = torch.load(best, weights_only=True)
+
+    def refused(path, *extra):
+        with pytest.raises(SystemExit) as exc:
+            dc.main(["--predict", "--checkpoint", str(path), "--root_dir", root, "--quiet",
+                     *extra])
+        assert exc.value.code == 2
+        return capsys.readouterr().err
+
+    bad_scale = tmp_path / "scale.pt"
+    torch.save({**ckpt, "metadata": {**ckpt["metadata"], "int_angstrom_scale": 1.0}}, bad_scale)
+    assert "int_angstrom_scale = 1.0" in refused(bad_scale)
+    bad_cutoff = tmp_path / "cutoff.pt"
+    torch.save({**ckpt, "model_config": {**ckpt["model_config"], "cutoff": 1.0}}, bad_cutoff)
+    assert "model's cutoff (1.0 internal units) is not the cutoff" in refused(bad_cutoff)
+    assert "differs from the 12 Angstrom" in refused(best, "--physical_cutoff", "10")
+    assert "is not a DeltaCoupling checkpoint" in refused(os.path.join(root, "cached_graphs.pt"))
+    assert "cannot be loaded as a DeltaCoupling checkpoint" in refused(__file__)
+    assert "not found" in refused(tmp_path / "missing.pt")
