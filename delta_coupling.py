@@ -873,10 +873,10 @@ class PointsConvolutionIntegrated(nn.Module):
 class DeltaCoupling(nn.Module):
     """Atoms + one field node per dimer -> dV (SPEC 4). ``forward(batch)`` returns (B,).
 
-    ``forward`` unpacks the PyG batch and calls ``forward_tensors`` (tensors only, the part
-    ``compile_forward`` hands to ``torch.compile``). ``set_reference(True)`` runs e3nn's modules one by one
-    over the tiled harmonics instead of the dense kernels: the same function, kept as the
-    straightforward implementation for tests and the benchmark.
+    ``forward`` unpacks the PyG batch and calls ``forward_tensors`` (tensors only: the part
+    ``compile_forward`` hands to ``torch.compile``). ``set_reference(True)`` runs e3nn's modules
+    one by one over the tiled harmonics instead of the dense kernels: the same function, kept as
+    the straightforward implementation for tests and the benchmark.
     """
 
     def __init__(self, num_conv_layers=DEFAULT_NUM_CONV_LAYERS, num_rbf=DEFAULT_NUM_RBF,
@@ -1577,6 +1577,33 @@ def prepare_cache(args, rows):
     return payload
 
 
+def try_compile(model, backend, probe, amp_dtype=None):
+    """Compile ``model.forward_tensors`` with ``backend``; fall back to eager on failure.
+
+    Compilation is lazy, so one training forward + backward and one no-grad forward run on the
+    ``probe`` batch now: a compiler failure shows here, is reported in one warning line and the
+    model runs eager (SPEC 8). Returns True when the compiled forward is in use.
+    """
+    was_training = model.training
+    model.compile_forward(backend)
+    try:
+        model.train()
+        predict_batch(model, probe.clone(), amp_dtype)[0].sum().backward()
+        model.eval()
+        with torch.no_grad():
+            predict_batch(model, probe.clone(), amp_dtype)
+        return True
+    except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eager (SPEC 8)
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        warnings.warn(f"torch.compile({backend}) failed, running eager: "
+                      f"{type(exc).__name__}: {first_line}")
+        model.uncompile_forward()
+        return False
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+
+
 def resolve_compile_backend(choice, device):
     if choice == "auto":
         if sys.platform.startswith("win"):
@@ -1729,20 +1756,11 @@ def main(argv=None):
                         cutoff=internal_cutoff, radial_hidden=args.radial_hidden,
                         mlp_hidden=args.mlp_hidden)
     model = DeltaCoupling.from_config(model_config).to(device)
-    run_model = model
     backend = resolve_compile_backend(args.compile, device)
     if backend is not None:
-        run_model = torch.compile(model, backend=backend, dynamic=True)
-        try:  # compilation is lazy: one forward + backward now, so a failure falls back here
-            probe = next(iter(DataLoader(Subset(eval_ds, train_idx or val_idx or test_idx),
-                                         batch_size=args.batch_size))).to(device)
-            predict_batch(run_model, probe, amp_dtype)[0].sum().backward()
-            model.zero_grad(set_to_none=True)
-        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eager (SPEC 8)
-            warnings.warn(f"torch.compile({backend}) failed, running eager: "
-                          f"{type(exc).__name__}: {exc}")
-            model.zero_grad(set_to_none=True)
-            run_model = model
+        probe = next(iter(DataLoader(Subset(eval_ds, train_idx or val_idx or test_idx),
+                                     batch_size=args.batch_size))).to(device)
+        try_compile(model, backend, probe, amp_dtype)
 
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scheduler = None
@@ -1776,10 +1794,10 @@ def main(argv=None):
     t_start, epoch, history = time.time(), 0, []
     bar = progress(range(1, args.epochs + 1), args.quiet, desc="training", unit="epoch")
     for epoch in bar:
-        tr = run_epoch(run_model, train_loader, device, optimizer, scheduler, scaler, amp_dtype,
+        tr = run_epoch(model, train_loader, device, optimizer, scheduler, scaler, amp_dtype,
                        args.skip_failed_batches, log=log_line)
         with torch.no_grad():
-            va = (run_epoch(run_model, val_loader, device, amp_dtype=amp_dtype,
+            va = (run_epoch(model, val_loader, device, amp_dtype=amp_dtype,
                             skip_failed_batches=args.skip_failed_batches, log=log_line)
                   if len(val_idx) else EpochResult())
         monitor = va.mape if len(val_idx) else tr.loss
