@@ -425,8 +425,8 @@ def check_dataset(root_dir):
     """Validate every row of a data folder with the rules used in training; raise nothing.
 
     Returns ``(n_rows, problems)``: the number of data rows in meta.xlsx and one message per
-    problem found (meta.xlsx-level ones, then each row's cells, then each row's files: the
-    first problem of a row's PDBs and NPZ, as ``parse_dimer`` reports it).
+    problem found: meta.xlsx-level ones and every bad cell (``read_meta``), then for each row
+    with usable paths and R_nm the first problem of its PDBs and NPZ (``parse_dimer``).
     """
     problems = []
     rows = read_meta(root_dir, problems)

@@ -851,6 +851,197 @@ def test_main_explains_missing_cache_builder(tiny_root, capsys, monkeypatch):
     assert "cannot import build_cache from preprocess_and_cache.py" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["truncated", "foreign tensor", "pickled object", "cutoff",
+                                  "scale", "format version", "no data checksum", "meta.xlsx",
+                                  "pdb", "npz"])
+def test_main_refuses_a_bad_cache_with_the_rebuild_command(tiny_root, capsys, name):
+    cache = build_cache(tiny_root, 12.0)
+    payload = torch.load(cache, weights_only=True)
+    if name == "truncated":
+        truncate_file(cache)
+        problem = "cannot be loaded as a DeltaCoupling cache"
+    elif name == "foreign tensor":
+        torch.save(torch.zeros(3), cache)
+        problem = "is not a DeltaCoupling cache"
+    elif name == "pickled object":
+        payload["metadata"]["note"] = Foreign()
+        torch.save(payload, cache)
+        problem = "cannot be loaded as a DeltaCoupling cache"
+    elif name in ("cutoff", "scale", "format version", "no data checksum"):
+        key, value, problem = {
+            "cutoff": ("internal_cutoff", 1.0, "internal_cutoff: saved 1.0, current data and "
+                                               "settings need 1.2"),
+            "scale": ("int_angstrom_scale", 1.0, "int_angstrom_scale: saved 1.0, current data "
+                                                 "and settings need 0.1"),
+            "format version": ("format_version", 0, "format_version: saved 0, current data and "
+                                                    f"settings need {dc.CACHE_FORMAT_VERSION}"),
+            "no data checksum": ("data_sha256", None, "data_sha256: saved None")}[name]
+        payload["metadata"][key] = value
+        torch.save(payload, cache)
+    elif name == "meta.xlsx":
+        set_cell(tiny_root, "V0", -7.5, row=2)
+        problem = "data_sha256: meta.xlsx or one of the PDB/NPZ files it names has changed"
+    elif name == "pdb":
+        with open(os.path.join(tiny_root, "d2", "A.pdb"), "a") as fh:
+            fh.write("REMARK edited after the cache was built\n")
+        problem = "data_sha256: meta.xlsx or one of the PDB/NPZ files it names has changed"
+    else:
+        rewrite_npz(tiny_root, dipole=np.array([0.1, 0.2, 0.3]))
+        problem = "data_sha256: meta.xlsx or one of the PDB/NPZ files it names has changed"
+    with pytest.raises(SystemExit) as exc:
+        dc.main(["--root_dir", tiny_root, "--epochs", "1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert cache in err and problem in err, err
+    assert (f"Rebuild it: python preprocess_and_cache.py --root_dir {tiny_root} "
+            f"--physical_cutoff 12.0 --cache_file_name cached_graphs.pt, or run again with "
+            f"--rebuild_cache") in err
+    assert not os.path.exists(os.path.join(tiny_root, "models"))  # nothing trained
+
+
+def test_rebuild_cache_replaces_a_stale_cache(tiny_root):
+    build_cache(tiny_root, 10.0)
+    payload = dc.prepare_cache(dc.build_arg_parser().parse_args(
+        ["--root_dir", tiny_root, "--rebuild_cache"]), dc.read_meta(tiny_root))
+    assert payload["metadata"]["internal_cutoff"] == pytest.approx(1.2)
+    assert torch.load(os.path.join(tiny_root, dc.DEFAULT_CACHE_FILE),
+                      weights_only=True)["metadata"]["internal_cutoff"] == pytest.approx(1.2)
+
+
+def test_atomic_save_failure_mid_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    dc.atomic_torch_save({"epoch": 1, "w": torch.arange(4.0)}, path)
+    before = open(path, "rb").read()
+    real_save = torch.save
+
+    def crash_mid_write(obj, f):
+        real_save(obj, f)
+        f.truncate(10)  # half written ...
+        raise OSError("disk full")  # ... then the failure
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(OSError, match="disk full"):
+        dc.atomic_torch_save({"epoch": 2, "w": torch.zeros(4)}, path)
+    monkeypatch.undo()
+    assert open(path, "rb").read() == before
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
+    dc.atomic_torch_save({"epoch": 3}, path)  # and a later save goes through
+    assert torch.load(path, weights_only=True)["epoch"] == 3
+
+
+SMALL_RUN = ["--num_conv_layers", "2", "--num_rbf", "8", "--radial_hidden", "16",
+             "--mlp_hidden", "16", "--batch_size", "2", "--no-skip_failed_batches"]
+
+
+def interrupt_at_epoch(monkeypatch, epoch):
+    """Make the training ``run_epoch`` of ``epoch`` raise KeyboardInterrupt (Ctrl-C)."""
+    real, calls = dc.run_epoch, []
+
+    def run_epoch(model, loader, device, optimizer=None, *args, **kwargs):
+        if optimizer is not None:
+            calls.append(1)
+            if len(calls) == epoch:
+                raise KeyboardInterrupt
+        return real(model, loader, device, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(dc, "run_epoch", run_epoch)
+
+
+def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    straight = write_dataset(str(tmp_path / "straight"), 5)
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(straight, resumed)
+    dc.main(["--root_dir", straight, "--epochs", "4", *SMALL_RUN])
+
+    interrupt_at_epoch(monkeypatch, 3)
+    with pytest.raises(SystemExit) as exc:
+        dc.main(["--root_dir", resumed, "--epochs", "4", *SMALL_RUN])
+    assert exc.value.code == 130
+    state_path = os.path.join(resumed, "models", dc.RESUME_CHECKPOINT)
+    err = capsys.readouterr().err
+    assert f"the state after epoch 2 is in {state_path}" in err
+    assert f"continue with: python delta_coupling.py --resume {state_path}" in err
+    state = torch.load(state_path, weights_only=True)
+    assert state["epoch"] == 2 and state["config"]["epochs"] == 4
+    assert not os.path.exists(os.path.join(resumed, "models", dc.FINAL_CHECKPOINT))
+    monkeypatch.undo()
+
+    out = dc.main(["--resume", state_path])  # root_dir, epochs, model: from the state
+    assert "resumed from" in capsys.readouterr().out
+    one = torch.load(os.path.join(straight, "models", dc.RESUME_CHECKPOINT), weights_only=True)
+    two = torch.load(state_path, weights_only=True)
+    assert one["epoch"] == two["epoch"] == 4
+    assert (one["best"], one["best_epoch"], one["stale"]) == \
+        (two["best"], two["best_epoch"], two["stale"])
+    assert one["best_epoch"] == out["best_epoch"]
+    for key, value in one["model_state"].items():
+        torch.testing.assert_close(two["model_state"][key], value, rtol=0, atol=1e-6)
+    for k, v in one["optimizer_state"]["state"].items():  # Adam moments and step count too
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(two["optimizer_state"]["state"][k][name], v[name],
+                                       rtol=0, atol=1e-6)
+    assert one["scheduler_state"]["last_epoch"] == two["scheduler_state"]["last_epoch"] > 0
+    assert torch.equal(one["rng_torch"], two["rng_torch"])  # the same augmentations were drawn
+    final = [torch.load(os.path.join(r, "models", dc.FINAL_CHECKPOINT), weights_only=True)
+             for r in (straight, resumed)]
+    assert final[0]["final_metrics"]["val"]["mae"] == \
+        pytest.approx(final[1]["final_metrics"]["val"]["mae"], abs=1e-6)
+    # a parameter that moved between epochs 2 and 4: resuming did train
+    assert any(not torch.allclose(state["model_state"][k], v)
+               for k, v in two["model_state"].items() if v.is_floating_point())
+
+
+def test_resume_refuses_other_options_data_and_foreign_files(tmp_path, monkeypatch, capsys):
+    root = write_dataset(str(tmp_path / "data"), 5)
+    interrupt_at_epoch(monkeypatch, 2)
+    with pytest.raises(SystemExit):
+        dc.main(["--root_dir", root, "--epochs", "3", *SMALL_RUN])
+    monkeypatch.undo()
+    state_path = os.path.join(root, "models", dc.RESUME_CHECKPOINT)
+    capsys.readouterr()
+
+    def refused(argv, *fragments):
+        with pytest.raises(SystemExit) as exc:
+            dc.main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and all(f in err for f in fragments), err
+
+    refused(["--resume", state_path, "--epochs", "10"],
+            "--epochs 10 (saved run: 3)", "Leave them out to resume")
+    refused(["--resume", state_path, "--lr", "0.1"], "--lr 0.1 (saved run: 0.001)")
+    refused(["--resume", str(tmp_path / "nope.pt")], "file not found")
+    best = os.path.join(root, "models", dc.BEST_CHECKPOINT)
+    refused(["--resume", best], "is not a resume state")
+    pickled = str(tmp_path / "pickled.pt")
+    torch.save({"format_version": 1, "config": Foreign()}, pickled)
+    refused(["--resume", pickled], "cannot be loaded as a resume state")
+    set_cell(root, "Vref", 1.25, row=0)  # the data changed since the state was saved
+    refused(["--resume", state_path, "--rebuild_cache"], "does not match this data",
+            "data_sha256: meta.xlsx or one of the PDB/NPZ files")
+
+
+def test_ctrl_c_in_the_first_epoch_says_nothing_to_resume(tmp_path, monkeypatch, capsys):
+    root = write_dataset(str(tmp_path / "data"), 3)
+    interrupt_at_epoch(monkeypatch, 1)
+    with pytest.raises(SystemExit) as exc:
+        dc.main(["--root_dir", root, "--epochs", "2", *SMALL_RUN])
+    assert exc.value.code == 130
+    assert "nothing to resume" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(root, "models", dc.RESUME_CHECKPOINT))
+
+
+def test_main_stops_when_most_batches_are_nan(tmp_path, monkeypatch, capsys):
+    root = write_dataset(str(tmp_path / "data"), 5)
+    monkeypatch.setattr(dc, "distance_weighted_l1_on_vref_loss",
+                        lambda pred, true, r: (pred - true).abs().mean() * float("nan"))
+    with pytest.raises(SystemExit) as exc:
+        dc.main(["--root_dir", root, "--epochs", "2", *SMALL_RUN[:-1]])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "epoch 1: 2 of 2 batches of this epoch failed" in err and "dimer ids ['dimer" in err
+
+
 # ----------------------------------------------------------------------------- main end to end
 def test_default_arguments_are_specs():
     args = dc.build_arg_parser().parse_args([])
