@@ -1462,4 +1462,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # outside the epochs (those stop in main with the resume hint)
+        print("interrupted; caches and checkpoints are written atomically, so no file is left "
+              "half-written", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
