@@ -26,6 +26,7 @@ import os
 import pickle
 import platform
 import random
+import shlex
 import sys
 import time
 import warnings
@@ -104,6 +105,13 @@ PREDICTION_METRICS_FILE = "predictions_metrics.json"  # next to it, when Vref is
 LOG_AXIS_MIN_RATIO = 10.0  # learning curves: a log y axis when max / min spans a decade
 METRIC_COLUMNS = (("mape", "MAPE %", ".2f"), ("mae", "MAE", ".4f"), ("rmse", "RMSE", ".4f"),
                   ("max_abs", "max|err|", ".4f"))
+RESUME_CHECKPOINT = "resume_delta_learning.pt"  # the state after the last finished epoch
+RESUME_FORMAT_VERSION = 1
+# options a --resume may change: they do not change what the run computes on CPU
+RESUME_FREE_OPTIONS = ("resume", "root_dir", "cache_file_name", "rebuild_cache", "check_data",
+                       "log_every", "num_workers", "device", "compile", "skip_failed_batches",
+                       "quiet")
+EXIT_INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT), as shells report it
 
 # Elements H..Ca (Z = 1..20), the built-in periodic table
 ELEMENTS = ("H", "He", "Li", "Be", "B", "C", "N", "O", "F", "Ne",
@@ -125,6 +133,11 @@ STANDARD_RESIDUES = frozenset(
 
 META_REQUIRED_COLUMNS = ("pdb_a", "pdb_b", "npz", "R_nm", "theta_deg", "V0", "Vref", "PR")
 META_NUMERIC_COLUMNS = ("R_nm", "theta_deg", "V0", "Vref", "PR")
+META_COLUMN_UNITS = {"R_nm": "nm", "theta_deg": "degrees", "V0": "the unit of Vref",
+                     "Vref": "the unit of V0", "PR": "any"}
+META_FILE_COLUMNS = ("pdb_a", "pdb_b", "npz")  # + R_nm: what parse_dimer needs of a row
+NPZ_KEYS = ("mulliken_spd", "dipole", "quadrupole")
+QUADRUPOLE_SYMMETRY_RTOL = 1e-5  # max |Q - Q^T| / max(|Q|, 1 D*A) symmetrised as rounding
 
 
 def dipole_debye_to_internal(dipole_debye):
@@ -189,10 +202,11 @@ def parse_pdb(path):
     Returns ``(z, pos)``: atomic numbers (N,) int64 and positions (N, 3) float64 in Angstrom.
     The element comes from columns 77-78 when present, else from the atom name (columns 13-16).
     Only the first MODEL is read, and of alternate locations (column 17) only ' ' and 'A'.
-    Raises ``ValueError`` naming the file and line for an unparsable or unsupported record.
+    Raises ``ValueError`` naming the file and line for an unparsable or unsupported record, and
+    saying what to fix.
     """
     z, pos = [], []
-    with open(path) as fh:
+    with open(path, encoding="latin-1") as fh:  # every byte decodes: a binary file has no atoms
         for line_no, raw in enumerate(fh, start=1):
             line = raw.rstrip("\r\n")
             if line.startswith("ENDMDL"):
@@ -206,7 +220,8 @@ def parse_pdb(path):
             except ValueError:
                 raise ValueError(
                     f"{path}, line {line_no}: cannot read x/y/z from columns 31-54 "
-                    f"(truncated or misaligned record?): {line!r}") from None
+                    f"(truncated or misaligned record?): {line!r}; fix this record: x, y, z "
+                    f"in Angstrom in columns 31-38, 39-46, 47-54") from None
             element = line[76:78].strip() if len(line) > 76 else ""
             if not element:
                 element = _element_from_atom_name(line[12:16].ljust(4), line[17:20])
@@ -221,14 +236,16 @@ def parse_pdb(path):
             z.append(ELEMENT_TO_Z[key])
             pos.append(xyz)
     if not z:
-        raise ValueError(f"{path}: no ATOM/HETATM records found")
+        raise ValueError(f"{path}: no ATOM/HETATM records found (empty or not a PDB file?); "
+                         f"write the monomer's atoms as ATOM/HETATM records, or fix the path "
+                         f"in meta.xlsx")
     return np.asarray(z, dtype=np.int64), np.asarray(pos, dtype=np.float64)
 
 
 def data_sha256(root_dir, rows):
     """Hex SHA-256 over meta.xlsx and every PDB/NPZ it names (ties a cache to its data)."""
     digest = hashlib.sha256()
-    paths = ["meta.xlsx"] + [r[col] for r in rows for col in ("pdb_a", "pdb_b", "npz")]
+    paths = ["meta.xlsx"] + [r[col] for r in rows for col in META_FILE_COLUMNS]
     for rel in paths:
         digest.update(rel.encode() + b"\0")
         with open(os.path.join(root_dir, rel), "rb") as fh:
@@ -237,98 +254,151 @@ def data_sha256(root_dir, rows):
     return digest.hexdigest()
 
 
-def read_meta(root_dir, require_vref=True):
+def _problem(problems, exc):
+    """Raise ``exc``, or append its message to ``problems`` when that is a list (collect mode)."""
+    if problems is None:
+        raise exc
+    problems.append(str(exc))
+
+
+def _meta_cell(col, value, where):
+    """One validated meta.xlsx cell: a stripped path or a finite float. Raises ``ValueError``."""
+    if col in META_FILE_COLUMNS:
+        if pd.isna(value) or not str(value).strip():
+            raise ValueError(f"{where}: column {col} is empty; write the file's path relative "
+                             f"to the data folder")
+        return str(value).strip()
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {col} = {value!r} is not a number; write a number in "
+                         f"column {col} (unit: {META_COLUMN_UNITS[col]})") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{where}: {col} is {'empty' if pd.isna(value) else repr(value)}, not a "
+                         f"finite number; write a number in column {col} "
+                         f"(unit: {META_COLUMN_UNITS[col]})")
+    if col == "R_nm" and number <= 0:
+        raise ValueError(f"{where}: R_nm = {number} must be > 0; write the distance of the "
+                         f"monomer centroids in nm")
+    return number
+
+
+def read_meta(root_dir, require_vref=True, *, problems=None):
     """Read ``<root_dir>/meta.xlsx`` into a list of row dicts, validated.
 
     Column names are matched case-insensitively; ``id`` defaults to the row number. Each dict
-    carries ``row`` (the spreadsheet row number, header = 1) for error messages. With
-    ``require_vref=False`` (prediction) the Vref column may be missing and its cells empty:
-    such rows get ``Vref = NaN``.
+    carries ``row`` (the spreadsheet row number, header = 1) for error messages. The first
+    problem raises ``ValueError``/``FileNotFoundError``; with a list ``problems`` every problem
+    is appended to it instead, and every row is returned with the fields that passed (a field
+    with a problem, or of a missing column, is left out). With ``require_vref=False``
+    (prediction) the Vref column may be missing and its cells empty: such rows get
+    ``Vref = NaN``.
     """
     path = os.path.join(root_dir, "meta.xlsx")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: a data folder needs a meta.xlsx "
-                                f"(see DATA_FORMAT in README.md)")
+        _problem(problems, FileNotFoundError(
+            f"{path} not found: a data folder needs a meta.xlsx (see the data format in "
+            f"README.md); check --root_dir"))
+        return []
     try:
-        frame = pd.read_excel(path, sheet_name=0)
+        # only an empty cell is missing: "NA", "n/a" or "NaN" stay text, reported as written
+        frame = pd.read_excel(path, sheet_name=0, keep_default_na=False, na_values=[""])
     except (ValueError, OSError, KeyError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"{path}: cannot be read as an .xlsx workbook ({exc})") from None
+        _problem(problems, ValueError(
+            f"{path}: cannot be read as an .xlsx workbook ({exc}); save it as an Excel "
+            f".xlsx workbook with the header in row 1"))
+        return []
     lower = {str(c).strip().lower(): c for c in frame.columns}
     missing = [c for c in META_REQUIRED_COLUMNS
                if c.lower() not in lower and (require_vref or c != "Vref")]
     if missing:
-        raise ValueError(f"{path}: missing required column(s) {missing}; "
-                         f"found {list(map(str, frame.columns))}")
+        _problem(problems, ValueError(
+            f"{path}: missing required column(s) {missing}; found {list(map(str, frame.columns))}"
+            f"; add them to the header in row 1 (names are case-insensitive)"))
     if len(frame) == 0:
-        raise ValueError(f"{path}: no data rows")
+        _problem(problems, ValueError(f"{path}: no data rows; add one row per dimer below the "
+                                      f"header"))
     rows, seen = [], {}
     for i, rec in enumerate(frame.to_dict("records")):
         sheet_row = i + 2  # header is spreadsheet row 1
-        get = {k: rec[lower[k.lower()]] if k.lower() in lower else float("nan")
-               for k in META_REQUIRED_COLUMNS}
         rid = rec[lower["id"]] if "id" in lower else sheet_row
         rid = str(sheet_row if pd.isna(rid) else rid)
         where = f"{path}, row {sheet_row} (id {rid})"
         row = {"id": rid, "row": sheet_row}
-        for col in ("pdb_a", "pdb_b", "npz"):
-            if pd.isna(get[col]) or not str(get[col]).strip():
-                raise ValueError(f"{where}: column {col} is empty")
-            row[col] = str(get[col]).strip()
-        for col in META_NUMERIC_COLUMNS:
-            if col == "Vref" and not require_vref and pd.isna(get[col]):
+        for col in META_REQUIRED_COLUMNS:
+            if col == "Vref" and not require_vref and (
+                    col.lower() not in lower or pd.isna(rec[lower[col.lower()]])):
                 row[col] = float("nan")  # no reference: predict only
                 continue
+            if col.lower() not in lower:
+                continue  # reported above
             try:
-                value = float(get[col])
-            except (TypeError, ValueError):
-                raise ValueError(f"{where}: {col} = {get[col]!r} is not a number") from None
-            if not math.isfinite(value):
-                raise ValueError(f"{where}: {col} = {get[col]!r} is not a finite number")
-            row[col] = value
-        if row["R_nm"] <= 0:
-            raise ValueError(f"{where}: R_nm = {row['R_nm']} must be > 0 (nm)")
+                row[col] = _meta_cell(col, rec[lower[col.lower()]], where)
+            except ValueError as exc:
+                _problem(problems, exc)
         if "group" in lower and not pd.isna(rec[lower["group"]]):
             row["group"] = str(rec[lower["group"]])
         if rid in seen:
-            raise ValueError(f"{where}: duplicate id (also row {seen[rid]}); ids must be unique")
-        seen[rid] = sheet_row
+            _problem(problems, ValueError(f"{where}: duplicate id (also row {seen[rid]}); give "
+                                          f"each row its own id"))
+        seen.setdefault(rid, sheet_row)
         rows.append(row)
     return rows
 
 
 def load_npz(path, n_atoms, where):
-    """Load and check one dimer NPZ. Returns (mulliken (N,3), dipole (3,) D, quad (3,3) D*A)."""
+    """Load and check one dimer NPZ. Returns (mulliken (N,3), dipole (3,) D, quad (3,3) D*A).
+
+    The quadrupole must be symmetric: an asymmetry up to ``QUADRUPOLE_SYMMETRY_RTOL`` of its
+    largest component (or of 1 D*A, if larger), the rounding of a text export, is removed by
+    symmetrising; a larger one is refused, because an asymmetric tensor means a wrong export or
+    layout (e.g. six unique components read as a row-major 3x3) that symmetrising would hide.
+    """
+    fix = ("; re-export it with np.savez: mulliken_spd (N, 3), dipole (3,) in D, quadrupole "
+           "(3, 3) in D*Angstrom (see README.md)")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{where}: NPZ file {path} not found")
+        raise FileNotFoundError(f"{where}: NPZ file {path} not found; fix column npz or add "
+                                f"the file")
+    if not zipfile.is_zipfile(path):  # a .npy array, text, a pickle, a truncated download ...
+        raise ValueError(f"{where}: {path} is not an NPZ archive{fix}")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            for key in ("mulliken_spd", "dipole", "quadrupole"):
-                if key not in npz.files:
-                    raise ValueError(f"{where}: {path} has no key {key!r} (found {npz.files})")
-            mulliken = np.asarray(npz["mulliken_spd"], dtype=np.float64)
-            dipole = np.asarray(npz["dipole"], dtype=np.float64)
-            quad = np.asarray(npz["quadrupole"], dtype=np.float64)
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"{where}: {path} cannot be read as an NPZ file ({exc})") from None
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{where}: {path} cannot be read as an NPZ file ({exc}){fix}") from None
+    with npz:
+        missing = [key for key in NPZ_KEYS if key not in npz.files]
+        if missing:
+            raise ValueError(f"{where}: {path} has no key(s) {missing} (found {npz.files}){fix}")
+        try:
+            mulliken, dipole, quad = (np.asarray(npz[key], dtype=np.float64) for key in NPZ_KEYS)
+        except (OSError, EOFError, ValueError, TypeError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"{where}: {path}: cannot read its arrays as numbers ({exc})"
+                             f"{fix}") from None
     if mulliken.ndim != 2 or mulliken.shape[1] not in (2, 3):
         raise ValueError(f"{where}: {path}: mulliken_spd has shape {mulliken.shape}, "
-                         f"expected (N, 3) or (N, 2)")
+                         f"expected (N, 3) or (N, 2){fix}")
     if mulliken.shape[0] != n_atoms:
         raise ValueError(f"{where}: {path}: mulliken_spd has {mulliken.shape[0]} rows but the "
-                         f"two PDBs hold {n_atoms} atoms together (A's atoms first, then B's)")
+                         f"two PDBs hold {n_atoms} atoms together (A's atoms first, then B's); "
+                         f"check that pdb_a, pdb_b and npz belong to the same dimer{fix}")
     if mulliken.shape[1] == 2:  # no d column: d = 0
         mulliken = np.concatenate([mulliken, np.zeros((n_atoms, 1))], axis=1)
     if dipole.shape != (3,):
-        raise ValueError(f"{where}: {path}: dipole has shape {dipole.shape}, expected (3,)")
+        raise ValueError(f"{where}: {path}: dipole has shape {dipole.shape}, expected (3,){fix}")
     if quad.shape != (3, 3):
-        raise ValueError(f"{where}: {path}: quadrupole has shape {quad.shape}, expected (3, 3)")
-    for key, arr in (("mulliken_spd", mulliken), ("dipole", dipole), ("quadrupole", quad)):
+        raise ValueError(f"{where}: {path}: quadrupole has shape {quad.shape}, expected (3, 3)"
+                         f"{fix}")
+    for key, arr in zip(NPZ_KEYS, (mulliken, dipole, quad)):
         if not np.all(np.isfinite(arr)):
-            raise ValueError(f"{where}: {path}: {key} contains NaN or Inf")
+            raise ValueError(f"{where}: {path}: {key} contains NaN or Inf{fix}")
     asym = np.abs(quad - quad.T).max()
-    if asym > 1e-6 * max(1.0, np.abs(quad).max()):
+    scale = max(1.0, np.abs(quad).max())  # D*A
+    if asym > QUADRUPOLE_SYMMETRY_RTOL * scale:
         raise ValueError(f"{where}: {path}: quadrupole is not symmetric (max |Q - Q^T| = "
-                         f"{asym:.3g}); write the symmetric Cartesian tensor")
+                         f"{asym:.3g} D*A, {asym / scale:.2g} of its largest component; at most "
+                         f"{QUADRUPOLE_SYMMETRY_RTOL:g} is taken as rounding): an asymmetric "
+                         f"tensor means a wrong export or layout, which symmetrising would "
+                         f"hide; write the full symmetric 3x3 Cartesian tensor{fix}")
     return mulliken, dipole, 0.5 * (quad + quad.T)
 
 
@@ -350,8 +420,12 @@ def parse_dimer(root_dir, row):
     for col in ("pdb_a", "pdb_b"):
         path = os.path.join(root_dir, row[col])
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{where}: {col} file {path} not found")
-        parts.append(parse_pdb(path))
+            raise FileNotFoundError(f"{where}: {col} file {path} not found; fix column {col} "
+                                    f"or add the file")
+        try:
+            parts.append(parse_pdb(path))
+        except ValueError as exc:
+            raise ValueError(f"{where}: {col}: {exc}") from None
     (z_a, pos_a), (z_b, pos_b) = parts
     r_angstrom = row["R_nm"] * NM_TO_ANGSTROM
     pos_a = pos_a - pos_a.mean(axis=0)  # (N_A, 3) Angstrom, centred on A's centroid
@@ -360,7 +434,7 @@ def parse_dimer(root_dir, row):
     if closest < MIN_INTERMONOMER_DISTANCE_ANGSTROM:
         raise ValueError(f"{where}: atoms of A and B are {closest:.3f} Angstrom apart at "
                          f"R_nm = {row['R_nm']} (< {MIN_INTERMONOMER_DISTANCE_ANGSTROM}); "
-                         f"check R_nm (nm, not Angstrom) and the PDB orientations")
+                         f"check R_nm (nm, not Angstrom) and the orientations in the PDBs")
     n_atoms = len(z_a) + len(z_b)
     mulliken, dipole, quad = load_npz(os.path.join(root_dir, row["npz"]), n_atoms, where)
     field = np.concatenate([
@@ -369,6 +443,24 @@ def parse_dimer(root_dir, row):
     ])  # (8,)
     return ParsedDimer(row=row, z=np.concatenate([z_a, z_b]), pos=np.concatenate([pos_a, pos_b]),
                        mulliken=mulliken, field=field, n_a=len(z_a))
+
+
+def check_dataset(root_dir):
+    """Validate every row of a data folder with the rules used in training; raise nothing.
+
+    Returns ``(n_rows, problems)``: the number of data rows in meta.xlsx and one message per
+    problem found: meta.xlsx-level ones and every bad cell (``read_meta``), then for each row
+    with usable paths and R_nm the first problem of its PDBs and NPZ (``parse_dimer``).
+    """
+    problems = []
+    rows = read_meta(root_dir, problems=problems)
+    for row in rows:
+        if all(col in row for col in META_FILE_COLUMNS + ("R_nm",)):
+            try:
+                parse_dimer(root_dir, row)
+            except (ValueError, FileNotFoundError) as exc:
+                problems.append(str(exc))
+    return len(rows), problems
 
 
 # ----------------------------------------------------------------------------- geometry helpers
@@ -548,15 +640,21 @@ def cache_metadata(root_dir, physical_cutoff, rows):
 
 
 def check_cache_metadata(metadata, expected, cache_path):
-    """Return a list of human-readable mismatches between a cache and the current settings."""
+    """Return a list of human-readable mismatches between saved metadata (of a cache or a
+    resume state) and ``expected``, that of the current data and settings."""
     problems = []
     for key in ("format_version", "internal_cutoff", "int_angstrom_scale", "irreps_edge_sh",
                 "n_rows", "data_sha256"):
         have, want = metadata.get(key), expected[key]
         same = (math.isclose(have, want, rel_tol=1e-9) if isinstance(want, float)
                 and isinstance(have, (int, float)) else have == want)
-        if not same:
-            problems.append(f"{key}: cache has {have!r}, current settings need {want!r}")
+        if same:
+            continue
+        if key == "data_sha256" and have is not None:
+            problems.append("data_sha256: meta.xlsx or one of the PDB/NPZ files it names has "
+                            "changed since it was saved")
+        else:
+            problems.append(f"{key}: saved {have!r}, current data and settings need {want!r}")
     return problems
 
 
@@ -1102,6 +1200,10 @@ class NonFiniteLossError(FloatingPointError):
     """The loss of a batch was NaN or Inf."""
 
 
+class TooManyFailedBatchesError(RuntimeError):
+    """More than half of an epoch's batches failed: the run stops instead of skipping on."""
+
+
 def _graph_u(data):
     """u as (B, 4); a flat (4B,) vector from an older loader is reshaped (SPEC 6)."""
     num_graphs = data.num_graphs
@@ -1128,8 +1230,9 @@ def run_epoch(model, loader, device, optimizer=None, scheduler=None, scaler=None
     """One pass over ``loader``: trains when ``optimizer`` is given, else evaluates.
 
     Returns an ``EpochResult``. A batch that raises (or whose loss is NaN/Inf) is logged with
-    its ids and reason, counted and skipped when ``skip_failed_batches``; if every batch fails
-    the first error is raised. With ``skip_failed_batches=False`` errors propagate at once.
+    its ids and reason, counted and skipped when ``skip_failed_batches``; if more than half of
+    the batches fail, ``TooManyFailedBatchesError`` names the first failed batch's ids and
+    reason. With ``skip_failed_batches=False`` errors propagate at once.
     """
     training = optimizer is not None
     model.train(training)
@@ -1178,10 +1281,12 @@ def run_epoch(model, loader, device, optimizer=None, scheduler=None, scaler=None
         sums["b_ape"] += float((b_err.abs() / denom).sum())
         sums["b_ae"] += float(b_err.abs().sum())
         sums["b_se"] += float(b_err.pow(2).sum())
-    if result.n_batches and result.n_skipped == result.n_batches:
-        raise RuntimeError(f"every batch of this epoch failed ({result.n_skipped}); "
-                           f"first error: {type(first_error).__name__}: {first_error}") \
-            from first_error
+    if 2 * result.n_skipped > result.n_batches:
+        first_ids, first_reason = result.skipped[0]
+        raise TooManyFailedBatchesError(
+            f"{result.n_skipped} of {result.n_batches} batches of this epoch failed (more than "
+            f"half); the first failed batch holds dimer ids {first_ids}: {first_reason}; check "
+            f"these dimers (python delta_coupling.py --check_data) or lower --lr") from first_error
     n = result.n_graphs
     if n:
         result.loss = sums["loss"] / n
@@ -1363,12 +1468,16 @@ def make_splits(rows, seed=DEFAULT_SEED):
 
 @contextlib.contextmanager
 def _atomic_target(path):
-    """Yield a temp path in ``path``'s folder; renamed to ``path`` only if the block succeeds."""
+    """Yield a temp path in ``path``'s folder; flushed to disk and renamed over ``path`` only
+    if the block succeeds. A failure or crash mid-write leaves the previous ``path`` intact and
+    removes the temp file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
     try:
         yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -1378,7 +1487,8 @@ def _atomic_target(path):
 def atomic_torch_save(obj, path):
     """torch.save to a temp file in the same folder, then rename: never a half-written file."""
     with _atomic_target(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
 
 
 def atomic_write_text(text, path):
@@ -1492,6 +1602,132 @@ def load_checkpoint(path, device="cpu"):
     return model, ckpt
 
 
+def training_state(model, optimizer, scheduler, scaler, epoch, best, best_epoch, stale, stopped,
+                   config, metadata, split_ids, history):
+    """Everything a run needs to continue after ``epoch`` (tensors and plain types only).
+
+    Model, optimizer, scheduler and scaler states, the early-stopping counters, the torch,
+    numpy and Python RNG states, the split, the config, the cache metadata and the per-epoch
+    history (for the learning curves).
+    """
+    np_state = np.random.get_state()  # ('MT19937', keys (624,) uint32, pos, has_gauss, gauss)
+    py_state = random.getstate()  # (version, 625 ints, gauss_next)
+    return {
+        "format_version": RESUME_FORMAT_VERSION, "epoch": epoch, "best": best,
+        "best_epoch": best_epoch, "stale": stale, "stopped": stopped,
+        "model_state": model.state_dict(), "model_config": model.config,
+        "optimizer_state": optimizer.state_dict(),
+        "scheduler_state": scheduler.state_dict() if scheduler is not None else None,
+        "scaler_state": scaler.state_dict() if scaler is not None else None,
+        "rng_torch": torch.get_rng_state(),  # (5056,) uint8
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "rng_numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                      *map(int, np_state[2:4]), float(np_state[4])],
+        "rng_python": [py_state[0], list(py_state[1]), py_state[2]],
+        "config": config, "metadata": metadata, "split_ids": split_ids, "history": history,
+    }
+
+
+def restore_training_state(state, model, optimizer, scheduler, scaler, metadata, split_ids):
+    """Check that ``state`` (of ``training_state``) fits this run's data, split and model, then
+    load it into the given objects and set the RNG states. Call it after all other setup.
+    """
+    problems = check_cache_metadata(state["metadata"], metadata, None)
+    if state["split_ids"] != split_ids:
+        problems.append("split: the train/val/test ids differ from the saved run's")
+    if state["model_config"] != model.config:
+        problems.append(f"model_config: saved {state['model_config']}, now {model.config}")
+    if problems:
+        _exit("the resume state does not match this data and these settings:\n  "
+              + "\n  ".join(problems)
+              + "\nResume with the data and options of the saved run, or start a new run.")
+    model.load_state_dict(state["model_state"])
+    optimizer.load_state_dict(state["optimizer_state"])
+    for obj, key in ((scheduler, "scheduler_state"), (scaler, "scaler_state")):
+        if obj is not None and state[key] is not None:
+            obj.load_state_dict(state[key])
+    torch.set_rng_state(state["rng_torch"])
+    if torch.cuda.is_available() and len(state["rng_cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    name, keys, pos, has_gauss, gauss = state["rng_numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["rng_python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def parse_main_args(argv=None):
+    """Parse ``argv``; with ``--resume PATH`` also load that state (weights_only).
+
+    On resume the saved run's options are the defaults, and an option given in ``argv`` that
+    would change the run (``--epochs``, ``--lr``, the model, ...) stops with a message: the
+    OneCycle schedule, the split and the weights belong to the saved options.
+    Returns ``(args, state or None)``.
+    """
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    if not args.resume:
+        return args, None
+    try:
+        state = torch.load(args.resume, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        _exit(f"--resume {args.resume}: file not found; it is written to "
+              f"<root_dir>/models/{RESUME_CHECKPOINT} after every finished epoch")
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        _exit(f"--resume {args.resume} cannot be loaded as a resume state ({exc}); use the "
+              f"{RESUME_CHECKPOINT} written by training")
+    if not isinstance(state, dict) or state.get("format_version") != RESUME_FORMAT_VERSION:
+        _exit(f"--resume {args.resume} is not a resume state of this version; use the "
+              f"{RESUME_CHECKPOINT} written by training (best/final checkpoints hold weights "
+              f"only)")
+    saved = state["config"]
+    parser.set_defaults(**{k: v for k, v in saved.items() if k in vars(args)})
+    args = parser.parse_args(argv)
+    changed = [f"--{k} {getattr(args, k)!r} (saved run: {saved[k]!r})" for k in saved
+               if k not in RESUME_FREE_OPTIONS and getattr(args, k, None) != saved[k]]
+    if changed:
+        _exit(f"--resume continues the saved run with its own options; these differ: "
+              f"{', '.join(changed)}. Leave them out to resume, or start a new run without "
+              f"--resume")
+    return args, state
+
+
+def exit_interrupted(saved):
+    """After Ctrl-C: say where the last finished epoch's state is and how to resume; exit 130.
+
+    ``saved`` is (path, epoch) of the latest resume state, or None before the first epoch.
+    """
+    if saved is None:
+        print("interrupted before the first epoch finished: nothing to resume; run the same "
+              "command again to start over", file=sys.stderr)
+    else:
+        print(f"interrupted; the state after epoch {saved[1]} is in {saved[0]}\n"
+              f"continue with: python delta_coupling.py --resume {shlex.quote(saved[0])}",
+              file=sys.stderr)
+    raise SystemExit(EXIT_INTERRUPTED)
+
+
+def data_check_report(root_dir):
+    """Run ``check_dataset``: ("checked N rows of DIR: K problems" + one line each, K)."""
+    n_rows, problems = check_dataset(root_dir)
+    head = f"checked {n_rows} rows of {root_dir}: {len(problems)} problem" \
+           f"{'' if len(problems) == 1 else 's'}"
+    return "\n".join([head] + [f"  - {p}" for p in problems]), len(problems)
+
+
+def check_data_or_exit(args):
+    """``--check_data``: print the report, exit 1 if any problem, else 0 (nothing trained).
+
+    Otherwise (before training) stop with status 2 and the full report if any problem.
+    """
+    report, n_problems = data_check_report(args.root_dir)
+    if args.check_data:
+        print(report)
+        raise SystemExit(1 if n_problems else 0)
+    if n_problems:
+        _exit(f"{report}\nFix these and run again (python delta_coupling.py --check_data "
+              f"--root_dir {shlex.quote(args.root_dir)} lists them without training).")
+
+
 def build_arg_parser():
     p = argparse.ArgumentParser(
         description="Train DeltaCoupling: learn dV so that V0 + dV matches Vref; or, with "
@@ -1542,6 +1778,12 @@ def build_arg_parser():
                         f"a saved model; writes root_dir/{PREDICTIONS_FILE}")
     p.add_argument("--checkpoint", default=None,
                    help=f"checkpoint for --predict; None: root_dir/models/{BEST_CHECKPOINT}")
+    p.add_argument("--check_data", action="store_true",
+                   help="validate every row of the data folder, print every problem and exit "
+                        "(1 if any) without training")
+    p.add_argument("--resume", default=None, metavar="PATH",
+                   help=f"continue an interrupted run from its <root_dir>/models/"
+                        f"{RESUME_CHECKPOINT}, with its saved options")
     return p
 
 
@@ -1565,15 +1807,18 @@ def prepare_cache(args, rows):
         log_line(f"building cache {cache_path} ...")
         build_cache(args.root_dir, args.physical_cutoff, cache_file_name=args.cache_file_name,
                     progress_bar=not args.quiet)
+    rebuild = (f"Rebuild it: python preprocess_and_cache.py --root_dir "
+               f"{shlex.quote(args.root_dir)} --physical_cutoff {args.physical_cutoff} "
+               f"--cache_file_name {shlex.quote(args.cache_file_name)}, or run again with "
+               f"--rebuild_cache")
     try:
         payload = load_cache(cache_path)
     except ValueError as exc:
-        _exit(str(exc))
+        _exit(f"{exc}\n{rebuild}")
     problems = check_cache_metadata(payload["metadata"], expected, cache_path)
     if problems:
         _exit(f"cache {cache_path} does not match the current settings:\n  "
-              + "\n  ".join(problems)
-              + f"\nRebuild it: delete {cache_path} or run again with --rebuild_cache")
+              + "\n  ".join(problems) + f"\n{rebuild}")
     return payload
 
 
@@ -1722,13 +1967,14 @@ def run_predict(args, argv=None):
 
 def main(argv=None):
     """Train and evaluate (SPEC 8). ``argv=None`` reads sys.argv; every argument has a default."""
-    args = build_arg_parser().parse_args(argv)
+    args, resume = parse_main_args(argv)
     seed_everything(args.seed)
     if args.predict:
         return run_predict(args, argv)
     device = resolve_device(args.device)
     amp_dtype, use_scaler = amp_settings(device)
 
+    check_data_or_exit(args)  # --check_data exits here; training stops on any problem
     rows = read_meta(args.root_dir)
     payload = prepare_cache(args, rows)
     internal_cutoff = float(payload["metadata"]["internal_cutoff"])
@@ -1790,41 +2036,67 @@ def main(argv=None):
                 "versions": versions}
 
     monitor_name = "val MAPE" if len(val_idx) else "train loss"
-    best, best_epoch, stale = float("inf"), -1, 0
+    best, best_epoch, stale, stop = float("inf"), -1, 0, False
     t_start, epoch, history = time.time(), 0, []
-    bar = progress(range(1, args.epochs + 1), args.quiet, desc="training", unit="epoch")
-    for epoch in bar:
-        tr = run_epoch(model, train_loader, device, optimizer, scheduler, scaler, amp_dtype,
-                       args.skip_failed_batches, log=log_line)
-        with torch.no_grad():
-            va = (run_epoch(model, val_loader, device, amp_dtype=amp_dtype,
-                            skip_failed_batches=args.skip_failed_batches, log=log_line)
-                  if len(val_idx) else EpochResult())
-        monitor = va.mape if len(val_idx) else tr.loss
-        if monitor < best:
-            best, best_epoch, stale = monitor, epoch, 0
-            atomic_torch_save(checkpoint(epoch, va.mape, va.mae), best_path)
-        else:
-            stale += 1
-        stop = stale >= args.patience
-        history.append({"epoch": epoch, "train_loss": tr.loss, "val_mape": va.mape,
-                        "val_mae": va.mae, "lr": optimizer.param_groups[0]["lr"],
-                        "seconds": time.time() - t_start})
-        bar.set_postfix_str(f"loss {tr.loss:.4f}, val MAPE {va.mape:.2f}%, best {monitor_name} "
-                            f"{best:.3f} (epoch {best_epoch})", refresh=False)
-        if epoch == 1 or epoch % args.log_every == 0 or epoch == args.epochs or stop:
-            log_line(f"epoch {epoch:5d}  train loss {tr.loss:9.4f}  val MAPE {va.mape:8.2f}%  "
-                     f"MAE {va.mae:8.4f}  RMSE {va.rmse:8.4f}  best {monitor_name} {best:8.3f} "
-                     f"(epoch {best_epoch})  lr {optimizer.param_groups[0]['lr']:.2e}  "
-                     f"skipped {tr.n_skipped + va.n_skipped}  {time.time() - t_start:7.1f} s")
-        if stop:
-            log_line(f"early stop at epoch {epoch}: no {monitor_name} improvement for "
-                     f"{args.patience} epochs")
-            break
+    saved = None  # (path, epoch) of the last resume state
+    resume_path = os.path.join(models_dir, RESUME_CHECKPOINT)
+    if resume is not None:  # after all setup: the restored RNG states continue the saved run
+        restore_training_state(resume, model, optimizer, scheduler, scaler, payload["metadata"],
+                               split_ids)
+        epoch, best, best_epoch, stale, stop, history = (resume[k] for k in (
+            "epoch", "best", "best_epoch", "stale", "stopped", "history"))
+        saved = (args.resume, epoch)
+        log_line(f"resumed from {args.resume} after epoch {epoch}")
+    bar = progress(range(epoch + 1, (epoch if stop else args.epochs) + 1), args.quiet,
+                   desc="training", unit="epoch", initial=epoch, total=args.epochs)
+    try:
+        for epoch in bar:
+            tr = run_epoch(model, train_loader, device, optimizer, scheduler, scaler, amp_dtype,
+                           args.skip_failed_batches, log=log_line)
+            with torch.no_grad():
+                va = (run_epoch(model, val_loader, device, amp_dtype=amp_dtype,
+                                skip_failed_batches=args.skip_failed_batches, log=log_line)
+                      if len(val_idx) else EpochResult())
+            monitor = va.mape if len(val_idx) else tr.loss
+            if monitor < best:
+                best, best_epoch, stale = monitor, epoch, 0
+                atomic_torch_save(checkpoint(epoch, va.mape, va.mae), best_path)
+            else:
+                stale += 1
+            stop = stale >= args.patience
+            history.append({"epoch": epoch, "train_loss": tr.loss, "val_mape": va.mape,
+                            "val_mae": va.mae, "lr": optimizer.param_groups[0]["lr"],
+                            "seconds": time.time() - t_start})
+            atomic_torch_save(training_state(model, optimizer, scheduler, scaler, epoch, best,
+                                             best_epoch, stale, stop, config,
+                                             dict(payload["metadata"]), split_ids, history),
+                              resume_path)
+            saved = (resume_path, epoch)
+            bar.set_postfix_str(f"loss {tr.loss:.4f}, val MAPE {va.mape:.2f}%, best "
+                                f"{monitor_name} {best:.3f} (epoch {best_epoch})", refresh=False)
+            if epoch == 1 or epoch % args.log_every == 0 or epoch == args.epochs or stop:
+                log_line(f"epoch {epoch:5d}  train loss {tr.loss:9.4f}  val MAPE {va.mape:8.2f}%"
+                         f"  MAE {va.mae:8.4f}  RMSE {va.rmse:8.4f}  best {monitor_name} "
+                         f"{best:8.3f} (epoch {best_epoch})  lr "
+                         f"{optimizer.param_groups[0]['lr']:.2e}  skipped "
+                         f"{tr.n_skipped + va.n_skipped}  {time.time() - t_start:7.1f} s")
+            if stop:
+                log_line(f"early stop at epoch {epoch}: no {monitor_name} improvement for "
+                         f"{args.patience} epochs")
+                break
+    except KeyboardInterrupt:
+        bar.close()
+        exit_interrupted(saved)
+    except TooManyFailedBatchesError as exc:
+        bar.close()
+        _exit(f"epoch {epoch}: {exc}")
     bar.close()
 
-    if best_epoch > 0:  # saved by this run (never an older run's file)
+    if best_epoch > 0:  # saved by this run (or by the run it resumes)
         best_ckpt = torch.load(best_path, map_location=device, weights_only=True)
+        if best_ckpt["epoch"] != best_epoch:
+            _exit(f"{best_path} holds epoch {best_ckpt['epoch']}, not this run's best epoch "
+                  f"{best_epoch}: another run wrote it; its weights are not this run's")
         model.load_state_dict(best_ckpt["model_state"])
         print(f"loaded best checkpoint (epoch {best_ckpt['epoch']}) from {best_path}")
     final_metrics = final_report(model, eval_ds, {"train": train_idx, "val": val_idx,
@@ -1845,4 +2117,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # outside the epochs (those stop in main with the resume hint)
+        print("interrupted; caches and checkpoints are written atomically, so no file is left "
+              "half-written", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None

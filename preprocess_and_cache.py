@@ -5,19 +5,21 @@ Usage::
     python preprocess_and_cache.py [--root_dir DIR] [--physical_cutoff 12.0] [--quiet]
 
 ``delta_coupling.main`` imports ``build_cache`` from here lazily when the cache is missing. The
-cache holds only tensors and plain Python types (loadable with ``weights_only=True``)::
+cache holds only tensors and plain Python types (loadable with ``weights_only=True``) and is
+written atomically (a crash mid-write leaves the previous file)::
 
     {"metadata": {format_version, physical_cutoff, internal_cutoff, int_angstrom_scale,
-                  irreps_edge_sh, n_rows, meta_sha256},
+                  irreps_edge_sh, n_rows, data_sha256 (of meta.xlsx and every PDB/NPZ)},
      "graphs": [ {field name: tensor} per row, in meta.xlsx order ],
      "ids": [ row id (str) ]}
 """
 import argparse
 import os
+import sys
 
 from delta_coupling import (DEFAULT_CACHE_FILE, DEFAULT_PHYSICAL_CUTOFF, DEFAULT_ROOT_DIR,
-                            DimerDataset, atomic_torch_save, cache_metadata, make_graph,
-                            parse_dimer, progress)
+                            DimerDataset, atomic_torch_save, cache_metadata, data_check_report,
+                            make_graph, parse_dimer, progress)
 
 
 def build_cache(root_dir, physical_cutoff=DEFAULT_PHYSICAL_CUTOFF,
@@ -49,6 +51,9 @@ if __name__ == "__main__":
     parser.add_argument("--cache_file_name", default=DEFAULT_CACHE_FILE)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args()
+    report, n_problems = data_check_report(args.root_dir)  # every problem at once, as training
+    if n_problems:
+        sys.exit(report)
     path = build_cache(args.root_dir, args.physical_cutoff, args.cache_file_name,
                        progress_bar=not args.quiet)
     print(f"wrote {path}")

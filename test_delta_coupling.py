@@ -7,6 +7,7 @@ Run with ``pytest`` (the whole suite takes a minute or two on 2 cores).
 import json
 import math
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -284,6 +285,236 @@ def test_npz_atom_count_mismatch_is_refused(tmp_path):
         dc.DimerDataset(root)
 
 
+# ----------------------------------------------------------------------------- bad input
+# Every case writes the 3-row fixture data set, breaks row 1 (spreadsheet row 3, id dimer1) or
+# its files, and expects an error naming meta.xlsx, the row, the id, the broken file, the
+# problem and what to do.
+def set_cell(root, col, value, row=1):
+    meta = pd.read_excel(os.path.join(root, "meta.xlsx"))
+    meta[col] = meta[col].astype(object)
+    meta.loc[row, col] = value
+    meta.to_excel(os.path.join(root, "meta.xlsx"), index=False)
+
+
+def rewrite_npz(root, drop=(), **arrays):
+    """Rewrite d1/dimer.npz with some arrays replaced or dropped."""
+    path = os.path.join(root, "d1", "dimer.npz")
+    with np.load(path) as npz:
+        kept = {k: npz[k] for k in npz.files if k not in drop}
+    kept.update(arrays)
+    np.savez(path, **kept)
+
+
+def write_text(root, rel, text):
+    with open(os.path.join(root, rel), "w") as fh:
+        fh.write(text)
+
+
+def truncate_second_line(root, rel):
+    path = os.path.join(root, rel)
+    with open(path) as fh:
+        lines = fh.read().splitlines()
+    lines[1] = lines[1][:40]
+    write_text(root, rel, "\n".join(lines) + "\n")
+
+
+def truncate_file(path):
+    with open(path, "rb") as fh:
+        data = fh.read()
+    with open(path, "wb") as fh:
+        fh.write(data[:len(data) // 2])
+
+
+def asymmetric_quadrupole(root):
+    q = np.diag([1.0, 2.0, -3.0])
+    q[0, 1] = 0.5  # Q_yx stays 0: a layout error, not rounding
+    rewrite_npz(root, quadrupole=q)
+
+
+def overlapping_monomers(root):
+    """B = a copy of A, 0.01 Angstrom away: every atom sits on its twin."""
+    shutil.copy(os.path.join(root, "d1", "A.pdb"), os.path.join(root, "d1", "B.pdb"))
+    set_cell(root, "R_nm", 0.001)
+
+
+ROW_CASES = [  # (name, break row 1, exception, file named, problem keyword, what to do)
+    ("R_nm text", lambda r: set_cell(r, "R_nm", "far"), ValueError, "meta.xlsx",
+     "R_nm = 'far' is not a number", "write a number in column R_nm (unit: nm)"),
+    ("V0 empty", lambda r: set_cell(r, "V0", np.nan), ValueError, "meta.xlsx",
+     "V0 is empty, not a finite number", "write a number in column V0"),
+    ("Vref text", lambda r: set_cell(r, "Vref", "n/a"), ValueError, "meta.xlsx",
+     "Vref = 'n/a' is not a number", "write a number in column Vref"),
+    ("PR inf", lambda r: set_cell(r, "PR", "inf"), ValueError, "meta.xlsx",
+     "PR is inf, not a finite number", "write a number in column PR"),
+    ("PR nan", lambda r: set_cell(r, "PR", "NaN"), ValueError, "meta.xlsx",
+     "PR is 'NaN', not a finite number", "write a number in column PR"),
+    ("R_nm zero", lambda r: set_cell(r, "R_nm", 0.0), ValueError, "meta.xlsx",
+     "R_nm = 0.0 must be > 0", "in nm"),
+    ("R_nm negative", lambda r: set_cell(r, "R_nm", -0.3), ValueError, "meta.xlsx",
+     "R_nm = -0.3 must be > 0", "in nm"),
+    ("pdb_a empty", lambda r: set_cell(r, "pdb_a", np.nan), ValueError, "meta.xlsx",
+     "column pdb_a is empty", "write the file's path"),
+    ("duplicate id", lambda r: set_cell(r, "id", "dimer1", row=2), ValueError, "meta.xlsx",
+     "duplicate id (also row 3)", "give each row its own id"),
+    ("PDB missing", lambda r: os.remove(os.path.join(r, "d1", "A.pdb")), FileNotFoundError,
+     "A.pdb", "pdb_a file", "fix column pdb_a or add the file"),
+    ("NPZ missing", lambda r: os.remove(os.path.join(r, "d1", "dimer.npz")), FileNotFoundError,
+     "dimer.npz", "NPZ file", "fix column npz or add the file"),
+    ("PDB no atoms", lambda r: write_text(r, "d1/B.pdb", "REMARK nothing\nEND\n"), ValueError,
+     "B.pdb", "no ATOM/HETATM records", "write the monomer's atoms"),
+    ("PDB binary", lambda r: write_text(r, "d1/B.pdb", "\x00\xff\xfe PK"), ValueError,
+     "B.pdb", "no ATOM/HETATM records", "fix the path"),
+    ("PDB truncated", lambda r: truncate_second_line(r, "d1/A.pdb"), ValueError,
+     "A.pdb, line 2", "cannot read x/y/z", "fix this record"),
+    ("PDB element", lambda r: write_text(r, "d1/A.pdb", pdb_text(["O", "Fe", "H"], WATER[1])),
+     ValueError, "A.pdb, line 2", "element 'Fe' from columns 77-78 is not supported",
+     "write it in columns 77-78"),
+    ("no mulliken", lambda r: rewrite_npz(r, drop=["mulliken_spd"]), ValueError, "dimer.npz",
+     "no key(s) ['mulliken_spd']", "re-export"),
+    ("no dipole", lambda r: rewrite_npz(r, drop=["dipole"]), ValueError, "dimer.npz",
+     "no key(s) ['dipole']", "re-export"),
+    ("no quadrupole", lambda r: rewrite_npz(r, drop=["quadrupole"]), ValueError, "dimer.npz",
+     "no key(s) ['quadrupole']", "re-export"),
+    ("mulliken shape", lambda r: rewrite_npz(r, mulliken_spd=np.ones((7, 4))), ValueError,
+     "dimer.npz", "mulliken_spd has shape (7, 4)", "re-export"),
+    ("dipole shape", lambda r: rewrite_npz(r, dipole=np.ones((1, 3))), ValueError, "dimer.npz",
+     "dipole has shape (1, 3), expected (3,)", "re-export"),
+    ("quadrupole shape", lambda r: rewrite_npz(r, quadrupole=np.ones(9)), ValueError,
+     "dimer.npz", "quadrupole has shape (9,), expected (3, 3)", "re-export"),
+    ("mulliken NaN", lambda r: rewrite_npz(r, mulliken_spd=np.full((7, 3), np.nan)), ValueError,
+     "dimer.npz", "mulliken_spd contains NaN or Inf", "re-export"),
+    ("dipole Inf", lambda r: rewrite_npz(r, dipole=np.array([0.0, np.inf, 1.0])), ValueError,
+     "dimer.npz", "dipole contains NaN or Inf", "re-export"),
+    ("quadrupole NaN", lambda r: rewrite_npz(r, quadrupole=np.full((3, 3), np.nan)),
+     ValueError, "dimer.npz", "quadrupole contains NaN or Inf", "re-export"),
+    ("quadrupole text", lambda r: rewrite_npz(r, quadrupole=np.array([["a"] * 3] * 3)),
+     ValueError, "dimer.npz", "cannot read its arrays as numbers", "re-export"),
+    ("atom count", lambda r: rewrite_npz(r, mulliken_spd=np.ones((6, 3))), ValueError,
+     "dimer.npz", "6 rows but the two PDBs hold 7 atoms", "belong to the same dimer"),
+    ("NPZ not a zip", lambda r: write_text(r, "d1/dimer.npz", "mulliken_spd 1 2 3"), ValueError,
+     "dimer.npz", "is not an NPZ archive", "re-export it with np.savez"),
+    ("NPZ is .npy", lambda r: np.save(os.path.join(r, "d1", "x.npy"), np.ones(3))
+     or os.replace(os.path.join(r, "d1", "x.npy"), os.path.join(r, "d1", "dimer.npz")),
+     ValueError, "dimer.npz", "is not an NPZ archive", "re-export"),
+    ("NPZ truncated", lambda r: truncate_file(os.path.join(r, "d1", "dimer.npz")), ValueError,
+     "dimer.npz", "is not an NPZ archive", "re-export"),
+    ("NPZ pickled", lambda r: rewrite_npz(r, dipole=np.array([Foreign()] * 3, dtype=object)),
+     ValueError, "dimer.npz", "cannot read its arrays as numbers (Object arrays cannot be "
+     "loaded when allow_pickle=False)", "re-export"),
+    ("quadrupole asymmetric", asymmetric_quadrupole, ValueError, "dimer.npz",
+     "quadrupole is not symmetric (max |Q - Q^T| = 0.5 D*A",
+     "an asymmetric tensor means a wrong export or layout"),
+    ("overlap", overlapping_monomers, ValueError, "meta.xlsx",
+     "atoms of A and B are 0.010 Angstrom apart at R_nm = 0.001 (< 0.5)",
+     "check R_nm (nm, not Angstrom)"),
+]
+
+
+@pytest.mark.parametrize("name, breaker, exc_type, file_named, problem, todo", ROW_CASES,
+                         ids=[c[0] for c in ROW_CASES])
+def test_bad_row_names_file_row_id_problem_and_fix(tmp_path, name, breaker, exc_type,
+                                                   file_named, problem, todo):
+    root = write_dataset(str(tmp_path / "data"), 3)
+    breaker(root)
+    sheet_row = 4 if name == "duplicate id" else 3  # the repeat is reported on row 4
+    with pytest.raises(exc_type) as exc:
+        dc.DimerDataset(root)
+    msg = str(exc.value)
+    for part in (os.path.join(root, "meta.xlsx"), f"row {sheet_row} (id dimer1)", file_named,
+                 problem, todo):
+        assert part in msg, (part, msg)
+    # the data check reports the same message, and nothing else
+    n_rows, problems = dc.check_dataset(root)
+    assert (n_rows, problems) == (3, [msg])
+
+
+META_CASES = [  # (name, break meta.xlsx, exception, problem keyword, what to do)
+    ("missing", lambda m: os.remove(m), FileNotFoundError, "not found", "check --root_dir"),
+    ("not xlsx", lambda m: open(m, "w").write("id,R_nm\n"), ValueError,
+     "cannot be read as an .xlsx workbook", "save it as an Excel .xlsx workbook"),
+    ("empty", lambda m: pd.DataFrame(columns=list(dc.META_REQUIRED_COLUMNS)).to_excel(
+        m, index=False), ValueError, "no data rows", "add one row per dimer"),
+    ("no column", lambda m: pd.read_excel(m).drop(columns=["PR"]).to_excel(m, index=False),
+     ValueError, "missing required column(s) ['PR']", "add them to the header"),
+]
+
+
+@pytest.mark.parametrize("name, breaker, exc_type, problem, todo", META_CASES,
+                         ids=[c[0] for c in META_CASES])
+def test_bad_meta_xlsx_names_file_problem_and_fix(tmp_path, name, breaker, exc_type, problem,
+                                                  todo):
+    root = write_dataset(str(tmp_path / "data"), 3)
+    meta = os.path.join(root, "meta.xlsx")
+    breaker(meta)
+    with pytest.raises(exc_type) as exc:
+        dc.read_meta(root)
+    msg = str(exc.value)
+    assert meta in msg and problem in msg and todo in msg, msg
+    assert dc.check_dataset(root)[1][0] == msg
+
+
+def test_quadrupole_rounding_is_symmetrised_but_a_layout_error_is_not(tmp_path):
+    root = write_dataset(str(tmp_path / "data"), 2)
+    q = np.array([[1.234567, 0.5, -0.25], [0.5000049, 2.0, 0.75], [-0.25, 0.75, -3.234567]])
+    rewrite_npz(root, quadrupole=q)  # |Q - Q^T| = 4.9e-6 of max |Q| 3.23: rounding
+    parsed = dc.DimerDataset(root).parsed[1]
+    sym = 0.5 * (q + q.T)
+    np.testing.assert_allclose(parsed.field[3:], dc.quadrupole_to_l2(
+        dc.quadrupole_debye_angstrom_to_internal(sym)), rtol=1e-12)
+    assert parsed.field[4] == pytest.approx(0.50000245 * 0.20819434 * 0.01, rel=1e-12)  # Qxy
+    q[1, 0] = 0.5001  # 1e-4 D*A: beyond rounding of a 6-digit export
+    rewrite_npz(root, quadrupole=q)
+    with pytest.raises(ValueError, match=r"row 3 \(id dimer1\).*quadrupole is not symmetric"):
+        dc.DimerDataset(root)
+
+
+def test_check_dataset_reports_every_problem_and_every_row(tmp_path):
+    root = write_dataset(str(tmp_path / "data"), 5)
+    set_cell(root, "V0", "x", row=0)  # row 2: a cell ...
+    set_cell(root, "Vref", np.nan, row=0)  # ... and another cell of the same row
+    os.remove(os.path.join(root, "d1", "B.pdb"))  # row 3
+    rewrite_npz(root, dipole=np.ones(4))  # row 3's NPZ too: after its missing PDB, not reported
+    set_cell(root, "id", "dimer2", row=3)  # row 5 repeats row 4's id
+    write_text(root, "d4/A.pdb", "END\n")  # row 6
+    n_rows, problems = dc.check_dataset(root)
+    assert n_rows == 5 and len(problems) == 5, problems
+    want = ["row 2 (id dimer0): V0 = 'x' is not a number",
+            "row 2 (id dimer0): Vref is empty",
+            "row 5 (id dimer2): duplicate id (also row 4)",
+            "row 3 (id dimer1): pdb_b file",
+            "row 6 (id dimer4): pdb_a: "]
+    for fragment, problem in zip(want, problems):
+        assert fragment in problem, (fragment, problem)
+    # row 2's files were still checked (and are fine): its cells alone are reported
+    assert not [p for p in problems if "row 2" in p and ".pdb" in p]
+
+
+def test_main_check_data_prints_every_problem_and_exits_nonzero(tmp_path, capsys):
+    root = write_dataset(str(tmp_path / "data"), 4)
+    with pytest.raises(SystemExit) as exc:
+        dc.main(["--root_dir", root, "--check_data"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"checked 4 rows of {root}: 0 problems"
+    set_cell(root, "R_nm", -1.0, row=0)
+    rewrite_npz(root, mulliken_spd=np.ones((6, 3)))
+    with pytest.raises(SystemExit) as exc:
+        dc.main(["--root_dir", root, "--check_data"])
+    assert exc.value.code == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"checked 4 rows of {root}: 2 problems"
+    assert "row 2 (id dimer0): R_nm = -1.0 must be > 0" in out[1]
+    assert "row 3 (id dimer1)" in out[2] and "6 rows but the two PDBs hold 7" in out[2]
+    assert sorted(os.listdir(root)) == ["d0", "d1", "d2", "d3", "meta.xlsx"]  # nothing written
+    # training refuses the same data with the same full report, before any cache or model
+    with pytest.raises(SystemExit) as exc:
+        dc.main(["--root_dir", root, "--epochs", "1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "checked 4 rows" in err and "row 2 (id dimer0)" in err and "row 3 (id dimer1)" in err
+    assert "--check_data" in err
+    assert sorted(os.listdir(root)) == ["d0", "d1", "d2", "d3", "meta.xlsx"]
+
+
 # ----------------------------------------------------------------------------- irreps
 def test_dipole_and_quadrupole_rotate_as_e3nn_irreps(float64):
     rng = np.random.default_rng(1)
@@ -537,35 +768,55 @@ def test_group_split_keeps_groups_together():
 
 
 # ----------------------------------------------------------------------------- engine
-def test_run_epoch_skips_and_counts_nonfinite_batches(tiny_root):
-    ds = dc.DimerDataset(tiny_root)
-    loader = DataLoader(ds, batch_size=2)
+class PoisonIds(torch.nn.Module):
+    """The model, with dV = NaN for every batch that holds one of ``ids``."""
+
+    def __init__(self, model, ids):
+        super().__init__()
+        self.inner, self.ids = model, set(ids)
+
+    def forward(self, data):
+        out = self.inner(data)
+        return out * float("nan") if self.ids & set(data.id) else out
+
+
+@pytest.mark.parametrize("bad_ids, n_skipped", [
+    (["dimer2"], 1), (["dimer0", "dimer3"], 2)])  # one batch; exactly half: counted, goes on
+def test_run_epoch_skips_and_counts_nonfinite_batches(tiny_root, bad_ids, n_skipped):
+    loader = DataLoader(dc.DimerDataset(tiny_root), batch_size=1)
     model = small_model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     logged = []
-
-    class PoisonFirst(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner, self.calls = model, 0
-
-        def forward(self, data):
-            self.calls += 1
-            out = self.inner(data)
-            return out * float("nan") if self.calls == 1 else out
-
-    res = dc.run_epoch(PoisonFirst(), loader, torch.device("cpu"), opt, log=logged.append)
-    assert res.n_skipped == 1 and res.n_graphs == 2 and res.n_batches == 2
-    assert "NonFiniteLossError" in logged[0] and "dimer0" in logged[0]
+    res = dc.run_epoch(PoisonIds(model, bad_ids), loader, torch.device("cpu"), opt,
+                       log=logged.append)
+    assert (res.n_batches, res.n_skipped, res.n_graphs) == (4, n_skipped, 4 - n_skipped)
+    assert [ids for ids, _ in res.skipped] == [[i] for i in bad_ids]
+    assert len(logged) == n_skipped and "NonFiniteLossError" in logged[0]
+    assert bad_ids[0] in logged[0]
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())  # no NaN step
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # trained
     with pytest.raises(dc.NonFiniteLossError):
-        dc.run_epoch(PoisonFirst(), loader, torch.device("cpu"), opt, skip_failed_batches=False)
+        dc.run_epoch(PoisonIds(model, bad_ids), loader, torch.device("cpu"), opt,
+                     skip_failed_batches=False)
 
-    class AlwaysNaN(torch.nn.Module):
-        def forward(self, data):
-            return model(data) * float("nan")
 
-    with pytest.raises(RuntimeError, match="every batch of this epoch failed"):
-        dc.run_epoch(AlwaysNaN(), loader, torch.device("cpu"), opt, log=logged.append)
+@pytest.mark.parametrize("bad_ids", [["dimer1", "dimer2", "dimer3"],
+                                     ["dimer0", "dimer1", "dimer2", "dimer3"]])
+def test_run_epoch_stops_when_more_than_half_the_batches_fail(tiny_root, bad_ids):
+    loader = DataLoader(dc.DimerDataset(tiny_root), batch_size=1)
+    model = small_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with pytest.raises(dc.TooManyFailedBatchesError) as exc:
+        dc.run_epoch(PoisonIds(model, bad_ids), loader, torch.device("cpu"), opt,
+                     log=lambda msg: None)
+    msg = str(exc.value)
+    assert f"{len(bad_ids)} of 4 batches" in msg and "more than half" in msg
+    assert f"dimer ids ['{bad_ids[0]}']: NonFiniteLossError: loss is nan" in msg
+    with torch.no_grad():  # evaluation follows the same rule
+        with pytest.raises(dc.TooManyFailedBatchesError, match=bad_ids[0]):
+            dc.run_epoch(PoisonIds(model, bad_ids), loader, torch.device("cpu"),
+                         log=lambda msg: None)
 
 
 def test_run_epoch_metrics_are_weighted_by_graphs(tiny_root):
@@ -628,7 +879,7 @@ def test_main_refuses_cache_of_changed_data(tiny_root, capsys):
         fh.write("REMARK edited after the cache was built\n")
     with pytest.raises(SystemExit):
         dc.main(["--root_dir", tiny_root, "--epochs", "1"])
-    assert "data_sha256: cache has" in capsys.readouterr().err
+    assert "data_sha256: meta.xlsx or one of the PDB/NPZ files" in capsys.readouterr().err
 
 
 def test_main_exits_with_clear_message_on_cutoff_mismatch(tiny_root, capsys):
@@ -637,7 +888,7 @@ def test_main_exits_with_clear_message_on_cutoff_mismatch(tiny_root, capsys):
         dc.main(["--root_dir", tiny_root, "--epochs", "1", "--physical_cutoff", "12"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "internal_cutoff: cache has 1.0, current settings need 1.2" in err
+    assert "internal_cutoff: saved 1.0, current data and settings need 1.2" in err
     assert "--rebuild_cache" in err
 
 
@@ -646,6 +897,201 @@ def test_main_explains_missing_cache_builder(tiny_root, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         dc.main(["--root_dir", tiny_root, "--epochs", "1"])
     assert "cannot import build_cache from preprocess_and_cache.py" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["truncated", "foreign tensor", "pickled object", "cutoff",
+                                  "scale", "format version", "no data checksum", "meta.xlsx",
+                                  "pdb", "npz"])
+def test_main_refuses_a_bad_cache_with_the_rebuild_command(tiny_root, capsys, name):
+    cache = build_cache(tiny_root, 12.0)
+    payload = torch.load(cache, weights_only=True)
+    if name == "truncated":
+        truncate_file(cache)
+        problem = "cannot be loaded as a DeltaCoupling cache"
+    elif name == "foreign tensor":
+        torch.save(torch.zeros(3), cache)
+        problem = "is not a DeltaCoupling cache"
+    elif name == "pickled object":
+        payload["metadata"]["note"] = Foreign()
+        torch.save(payload, cache)
+        problem = "cannot be loaded as a DeltaCoupling cache"
+    elif name in ("cutoff", "scale", "format version", "no data checksum"):
+        key, value, problem = {
+            "cutoff": ("internal_cutoff", 1.0, "internal_cutoff: saved 1.0, current data and "
+                                               "settings need 1.2"),
+            "scale": ("int_angstrom_scale", 1.0, "int_angstrom_scale: saved 1.0, current data "
+                                                 "and settings need 0.1"),
+            "format version": ("format_version", 0, "format_version: saved 0, current data and "
+                                                    f"settings need {dc.CACHE_FORMAT_VERSION}"),
+            "no data checksum": ("data_sha256", None, "data_sha256: saved None")}[name]
+        payload["metadata"][key] = value
+        torch.save(payload, cache)
+    elif name == "meta.xlsx":
+        set_cell(tiny_root, "V0", -7.5, row=2)
+        problem = "data_sha256: meta.xlsx or one of the PDB/NPZ files it names has changed"
+    elif name == "pdb":
+        with open(os.path.join(tiny_root, "d2", "A.pdb"), "a") as fh:
+            fh.write("REMARK edited after the cache was built\n")
+        problem = "data_sha256: meta.xlsx or one of the PDB/NPZ files it names has changed"
+    else:
+        rewrite_npz(tiny_root, dipole=np.array([0.1, 0.2, 0.3]))
+        problem = "data_sha256: meta.xlsx or one of the PDB/NPZ files it names has changed"
+    with pytest.raises(SystemExit) as exc:
+        dc.main(["--root_dir", tiny_root, "--epochs", "1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert cache in err and problem in err, err
+    assert (f"Rebuild it: python preprocess_and_cache.py --root_dir {tiny_root} "
+            f"--physical_cutoff 12.0 --cache_file_name cached_graphs.pt, or run again with "
+            f"--rebuild_cache") in err
+    assert not os.path.exists(os.path.join(tiny_root, "models"))  # nothing trained
+
+
+def test_rebuild_cache_replaces_a_stale_cache(tiny_root):
+    build_cache(tiny_root, 10.0)
+    payload = dc.prepare_cache(dc.build_arg_parser().parse_args(
+        ["--root_dir", tiny_root, "--rebuild_cache"]), dc.read_meta(tiny_root))
+    assert payload["metadata"]["internal_cutoff"] == pytest.approx(1.2)
+    assert torch.load(os.path.join(tiny_root, dc.DEFAULT_CACHE_FILE),
+                      weights_only=True)["metadata"]["internal_cutoff"] == pytest.approx(1.2)
+
+
+def test_atomic_save_failure_mid_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    dc.atomic_torch_save({"epoch": 1, "w": torch.arange(4.0)}, path)
+    before = open(path, "rb").read()
+    real_save = torch.save
+
+    def crash_mid_write(obj, f):
+        real_save(obj, f)
+        f.truncate(10)  # half written ...
+        raise OSError("disk full")  # ... then the failure
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(OSError, match="disk full"):
+        dc.atomic_torch_save({"epoch": 2, "w": torch.zeros(4)}, path)
+    monkeypatch.undo()
+    assert open(path, "rb").read() == before
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
+    dc.atomic_torch_save({"epoch": 3}, path)  # and a later save goes through
+    assert torch.load(path, weights_only=True)["epoch"] == 3
+
+
+SMALL_RUN = ["--num_conv_layers", "2", "--num_rbf", "8", "--radial_hidden", "16",
+             "--mlp_hidden", "16", "--batch_size", "2", "--no-skip_failed_batches"]
+
+
+def interrupt_at_epoch(monkeypatch, epoch):
+    """Make the training ``run_epoch`` of ``epoch`` raise KeyboardInterrupt (Ctrl-C)."""
+    real, calls = dc.run_epoch, []
+
+    def run_epoch(model, loader, device, optimizer=None, *args, **kwargs):
+        if optimizer is not None:
+            calls.append(1)
+            if len(calls) == epoch:
+                raise KeyboardInterrupt
+        return real(model, loader, device, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(dc, "run_epoch", run_epoch)
+
+
+def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    straight = write_dataset(str(tmp_path / "straight"), 5)
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(straight, resumed)
+    dc.main(["--root_dir", straight, "--epochs", "4", *SMALL_RUN])
+
+    interrupt_at_epoch(monkeypatch, 3)
+    with pytest.raises(SystemExit) as exc:
+        dc.main(["--root_dir", resumed, "--epochs", "4", *SMALL_RUN])
+    assert exc.value.code == 130
+    state_path = os.path.join(resumed, "models", dc.RESUME_CHECKPOINT)
+    err = capsys.readouterr().err
+    assert f"the state after epoch 2 is in {state_path}" in err
+    assert f"continue with: python delta_coupling.py --resume {state_path}" in err
+    state = torch.load(state_path, weights_only=True)
+    assert state["epoch"] == 2 and state["config"]["epochs"] == 4
+    assert not os.path.exists(os.path.join(resumed, "models", dc.FINAL_CHECKPOINT))
+    monkeypatch.undo()
+
+    out = dc.main(["--resume", state_path])  # root_dir, epochs, model: from the state
+    assert "resumed from" in capsys.readouterr().out
+    one = torch.load(os.path.join(straight, "models", dc.RESUME_CHECKPOINT), weights_only=True)
+    two = torch.load(state_path, weights_only=True)
+    assert one["epoch"] == two["epoch"] == 4
+    assert (one["best"], one["best_epoch"], one["stale"]) == \
+        (two["best"], two["best_epoch"], two["stale"])
+    assert one["best_epoch"] == out["best_epoch"]
+    for key, value in one["model_state"].items():
+        torch.testing.assert_close(two["model_state"][key], value, rtol=0, atol=1e-6)
+    for k, v in one["optimizer_state"]["state"].items():  # Adam moments and step count too
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(two["optimizer_state"]["state"][k][name], v[name],
+                                       rtol=0, atol=1e-6)
+    assert one["scheduler_state"]["last_epoch"] == two["scheduler_state"]["last_epoch"] > 0
+    assert torch.equal(one["rng_torch"], two["rng_torch"])  # the same augmentations were drawn
+    final = [torch.load(os.path.join(r, "models", dc.FINAL_CHECKPOINT), weights_only=True)
+             for r in (straight, resumed)]
+    assert final[0]["final_metrics"]["val"]["model"]["mae"] == \
+        pytest.approx(final[1]["final_metrics"]["val"]["model"]["mae"], abs=1e-6)
+    # the learning curves of the resumed run cover all four epochs, as the straight run's
+    assert [h["epoch"] for h in final[1]["history"]] == [1, 2, 3, 4]
+    assert [h["train_loss"] for h in final[1]["history"]] == \
+        pytest.approx([h["train_loss"] for h in final[0]["history"]], abs=1e-6)
+    # a parameter that moved between epochs 2 and 4: resuming did train
+    assert any(not torch.allclose(state["model_state"][k], v)
+               for k, v in two["model_state"].items() if v.is_floating_point())
+
+
+def test_resume_refuses_other_options_data_and_foreign_files(tmp_path, monkeypatch, capsys):
+    root = write_dataset(str(tmp_path / "data"), 5)
+    interrupt_at_epoch(monkeypatch, 2)
+    with pytest.raises(SystemExit):
+        dc.main(["--root_dir", root, "--epochs", "3", *SMALL_RUN])
+    monkeypatch.undo()
+    state_path = os.path.join(root, "models", dc.RESUME_CHECKPOINT)
+    capsys.readouterr()
+
+    def refused(argv, *fragments):
+        with pytest.raises(SystemExit) as exc:
+            dc.main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and all(f in err for f in fragments), err
+
+    refused(["--resume", state_path, "--epochs", "10"],
+            "--epochs 10 (saved run: 3)", "Leave them out to resume")
+    refused(["--resume", state_path, "--lr", "0.1"], "--lr 0.1 (saved run: 0.001)")
+    refused(["--resume", str(tmp_path / "nope.pt")], "file not found")
+    best = os.path.join(root, "models", dc.BEST_CHECKPOINT)
+    refused(["--resume", best], "is not a resume state")
+    pickled = str(tmp_path / "pickled.pt")
+    torch.save({"format_version": 1, "config": Foreign()}, pickled)
+    refused(["--resume", pickled], "cannot be loaded as a resume state")
+    set_cell(root, "Vref", 1.25, row=0)  # the data changed since the state was saved
+    refused(["--resume", state_path, "--rebuild_cache"], "does not match this data",
+            "data_sha256: meta.xlsx or one of the PDB/NPZ files")
+
+
+def test_ctrl_c_in_the_first_epoch_says_nothing_to_resume(tmp_path, monkeypatch, capsys):
+    root = write_dataset(str(tmp_path / "data"), 3)
+    interrupt_at_epoch(monkeypatch, 1)
+    with pytest.raises(SystemExit) as exc:
+        dc.main(["--root_dir", root, "--epochs", "2", *SMALL_RUN])
+    assert exc.value.code == 130
+    assert "nothing to resume" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(root, "models", dc.RESUME_CHECKPOINT))
+
+
+def test_main_stops_when_most_batches_are_nan(tmp_path, monkeypatch, capsys):
+    root = write_dataset(str(tmp_path / "data"), 5)
+    monkeypatch.setattr(dc, "distance_weighted_l1_on_vref_loss",
+                        lambda pred, true, r: (pred - true).abs().mean() * float("nan"))
+    with pytest.raises(SystemExit) as exc:
+        dc.main(["--root_dir", root, "--epochs", "2", *SMALL_RUN[:-1]])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "epoch 1: 2 of 2 batches of this epoch failed" in err and "dimer ids ['dimer" in err
 
 
 # ----------------------------------------------------------------------------- main end to end
@@ -876,7 +1322,7 @@ def test_predict_without_vref(trained_run, tmp_path):
     meta = pd.read_excel(os.path.join(root, "meta.xlsx"))
     meta.loc[1, "Vref"] = np.nan  # an empty cell
     meta.to_excel(os.path.join(root, "meta.xlsx"), index=False)
-    with pytest.raises(ValueError, match=r"row 3 \(id dimer1\): Vref = nan is not a finite"):
+    with pytest.raises(ValueError, match=r"row 3 \(id dimer1\): Vref is empty, not a finite"):
         dc.read_meta(root)  # training still needs every Vref
     out = dc.main(["--predict", "--checkpoint", best, "--root_dir", root, "--quiet"])
     table = pd.read_csv(out["predictions_path"], keep_default_na=False, na_values=[""])
