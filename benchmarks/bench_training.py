@@ -97,7 +97,8 @@ class Mode:
         self.model.set_reference(reference).to(device)
         if name in ("aot_eager", "inductor"):
             self.model.compile_forward(name)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=dc.DEFAULT_LR)
+        self.optimizer = (torch.optim.Adam(self.model.parameters(), lr=dc.DEFAULT_LR)
+                          if reference else dc.make_optimizer(self.model, dc.DEFAULT_LR, device))
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
             self.optimizer, max_lr=dc.DEFAULT_LR, pct_start=dc.ONECYCLE_PCT_START,
             total_steps=10_000)
