@@ -799,13 +799,45 @@ class DenseBilinear(nn.Module):
         self.register_buffer("coef", torch.cat(coefs).to(torch.get_default_dtype()),
                              persistent=False)
 
-    def forward(self, x, attr):
+    def dense_matrix(self):
+        """The products' weights as one (dim_x * dim_attr, sum dim_out) matrix."""
         weight = torch.cat([p.weight for p in self.products])  # (sum weight_numel,)
         values = weight[self.weight_index] * self.coef  # (terms,)
-        dense = values.new_zeros(self.shape[0] * self.shape[1]).index_add_(
-            0, self.position, values).view(self.shape)  # (dim_x * dim_attr, sum dim_out)
+        return values.new_zeros(self.shape[0] * self.shape[1]).index_add_(
+            0, self.position, values).view(self.shape)
+
+    def forward(self, x, attr, dense=None):
+        """x (N, dim_x), attr (N, dim_attr) -> one (N, dim_out) per product. ``dense``: this
+        module's ``dense_matrix()`` if already built (e.g. by ``DenseBilinearStack``)."""
+        dense = self.dense_matrix() if dense is None else dense
         outer = (x.unsqueeze(2) * attr.unsqueeze(1)).reshape(x.size(0), -1)  # (N, dim_x * dim_attr)
         return (outer @ dense.to(outer.dtype)).split(self.split, dim=1)
+
+
+class DenseBilinearStack(nn.Module):
+    """``dense_matrix()`` of several ``DenseBilinear`` in one gather, multiply and scatter."""
+
+    def __init__(self, modules):
+        super().__init__()
+        self.members = list(modules)  # held (and registered) by their owners
+        self.sizes = [m.shape[0] * m.shape[1] for m in self.members]
+        offsets = np.cumsum([0] + self.sizes)[:-1].tolist()
+        w_offsets = np.cumsum([0] + [sum(p.weight_numel for p in m.products)
+                                     for m in self.members])
+        empty = [torch.zeros(0, dtype=torch.long)]  # no members: no terms
+        self.register_buffer("position", torch.cat(
+            [m.position + o for m, o in zip(self.members, offsets)] or empty), persistent=False)
+        self.register_buffer("weight_index", torch.cat(
+            [m.weight_index + int(o) for m, o in zip(self.members, w_offsets)] or empty),
+            persistent=False)
+        self.register_buffer("coef", torch.cat([m.coef for m in self.members] or
+                                               [torch.zeros(0)]), persistent=False)
+
+    def forward(self):
+        weight = torch.cat([p.weight for m in self.members for p in m.products])  # flat
+        values = weight[self.weight_index] * self.coef  # (terms,)
+        flat = values.new_zeros(sum(self.sizes)).index_add_(0, self.position, values)
+        return [part.view(m.shape) for part, m in zip(flat.split(self.sizes), self.members)]
 
 
 class DenseEdgeTensorProduct(nn.Module):
@@ -953,11 +985,12 @@ class PointsConvolutionIntegrated(nn.Module):
         self.register_buffer("sh_tile", _tile_index(self.irreps_edge_attr), persistent=False)
 
     def forward(self, node_features, node_attr, edge_src, edge_dst, edge_sh, edge_length,
-                edge_basis=None, inv_in_degree=None, summed_weights=None):
+                edge_basis=None, inv_in_degree=None, summed_weights=None, dense_mats=(None, None)):
         """(N, in), (N, attr), (E,), (E,), harmonics (E, 64) or one copy of each l (E, 16),
         lengths (E,) -> (N, out). Computed here unless given: ``edge_basis`` =
         ``self.rbf(edge_length)``, ``inv_in_degree`` = ``mean_weights(edge_dst, N)`` and, on
-        the dense path, ``summed_weights`` = ``dense_edge.summed_weights(fc, edge_basis)``."""
+        the dense path, ``summed_weights`` = ``dense_edge.summed_weights(fc, edge_basis)`` and
+        ``dense_mats`` = the ``dense_matrix()`` of ``dense_node`` and ``dense_mid``."""
         num_nodes = node_features.size(0)
         basis = self.rbf(edge_length) if edge_basis is None else edge_basis  # (E, num_rbf)
         dense = not self.reference and self.dense_edge is not None
@@ -966,7 +999,8 @@ class PointsConvolutionIntegrated(nn.Module):
                 edge_sh = edge_sh.index_select(1, self.sh_first_copy)  # (E, 16)
             if summed_weights is None:
                 summed_weights = self.dense_edge.summed_weights(self.fc, basis)  # (E, numel / 4)
-            node_self, node_pre = self.dense_node(node_features, node_attr)  # (N, out), (N, in)
+            node_self, node_pre = self.dense_node(node_features, node_attr,
+                                                  dense_mats[0])  # (N, out), (N, in)
             edge_msg = self.dense_edge(node_pre.index_select(0, edge_src), edge_sh,
                                        summed_weights)  # (E, mid)
         else:
@@ -982,7 +1016,7 @@ class PointsConvolutionIntegrated(nn.Module):
             0, edge_dst, edge_msg.to(acc))
         agg = (agg * inv_in_degree.to(acc)).to(edge_msg.dtype)  # (N, mid) scatter-mean
         if dense:
-            update, gate_logit = self.dense_mid(agg, node_attr)  # (N, out), (N, 1)
+            update, gate_logit = self.dense_mid(agg, node_attr, dense_mats[1])  # (N, out), (N, 1)
         else:
             update, gate_logit = self.lin2(agg, node_attr), self.alpha(agg, node_attr)
         return node_self + torch.tanh(gate_logit) * update  # (N, out)
@@ -1018,6 +1052,9 @@ class DeltaCoupling(nn.Module):
             nn.Linear(mlp_hidden, mlp_hidden), nn.SiLU(),
             nn.Linear(mlp_hidden, 1))
 
+        # the dense path builds every layer's bilinear matrices at once
+        self.bilinear_stack = DenseBilinearStack(
+            [m for conv in self.convs for m in (conv.dense_node, conv.dense_mid)])
         self.register_buffer("sh_first_copy", _copy_index(IRREPS_EDGE_SH), persistent=False)
         self.reference = False
         self._compiled = None  # torch.compile'd forward_tensors, see compile_forward()
@@ -1097,29 +1134,29 @@ class DeltaCoupling(nn.Module):
         edge_index_af = torch.stack([torch.cat([atom_idx, field_idx]),
                                      torch.cat([field_idx, atom_idx])])  # (2, 2N)
         vec_af = edge_vectors(pos_combined, edge_index_af)  # (2N, 3)
-        if sh_atoms is None:
-            vec_atoms = edge_vectors(pos_atoms, edge_index_atoms)  # (E, 3)
-            sh_atoms = edge_spherical_harmonics(vec_atoms, self.reference)  # (E, 64 or 16)
-            len_atoms = vec_atoms.norm(dim=-1)  # (E,)
-        else:
+        edge_index = torch.cat([edge_index_atoms, edge_index_af], dim=1)  # (2, E + 2N)
+        if sh_atoms is None:  # harmonics and lengths of all edges at once
+            edge_vec = torch.cat([edge_vectors(pos_atoms, edge_index_atoms), vec_af])  # (E+2N, 3)
+            edge_sh = edge_spherical_harmonics(edge_vec, self.reference)  # (E + 2N, 64 or 16)
+            edge_length = edge_vec.norm(dim=-1)  # (E + 2N,)
+        else:  # the cache's atom-atom harmonics and lengths
             if not self.reference:
                 sh_atoms = sh_atoms[:, self.sh_first_copy]  # (E, 16) of the cached (E, 64)
-            len_atoms = edge_attr_atoms.reshape(-1)  # (E,)
-        edge_index = torch.cat([edge_index_atoms, edge_index_af], dim=1)  # (2, E + 2N)
-        sh_af = edge_spherical_harmonics(vec_af, self.reference)  # (2N, 64 or 16)
-        edge_sh = torch.cat([sh_atoms, sh_af])  # (E + 2N, 64 or 16)
-        edge_length = torch.cat([len_atoms, vec_af.norm(dim=-1)])  # (E + 2N,)
+            sh_af = edge_spherical_harmonics(vec_af, self.reference)  # (2N, 64 or 16)
+            edge_sh = torch.cat([sh_atoms, sh_af])  # (E + 2N, 64 or 16)
+            edge_length = torch.cat([edge_attr_atoms.reshape(-1), vec_af.norm(dim=-1)])
         edge_src, edge_dst = edge_index[0], edge_index[1]
 
         # --- convolutions with a residual add every two layers
         residual = x
         basis = self.convs[0].rbf(edge_length) if len(self.convs) else None  # same in every layer
         inv_in_degree = mean_weights(edge_dst, x.size(0), x.dtype)  # (N + B, 1)
-        radial = self._summed_radial_weights(basis) if self._stack_radial() else \
-            [None] * len(self.convs)
-        for i, (conv, weights) in enumerate(zip(self.convs, radial)):
+        layers = len(self.convs)
+        radial = self._summed_radial_weights(basis) if self._stack_radial() else [None] * layers
+        mats = self.bilinear_stack() if not self.reference and layers else [None] * (2 * layers)
+        for i, conv in enumerate(self.convs):
             x = conv(x, node_attr, edge_src, edge_dst, edge_sh, edge_length, basis,
-                     inv_in_degree, weights)  # (N + B, 16)
+                     inv_in_degree, radial[i], mats[2 * i:2 * i + 2])  # (N + B, 16)
             if i % 2 == 1:
                 x = x + residual
                 residual = x
