@@ -36,6 +36,13 @@ def seeded():
     np.random.seed(0)
 
 
+@pytest.fixture(autouse=True)
+def eager_by_default(monkeypatch):
+    """--compile auto compiles with inductor on a Linux CPU (tens of seconds per main() call);
+    the tests run eager unless they ask for a backend."""
+    monkeypatch.setattr(dc, "CPU_AUTO_COMPILE", {})
+
+
 @pytest.fixture
 def float64():
     old = torch.get_default_dtype()
@@ -721,6 +728,57 @@ def test_fast_path_computes_the_same_function_as_e3nn_modules(tiny_root, cached)
         scale = float(g_ref.abs().max())
         assert scale > 0, name  # every parameter, message path included, takes part
         assert float((grad_fast[name] - g_ref).abs().max()) <= 1e-4 * scale, name
+
+
+def test_compile_backend_choice(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(dc, "CPU_AUTO_COMPILE", {"linux": "inductor"})
+    monkeypatch.setattr(dc.shutil, "which", lambda name: f"/usr/bin/{name}")
+    for platform, on_cpu, on_cuda in (("linux", "inductor", "inductor"),
+                                      ("win32", None, "aot_eager"), ("darwin", None, "inductor")):
+        monkeypatch.setattr(dc.sys, "platform", platform)
+        assert dc.resolve_compile_backend("auto", cpu) == on_cpu, platform
+        assert dc.resolve_compile_backend("auto", cuda) == on_cuda, platform
+    monkeypatch.setattr(dc.sys, "platform", "linux")
+    monkeypatch.setattr(dc.shutil, "which", lambda name: None)  # no C++ compiler: eager
+    assert dc.resolve_compile_backend("auto", cpu) is None
+    assert dc.resolve_compile_backend("off", cuda) is None
+    assert dc.resolve_compile_backend("aot_eager", cpu) == "aot_eager"
+    with pytest.raises(ValueError, match="unknown --compile"):
+        dc.resolve_compile_backend("fast", cpu)
+
+
+SLOW = os.environ.get("DELTA_COUPLING_SLOW_TESTS") == "1"
+
+
+@pytest.mark.parametrize("backend", [
+    "aot_eager",
+    pytest.param("inductor", marks=pytest.mark.skipif(
+        not SLOW, reason="inductor compiles C++ (about a minute): DELTA_COUPLING_SLOW_TESTS=1"))])
+def test_compiled_forward_matches_eager_and_falls_back_on_failure(tiny_root, backend):
+    """try_compile's probe compiles forward_tensors; the compiled model gives eager's dV and
+    gradients. A backend that fails leaves it eager."""
+    graphs = dc.DimerDataset(tiny_root, augment=True)
+    batch = batch_of([graphs[i] for i in range(4)])
+    model = small_model()
+
+    def run():
+        model.zero_grad()
+        dv = dc.predict_batch(model, batch.clone())[0]
+        dv.sum().backward()
+        return dv.detach(), [p.grad.clone() for p in model.parameters()]
+
+    dv_eager, grad_eager = run()
+    assert dc.try_compile(model, backend, batch)
+    assert model._compiled is not None
+    dv_comp, grad_comp = run()
+    torch.testing.assert_close(dv_comp, dv_eager, atol=1e-5, rtol=1e-5)
+    for g_c, g_e in zip(grad_comp, grad_eager):
+        torch.testing.assert_close(g_c, g_e, atol=1e-4, rtol=1e-4)
+    with pytest.warns(UserWarning, match=r"torch.compile\(no_such_backend\) failed, running eager"):
+        assert not dc.try_compile(model, "no_such_backend", batch)
+    assert model._compiled is None
+    torch.testing.assert_close(run()[0], dv_eager, atol=1e-6, rtol=0)
 
 
 def test_losses_zero_on_perfect_prediction_and_hand_example():

@@ -195,6 +195,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # the compiled modes share forward_tensors' code object: room for all their graphs
+    torch._dynamo.config.recompile_limit = 64
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                           if args.device == "auto" else args.device)
     torch.manual_seed(args.seed)
