@@ -1103,10 +1103,20 @@ class DeltaCoupling(nn.Module):
         return torch.bmm(hidden, w2.to(hidden.dtype)).unbind(0)  # L x (E, numel / 4)
 
     def forward(self, data):
-        core = self._compiled or self.forward_tensors
-        return core(data.z_atoms, data.pos_atoms, data.batch, data.atomic_node_attr,
-                    data.field_node_features, data.u, data.edge_index_atoms,
-                    getattr(data, "edge_attr_sh", None), data.edge_attr_atoms)
+        inputs = (data.z_atoms, data.pos_atoms, data.batch, data.atomic_node_attr,
+                  data.field_node_features, data.u, data.edge_index_atoms,
+                  getattr(data, "edge_attr_sh", None), data.edge_attr_atoms)
+        if self._compiled is not None:
+            try:
+                return self._compiled(*inputs)
+            except torch._dynamo.exc.TorchDynamoException as exc:
+                # a recompilation for a new input shape failed (before anything ran): the
+                # rest of the run is eager, the same function
+                first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+                warnings.warn(f"torch.compile failed on a new batch shape, running eager from "
+                              f"now on: {type(exc).__name__}: {first_line}")
+                self._compiled = None
+        return self.forward_tensors(*inputs)
 
     def forward_tensors(self, z, pos_atoms, batch_atoms, atomic_node_attr, field_feat, u,
                         edge_index_atoms, sh_atoms=None, edge_attr_atoms=None):

@@ -775,6 +775,13 @@ def test_compiled_forward_matches_eager_and_falls_back_on_failure(tiny_root, bac
     torch.testing.assert_close(dv_comp, dv_eager, atol=1e-5, rtol=1e-5)
     for g_c, g_e in zip(grad_comp, grad_eager):
         torch.testing.assert_close(g_c, g_e, atol=1e-4, rtol=1e-4)
+    def recompile_fails(*inputs):  # as a recompilation for a new batch shape that fails
+        raise torch._dynamo.exc.InternalTorchDynamoError("codegen failed")
+
+    model._compiled = recompile_fails
+    with pytest.warns(UserWarning, match="failed on a new batch shape, running eager"):
+        torch.testing.assert_close(run()[0], dv_eager, atol=1e-6, rtol=0)
+    assert model._compiled is None
     with pytest.warns(UserWarning, match=r"torch.compile\(no_such_backend\) failed, running eager"):
         assert not dc.try_compile(model, "no_such_backend", batch)
     assert model._compiled is None
@@ -1028,7 +1035,7 @@ def test_atomic_save_failure_mid_write_keeps_the_previous_file(tmp_path, monkeyp
     monkeypatch.setattr(torch, "save", crash_mid_write)
     with pytest.raises(OSError, match="disk full"):
         dc.atomic_torch_save({"epoch": 2, "w": torch.zeros(4)}, path)
-    monkeypatch.undo()
+    undo_interrupt(monkeypatch)
     assert open(path, "rb").read() == before
     assert torch.load(path, weights_only=True)["epoch"] == 1
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
@@ -1038,6 +1045,12 @@ def test_atomic_save_failure_mid_write_keeps_the_previous_file(tmp_path, monkeyp
 
 SMALL_RUN = ["--num_conv_layers", "2", "--num_rbf", "8", "--radial_hidden", "16",
              "--mlp_hidden", "16", "--batch_size", "2", "--no-skip_failed_batches"]
+
+
+def undo_interrupt(monkeypatch):
+    """Undo interrupt_at_epoch (and every other patch), then keep the tests eager again."""
+    monkeypatch.undo()
+    monkeypatch.setattr(dc, "CPU_AUTO_COMPILE", {})
 
 
 def interrupt_at_epoch(monkeypatch, epoch):
@@ -1071,7 +1084,7 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypat
     state = torch.load(state_path, weights_only=True)
     assert state["epoch"] == 2 and state["config"]["epochs"] == 4
     assert not os.path.exists(os.path.join(resumed, "models", dc.FINAL_CHECKPOINT))
-    monkeypatch.undo()
+    undo_interrupt(monkeypatch)
 
     out = dc.main(["--resume", state_path])  # root_dir, epochs, model: from the state
     assert "resumed from" in capsys.readouterr().out
@@ -1107,7 +1120,7 @@ def test_resume_refuses_other_options_data_and_foreign_files(tmp_path, monkeypat
     interrupt_at_epoch(monkeypatch, 2)
     with pytest.raises(SystemExit):
         dc.main(["--root_dir", root, "--epochs", "3", *SMALL_RUN])
-    monkeypatch.undo()
+    undo_interrupt(monkeypatch)
     state_path = os.path.join(root, "models", dc.RESUME_CHECKPOINT)
     capsys.readouterr()
 
