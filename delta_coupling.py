@@ -109,6 +109,7 @@ PREDICTION_METRICS_FILE = "predictions_metrics.json"  # next to it, when Vref is
 LOG_AXIS_MIN_RATIO = 10.0  # learning curves: a log y axis when max / min spans a decade
 METRIC_COLUMNS = (("mape", "MAPE %", ".2f"), ("mae", "MAE", ".4f"), ("rmse", "RMSE", ".4f"),
                   ("max_abs", "max|err|", ".4f"))
+PROGRESS_INTERVAL_NO_TTY = 30.0  # seconds between progress-bar redraws into a file or pipe
 RESUME_CHECKPOINT = "resume_delta_learning.pt"  # the state after the last finished epoch
 RESUME_FORMAT_VERSION = 1
 # options a --resume may change: they do not change what the run computes on CPU
@@ -551,7 +552,8 @@ def field_rotation_matrix(rot):
     x, y, z) and the quadrupole as ``rot Q rot^T`` read back in l=2 components.
     """
     r = rot.to(torch.float64)
-    d2 = _L2_FROM_CARTESIAN @ torch.kron(r, r) @ _CARTESIAN_FROM_L2  # (5, 5)
+    d2 = (_L2_FROM_CARTESIAN.to(r.device) @ torch.kron(r, r)
+          @ _CARTESIAN_FROM_L2.to(r.device))  # (5, 5)
     return torch.block_diag(r, d2).to(rot.dtype)  # (8, 8)
 
 
@@ -1109,11 +1111,11 @@ class DeltaCoupling(nn.Module):
         if self._compiled is not None:
             try:
                 return self._compiled(*inputs)
-            except torch._dynamo.exc.TorchDynamoException as exc:
-                # a recompilation for a new input shape failed (before anything ran): the
-                # rest of the run is eager, the same function
+            except torch._dynamo.exc.BackendCompilerFailed as exc:
+                # compiling for this input failed (before anything ran, e.g. a recompilation
+                # for a new batch shape): the rest of the run is eager, the same function
                 first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-                warnings.warn(f"torch.compile failed on a new batch shape, running eager from "
+                warnings.warn(f"torch.compile failed on this batch shape, running eager from "
                               f"now on: {type(exc).__name__}: {first_line}")
                 self._compiled = None
         return self.forward_tensors(*inputs)
@@ -1178,7 +1180,9 @@ class DeltaCoupling(nn.Module):
         # --- mean pooling per graph; the invariant scalars (8x0e) feed the readout
         scalars = x[:, :NUM_NODE_SCALARS]  # (N + B, 8)
         node_count = atom_count + 1.0  # (B,) atoms + the field node
-        h = scalars.new_zeros(num_graphs, NUM_NODE_SCALARS).index_add_(0, batch_combined, scalars)
+        acc = torch.promote_types(scalars.dtype, torch.float32)  # exact sums under AMP
+        h = scalars.new_zeros(num_graphs, NUM_NODE_SCALARS, dtype=acc).index_add_(
+            0, batch_combined, scalars.to(acc))
         h = h / node_count.unsqueeze(1)  # (B, 8)
         return self.readout(torch.cat([h, u], dim=1)).squeeze(1)  # (B,) dV
 
@@ -1588,7 +1592,7 @@ def atomic_torch_save(obj, path):
 def atomic_write_text(text, path):
     """Write a text file atomically (temp + rename)."""
     with _atomic_target(path) as tmp:
-        with open(tmp, "w", newline="") as fh:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
             fh.write(text)
 
 
@@ -1648,8 +1652,12 @@ def describe_device(device):
 
 
 def progress(iterable, quiet, **kwargs):
-    """A tqdm progress bar on stderr, off when ``quiet``; fine when stderr is no terminal."""
-    return tqdm(iterable, disable=quiet, file=sys.stderr, dynamic_ncols=True, **kwargs)
+    """A tqdm progress bar on stderr, off when ``quiet``. When stderr is no terminal (a log
+    file, CI, some IDE consoles) it redraws every ``PROGRESS_INTERVAL_NO_TTY`` seconds only, so
+    a log of a long run stays small."""
+    interval = 0.1 if sys.stderr.isatty() else PROGRESS_INTERVAL_NO_TTY
+    return tqdm(iterable, disable=quiet, file=sys.stderr, dynamic_ncols=True,
+                mininterval=interval, **kwargs)
 
 
 def log_line(message):
@@ -1697,12 +1705,12 @@ def load_checkpoint(path, device="cpu"):
 
 
 def training_state(model, optimizer, scheduler, scaler, epoch, best, best_epoch, stale, stopped,
-                   config, metadata, split_ids, history):
+                   config, metadata, split_ids, history, run_id):
     """Everything a run needs to continue after ``epoch`` (tensors and plain types only).
 
     Model, optimizer, scheduler and scaler states, the early-stopping counters, the torch,
     numpy and Python RNG states, the split, the config, the cache metadata and the per-epoch
-    history (for the learning curves).
+    history (for the learning curves) and the run's id (stored in its best checkpoint too).
     """
     np_state = np.random.get_state()  # ('MT19937', keys (624,) uint32, pos, has_gauss, gauss)
     py_state = random.getstate()  # (version, 625 ints, gauss_next)
@@ -1719,6 +1727,7 @@ def training_state(model, optimizer, scheduler, scaler, epoch, best, best_epoch,
                       *map(int, np_state[2:4]), float(np_state[4])],
         "rng_python": [py_state[0], list(py_state[1]), py_state[2]],
         "config": config, "metadata": metadata, "split_ids": split_ids, "history": history,
+        "run_id": run_id,
     }
 
 
@@ -1916,22 +1925,24 @@ def prepare_cache(args, rows):
     return payload
 
 
-def try_compile(model, backend, probe, amp_dtype=None):
+def try_compile(model, backend, train_probe, eval_probe=None, amp_dtype=None):
     """Compile ``model.forward_tensors`` with ``backend``; fall back to eager on failure.
 
-    Compilation is lazy, so one training forward + backward and one no-grad forward run on the
-    ``probe`` batch now: a compiler failure shows here, is reported in one warning line and the
-    model runs eager (SPEC 8). Returns True when the compiled forward is in use.
+    Compilation is lazy, so one training forward + backward on ``train_probe`` and one no-grad
+    forward on ``eval_probe`` (batches like those of training and evaluation) run now: a
+    compiler failure shows here, is reported in one warning line and the model runs eager
+    (SPEC 8). Returns True when the compiled forward is in use.
     """
     was_training = model.training
     try:
         model.compile_forward(backend)
         model.train()
-        predict_batch(model, probe.clone(), amp_dtype)[0].sum().backward()
+        predict_batch(model, train_probe.clone(), amp_dtype)[0].sum().backward()
         model.eval()
         with torch.no_grad():
-            predict_batch(model, probe.clone(), amp_dtype)
-        return True
+            predict_batch(model, (train_probe if eval_probe is None else eval_probe).clone(),
+                          amp_dtype)
+        return model._compiled is not None  # forward drops it when a compilation fails
     except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eager (SPEC 8)
         first_line = (str(exc).strip().splitlines() or [""])[0][:200]
         warnings.warn(f"torch.compile({backend}) failed, running eager: "
@@ -2111,9 +2122,18 @@ def main(argv=None):
     model = DeltaCoupling.from_config(model_config).to(device)
     backend = resolve_compile_backend(args.compile, device)
     if backend is not None:
-        probe = next(iter(DataLoader(Subset(eval_ds, train_idx or val_idx or test_idx),
-                                     batch_size=args.batch_size))).to(device)
-        try_compile(model, backend, probe, amp_dtype)
+        log_line(f"compiling the model with torch.compile({backend}) (--compile off skips "
+                 f"this) ...")
+        t_compile = time.time()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            # the probes draw no random numbers from the run: same seed, same run, compiled or not
+            def first_batch(dataset, idx):
+                return next(iter(DataLoader(Subset(dataset, idx), batch_size=args.batch_size)))
+            some = train_idx or val_idx or test_idx
+            compiled = try_compile(model, backend, first_batch(train_ds, some).to(device),
+                                   first_batch(eval_ds, some).to(device), amp_dtype)
+        if compiled:
+            log_line(f"compiled in {time.time() - t_compile:.0f} s")
 
     optimizer = make_optimizer(model, args.lr, device)
     scheduler = None
@@ -2136,11 +2156,13 @@ def main(argv=None):
     write_run_config(os.path.join(models_dir, RUN_CONFIG_FILE), args, model_config, device,
                      payload["metadata"], split, versions)
 
+    run_id = (resume or {}).get("run_id") or os.urandom(8).hex()  # tells this run's files
+
     def checkpoint(epoch, val_mape, val_mae):
         return {"model_state": model.state_dict(), "model_config": model_config,
                 "config": config, "metadata": dict(payload["metadata"]), "epoch": epoch,
                 "val_mape": val_mape, "val_mae": val_mae, "split_ids": split_ids,
-                "versions": versions}
+                "versions": versions, "run_id": run_id}
 
     monitor_name = "val MAPE" if len(val_idx) else "train loss"
     best, best_epoch, stale, stop = float("inf"), -1, 0, False
@@ -2153,6 +2175,7 @@ def main(argv=None):
         epoch, best, best_epoch, stale, stop, history = (resume[k] for k in (
             "epoch", "best", "best_epoch", "stale", "stopped", "history"))
         saved = (args.resume, epoch)
+        t_start -= history[-1]["seconds"] if history else 0.0  # the history's clock goes on
         log_line(f"resumed from {args.resume} after epoch {epoch}")
     bar = progress(range(epoch + 1, (epoch if stop else args.epochs) + 1), args.quiet,
                    desc="training", unit="epoch", initial=epoch, total=args.epochs)
@@ -2176,7 +2199,8 @@ def main(argv=None):
                             "seconds": time.time() - t_start})
             atomic_torch_save(training_state(model, optimizer, scheduler, scaler, epoch, best,
                                              best_epoch, stale, stop, config,
-                                             dict(payload["metadata"]), split_ids, history),
+                                             dict(payload["metadata"]), split_ids, history,
+                                             run_id),
                               resume_path)
             saved = (resume_path, epoch)
             bar.set_postfix_str(f"loss {tr.loss:.4f}, val MAPE {va.mape:.2f}%, best "
@@ -2200,10 +2224,18 @@ def main(argv=None):
     bar.close()
 
     if best_epoch > 0:  # saved by this run (or by the run it resumes)
-        best_ckpt = torch.load(best_path, map_location=device, weights_only=True)
-        if best_ckpt["epoch"] != best_epoch:
-            _exit(f"{best_path} holds epoch {best_ckpt['epoch']}, not this run's best epoch "
-                  f"{best_epoch}: another run wrote it; its weights are not this run's")
+        try:
+            best_ckpt = torch.load(best_path, map_location=device, weights_only=True)
+        except (FileNotFoundError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            _exit(f"{best_path} cannot be read ({type(exc).__name__}: {exc}); this run's best "
+                  f"weights are lost, its last ones are in {saved[0] if saved else 'no file'}")
+        if best_ckpt.get("run_id") != run_id:
+            _exit(f"{best_path} was written by another run, not this one: its weights are not "
+                  f"this run's; run again with its own root_dir")
+        if best_ckpt["epoch"] != best_epoch:  # interrupted between the two saves, then resumed
+            log_line(f"note: {best_path} holds epoch {best_ckpt['epoch']} (the resume state "
+                     f"recorded {best_epoch}); using it")
+            best_epoch = best_ckpt["epoch"]
         model.load_state_dict(best_ckpt["model_state"])
         print(f"loaded best checkpoint (epoch {best_ckpt['epoch']}) from {best_path}")
     final_metrics = final_report(model, eval_ds, {"train": train_idx, "val": val_idx,

@@ -776,10 +776,11 @@ def test_compiled_forward_matches_eager_and_falls_back_on_failure(tiny_root, bac
     for g_c, g_e in zip(grad_comp, grad_eager):
         torch.testing.assert_close(g_c, g_e, atol=1e-4, rtol=1e-4)
     def recompile_fails(*inputs):  # as a recompilation for a new batch shape that fails
-        raise torch._dynamo.exc.InternalTorchDynamoError("codegen failed")
+        raise torch._dynamo.exc.BackendCompilerFailed(recompile_fails,
+                                                      AssertionError("codegen failed"), None)
 
     model._compiled = recompile_fails
-    with pytest.warns(UserWarning, match="failed on a new batch shape, running eager"):
+    with pytest.warns(UserWarning, match="failed on this batch shape, running eager"):
         torch.testing.assert_close(run()[0], dv_eager, atol=1e-6, rtol=0)
     assert model._compiled is None
     with pytest.warns(UserWarning, match=r"torch.compile\(no_such_backend\) failed, running eager"):
