@@ -116,6 +116,9 @@ RESUME_FORMAT_VERSION = 1
 RESUME_FREE_OPTIONS = ("resume", "root_dir", "cache_file_name", "rebuild_cache", "check_data",
                        "log_every", "num_workers", "device", "compile", "skip_failed_batches",
                        "quiet")
+# options of one invocation that a --resume does not take over from the saved run
+RESUME_NOT_INHERITED = ("resume", "rebuild_cache", "check_data", "device", "num_workers",
+                        "compile", "predict", "checkpoint")
 EXIT_INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT), as shells report it
 
 # Elements H..Ca (Z = 1..20), the built-in periodic table
@@ -706,12 +709,14 @@ class CachedDimerDataset(torch.utils.data.Dataset):
         fields = dict(self.graphs[idx])
         if self.rotate:
             rot = random_rotation(fields["pos_atoms"].dtype)
-            d_sh = IRREPS_EDGE_SH.D_from_matrix(rot)  # (64, 64)
             fields["pos_atoms"] = fields["pos_atoms"] @ rot.T
             fields["field_node_features"] = rotate_field_features(fields["field_node_features"],
                                                                   rot)
-            if "edge_attr_sh" in fields:
-                fields["edge_attr_sh"] = fields["edge_attr_sh"] @ d_sh.T
+            if "edge_attr_sh" in fields and self.jitter_std <= 0:  # (jitter rebuilds them)
+                # the harmonics of the rotated edges: D(rot) applied to the stored ones, without
+                # e3nn's (64, 64) D_from_matrix, which costs milliseconds per item
+                fields["edge_attr_sh"] = edge_spherical_harmonics(edge_vectors(
+                    fields["pos_atoms"], fields["edge_index_atoms"])).to(fields["pos_atoms"].dtype)
         if self.jitter_std > 0:
             pos = fields["pos_atoms"] + self.jitter_std * torch.randn_like(fields["pos_atoms"])
             fields.update(pos_atoms=pos, **atom_graph_fields(pos, self.internal_cutoff, True))
@@ -1422,8 +1427,9 @@ def predict_rows(model, loader, device, amp_dtype=None, skip_failed_batches=True
         trues.append(data.y_true_vref.double().cpu())
         v0s.append(v0.double().cpu())
     if n_batches and not preds:
-        raise RuntimeError(f"every batch failed in prediction; first error: "
-                           f"{type(first_error).__name__}: {first_error}") from first_error
+        raise TooManyFailedBatchesError(
+            f"every batch failed in prediction; first error: {type(first_error).__name__}: "
+            f"{first_error}") from first_error
     cat = (lambda xs: torch.cat(xs).numpy() if xs else np.zeros(0))
     return {"id": ids, "pred": cat(preds), "true": cat(trues), "v0": cat(v0s)}
 
@@ -1783,7 +1789,8 @@ def parse_main_args(argv=None):
               f"{RESUME_CHECKPOINT} written by training (best/final checkpoints hold weights "
               f"only)")
     saved = state["config"]
-    parser.set_defaults(**{k: v for k, v in saved.items() if k in vars(args)})
+    parser.set_defaults(**{k: v for k, v in saved.items()
+                           if k in vars(args) and k not in RESUME_NOT_INHERITED})
     args = parser.parse_args(argv)
     changed = [f"--{k} {getattr(args, k)!r} (saved run: {saved[k]!r})" for k in saved
                if k not in RESUME_FREE_OPTIONS and getattr(args, k, None) != saved[k]]
@@ -1831,6 +1838,22 @@ def check_data_or_exit(args):
               f"--root_dir {shlex.quote(args.root_dir)} lists them without training).")
 
 
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def positive_float(text):
+    """argparse type: a finite number > 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
 def build_arg_parser():
     p = argparse.ArgumentParser(
         description="Train DeltaCoupling: learn dV so that V0 + dV matches Vref; or, with "
@@ -1841,30 +1864,33 @@ def build_arg_parser():
     p.add_argument("--cache_file_name", default=DEFAULT_CACHE_FILE,
                    help="cache file inside root_dir")
     p.add_argument("--rebuild_cache", action="store_true", help="rebuild the cache first")
-    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs")
-    p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="dimers per batch")
-    p.add_argument("--physical_cutoff", type=float, default=DEFAULT_PHYSICAL_CUTOFF,
+    p.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS,
+                   help="training epochs")
+    p.add_argument("--batch_size", type=positive_int, default=DEFAULT_BATCH_SIZE,
+                   help="dimers per batch")
+    p.add_argument("--physical_cutoff", type=positive_float, default=DEFAULT_PHYSICAL_CUTOFF,
                    help="radius-graph cutoff in Angstrom")
-    p.add_argument("--num_conv_layers", type=int, default=DEFAULT_NUM_CONV_LAYERS,
+    p.add_argument("--num_conv_layers", type=positive_int, default=DEFAULT_NUM_CONV_LAYERS,
                    help="equivariant convolution blocks")
-    p.add_argument("--num_rbf", type=int, default=DEFAULT_NUM_RBF,
+    p.add_argument("--num_rbf", type=positive_int, default=DEFAULT_NUM_RBF,
                    help="radial Bessel basis functions")
-    p.add_argument("--radial_hidden", type=int, default=DEFAULT_RADIAL_HIDDEN,
+    p.add_argument("--radial_hidden", type=positive_int, default=DEFAULT_RADIAL_HIDDEN,
                    help="hidden width of the RBF -> tensor-product-weight MLP")
-    p.add_argument("--mlp_hidden", type=int, default=DEFAULT_MLP_HIDDEN,
+    p.add_argument("--mlp_hidden", type=positive_int, default=DEFAULT_MLP_HIDDEN,
                    help="hidden width of the readout MLP")
-    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak OneCycle learning rate")
+    p.add_argument("--lr", type=positive_float, default=DEFAULT_LR,
+                   help="peak OneCycle learning rate")
     p.add_argument("--apply_augmentations", action=argparse.BooleanOptionalAction, default=True,
                    help="random rotation + jitter of training dimers")
     p.add_argument("--augment_cached_train", action=argparse.BooleanOptionalAction,
                    default=False, help="augment cached training graphs instead of re-reading")
     p.add_argument("--jitter_std", type=float, default=DEFAULT_JITTER_STD,
                    help="position noise, internal units (0.001 = 0.01 Angstrom)")
-    p.add_argument("--patience", type=int, default=DEFAULT_PATIENCE,
+    p.add_argument("--patience", type=positive_int, default=DEFAULT_PATIENCE,
                    help="early-stopping patience on val MAPE, epochs")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help="seed of the split, the initial weights and the augmentation")
-    p.add_argument("--log_every", type=int, default=DEFAULT_LOG_EVERY,
+    p.add_argument("--log_every", type=positive_int, default=DEFAULT_LOG_EVERY,
                    help="print a progress line every this many epochs")
     p.add_argument("--num_workers", type=int, default=None,
                    help="DataLoader workers (default: 0 on CPU, 4 on CUDA)")
@@ -2059,8 +2085,11 @@ def run_predict(args, argv=None):
     log_line(f"{len(rows)} dimers from {args.root_dir}; model from {path} "
              f"(cutoff {physical_cutoff:g} Angstrom)")
     loader = DataLoader(graphs, batch_size=args.batch_size, shuffle=False)
-    pred = predict_rows(model, loader, device, amp_settings(device)[0],
-                        args.skip_failed_batches, log=log_line)
+    try:
+        pred = predict_rows(model, loader, device, amp_settings(device)[0],
+                            args.skip_failed_batches, log=log_line)
+    except TooManyFailedBatchesError as exc:
+        _exit(f"prediction with {path}: {exc}")
     if len(pred["id"]) < len(rows):
         log_line(f"warning: {len(rows) - len(pred['id'])} of {len(rows)} dimers could not be "
                  f"predicted (see the skipped batches above); their cells are empty")
@@ -2238,9 +2267,13 @@ def main(argv=None):
             best_epoch = best_ckpt["epoch"]
         model.load_state_dict(best_ckpt["model_state"])
         print(f"loaded best checkpoint (epoch {best_ckpt['epoch']}) from {best_path}")
-    final_metrics = final_report(model, eval_ds, {"train": train_idx, "val": val_idx,
-                                                  "test": test_idx},
-                                 rows, loader_kw, device, amp_dtype, args, models_dir, plots_dir)
+    try:
+        final_metrics = final_report(model, eval_ds, {"train": train_idx, "val": val_idx,
+                                                      "test": test_idx},
+                                     rows, loader_kw, device, amp_dtype, args, models_dir,
+                                     plots_dir)
+    except TooManyFailedBatchesError as exc:
+        _exit(f"final evaluation: {exc}; the best weights are in {best_path}")
     atomic_write_json(history, os.path.join(models_dir, HISTORY_FILE))
     plot_learning_curves(history, os.path.join(plots_dir, LEARNING_CURVES_PLOT), best_epoch)
     val_model = final_metrics.get("val", {}).get("model", {})

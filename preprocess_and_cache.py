@@ -2,7 +2,8 @@
 
 Usage::
 
-    python preprocess_and_cache.py [--root_dir DIR] [--physical_cutoff 12.0] [--quiet]
+    python preprocess_and_cache.py [--root_dir DIR] [--physical_cutoff 12.0]
+                                   [--cache_file_name F] [--quiet]
 
 ``delta_coupling.main`` imports ``build_cache`` from here lazily when the cache is missing. The
 cache holds only tensors and plain Python types (loadable with ``weights_only=True``) and is
@@ -19,7 +20,7 @@ import sys
 
 from delta_coupling import (DEFAULT_CACHE_FILE, DEFAULT_PHYSICAL_CUTOFF, DEFAULT_ROOT_DIR,
                             DimerDataset, atomic_torch_save, cache_metadata, data_check_report,
-                            make_graph, parse_dimer, progress)
+                            make_graph, parse_dimer, positive_float, progress)
 
 
 def build_cache(root_dir, physical_cutoff=DEFAULT_PHYSICAL_CUTOFF,
@@ -46,7 +47,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--root_dir", default=DEFAULT_ROOT_DIR)
-    parser.add_argument("--physical_cutoff", type=float, default=DEFAULT_PHYSICAL_CUTOFF,
+    parser.add_argument("--physical_cutoff", type=positive_float, default=DEFAULT_PHYSICAL_CUTOFF,
                         help="Angstrom")
     parser.add_argument("--cache_file_name", default=DEFAULT_CACHE_FILE)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -617,15 +617,20 @@ def test_model_accepts_cached_harmonics_and_matches_on_the_fly(tiny_root):
         torch.testing.assert_close(model(batch_of(no_sh)), with_sh, rtol=1e-5, atol=1e-6)
 
 
-def test_cached_rotation_rotates_stored_harmonics(tiny_root, float64):
+def test_cached_rotation_rotates_stored_harmonics(tiny_root, float64, monkeypatch):
     build_cache(tiny_root, 12.0)
     cache = os.path.join(tiny_root, dc.DEFAULT_CACHE_FILE)
     plain = dc.CachedDimerDataset(cache)
     rotating = dc.CachedDimerDataset(cache, rotate=True)
+    rots = [o3.rand_matrix(dtype=torch.float64) for _ in range(len(plain))]
+    monkeypatch.setattr(dc, "random_rotation", lambda dtype=None: rots[i].to(dtype))
     for i in range(len(plain)):
         g = rotating[i]
         assert not torch.allclose(g.pos_atoms, plain[i].pos_atoms.to(g.pos_atoms.dtype))
-        expect = dc.edge_spherical_harmonics(dc.edge_vectors(g.pos_atoms, g.edge_index_atoms))
+        torch.testing.assert_close(g.pos_atoms, plain[i].pos_atoms.double() @ rots[i].T)
+        # the stored harmonics turned by e3nn's own D matrix of the rotation
+        d_sh = dc.IRREPS_EDGE_SH.D_from_matrix(rots[i])  # (64, 64)
+        expect = plain[i].edge_attr_sh.double() @ d_sh.T
         torch.testing.assert_close(g.edge_attr_sh, expect.to(g.edge_attr_sh.dtype),
                                    rtol=1e-5, atol=1e-5)
         # the dipole turned with the atoms: its angle to the A->B axis is unchanged
@@ -1114,6 +1119,27 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypat
     # a parameter that moved between epochs 2 and 4: resuming did train
     assert any(not torch.allclose(state["model_state"][k], v)
                for k, v in two["model_state"].items() if v.is_floating_point())
+
+
+def test_resume_takes_the_saved_options_but_not_one_off_ones(tmp_path):
+    saved = vars(dc.build_arg_parser().parse_args(
+        ["--root_dir", str(tmp_path), "--epochs", "7", "--rebuild_cache", "--device", "cuda:1",
+         "--log_every", "3"]))
+    path = str(tmp_path / "state.pt")
+    torch.save({"format_version": dc.RESUME_FORMAT_VERSION, "config": saved}, path)
+    args, _ = dc.parse_main_args(["--resume", path])
+    assert (args.root_dir, args.epochs, args.log_every) == (str(tmp_path), 7, 3)
+    assert not args.rebuild_cache and args.device == "auto"  # one-off choices of that call
+
+
+@pytest.mark.parametrize("option, value", [("--log_every", "0"), ("--batch_size", "0"),
+                                           ("--epochs", "-3"), ("--physical_cutoff", "0"),
+                                           ("--lr", "nan")])
+def test_non_positive_numbers_are_refused_by_the_parser(option, value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        dc.build_arg_parser().parse_args([option, value])
+    assert exc.value.code == 2
+    assert f"argument {option}: {value} is not a positive" in capsys.readouterr().err
 
 
 def test_resume_refuses_other_options_data_and_foreign_files(tmp_path, monkeypatch, capsys):

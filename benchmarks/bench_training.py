@@ -19,7 +19,8 @@ Measures, on the bundled example (or ``--root_dir``), each figure as the median 
   of them alike; ``speedup_vs_reference`` is a ratio measured side by side in this one run.
 - peak resident memory after each mode (the process-wide peak, so it only grows) and, on
   CUDA, the peak allocated GPU memory of each mode;
-- one full default epoch (train + val) and 1500 of them, projected, for the mode
+- one full default epoch (train + val) and 1500 of them, projected (plus the first epoch's
+  compilation, shown apart), for the mode
   ``python delta_coupling.py`` uses on this device (``--compile auto``).
 
 The last line printed is ``speedup_vs_reference X.XX``: training graphs/s of the default mode
@@ -31,7 +32,6 @@ over the reference.
 """
 import argparse
 import copy
-import json
 import os
 import platform
 import resource
@@ -156,8 +156,10 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=dc.DEFAULT_BATCH_SIZE)
     p.add_argument("--modes", default=",".join(ALL_MODES),
                    help=f"comma-separated, of {', '.join(ALL_MODES)}")
-    p.add_argument("--repeats", type=int, default=5, help="measured repetitions per figure")
-    p.add_argument("--warmup", type=int, default=1, help="unmeasured repetitions first")
+    p.add_argument("--repeats", type=dc.positive_int, default=5,
+                   help="measured repetitions per figure")
+    p.add_argument("--warmup", type=dc.positive_int, default=1,
+                   help="unmeasured repetitions first (the first one compiles)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--amp", default="on", choices=["on", "off", "both"],
                    help="CUDA autocast (bf16/fp16 as training uses it); ignored on CPU")
@@ -236,6 +238,8 @@ def main(argv=None):
             try:  # compilation is lazy: it happens (and may fail) in the first round
                 for _ in range(max(1, args.warmup)):
                     mode.round(measured=False)
+                if mode.model._compiled is None:  # the model fell back to eager
+                    raise RuntimeError("compilation failed; the model fell back to eager")
                 live.append(mode)
             except Exception as exc:  # noqa: BLE001 - which backends work here is the question
                 print(f"mode {name}{suffix}: unavailable ({type(exc).__name__}: "
@@ -260,7 +264,7 @@ def main(argv=None):
         print(f"{key:34s} {value:10.3f}")
     print()
     print(f"{'mode':{width}s} {'train g/s':>10s} {'eval g/s':>10s} {'epoch s':>8s} "
-          f"{'1500 ep min':>11s} {'1st epoch s':>11s} {'peak RSS MiB':>12s} "
+          f"{f'{dc.DEFAULT_EPOCHS} ep min':>11s} {'1st epoch s':>11s} {'peak RSS MiB':>12s} "
           f"{'peak CUDA MiB':>13s}  vs reference")
     for key, r in runs.items():
         if "error" in r:
@@ -270,7 +274,8 @@ def main(argv=None):
               f"{r['epoch_s']:8.3f} {r['epoch_s'] * dc.DEFAULT_EPOCHS / 60:11.1f} "
               f"{r['first_epoch_s']:11.2f} {r['peak_rss_mib']:12.0f} {r['peak_cuda_mib']:13.0f}"
               f"  {r['train_graphs_per_s'] / ref['train_graphs_per_s']:5.2f}x")
-    print(f"\ndefault mode ({default_key}): one epoch {best['epoch_s']:.3f} s, 1500 epochs "
+    print(f"\ndefault mode ({default_key}): one epoch {best['epoch_s']:.3f} s, "
+          f"{dc.DEFAULT_EPOCHS} epochs "
           f"projected {best['epoch_s'] * dc.DEFAULT_EPOCHS / 60:.1f} min")
     if args.json:
         result = {"device": str(device), "threads": torch.get_num_threads(),
@@ -280,8 +285,7 @@ def main(argv=None):
                   "speedup_vs_reference": speedup}
         if device.type == "cuda":
             result["gpu"] = torch.cuda.get_device_name(device)
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+        dc.atomic_write_json(result, args.json)  # strict JSON: NaN -> null
     print(f"speedup_vs_reference {speedup:.2f}")
     return speedup
 
