@@ -778,6 +778,14 @@ def tensor_product_terms(tp):
     return [torch.cat([t[k].reshape(-1) for t in terms]) for k in range(5)]
 
 
+def _scatter_terms(products, weight_index, coef, position, size):
+    """Flat dense matrices (size,): each term ``coef * weight`` of the products' concatenated
+    weights added at its ``position``."""
+    weight = torch.cat([p.weight for p in products])  # (sum weight_numel,)
+    values = weight[weight_index] * coef  # (terms,)
+    return values.new_zeros(size).index_add_(0, position, values)
+
+
 class DenseBilinear(nn.Module):
     """Several e3nn ``FullyConnectedTensorProduct(x, attr)`` of the same inputs as one matmul.
 
@@ -812,10 +820,8 @@ class DenseBilinear(nn.Module):
 
     def dense_matrix(self):
         """The products' weights as one (dim_x * dim_attr, sum dim_out) matrix."""
-        weight = torch.cat([p.weight for p in self.products])  # (sum weight_numel,)
-        values = weight[self.weight_index] * self.coef  # (terms,)
-        return values.new_zeros(self.shape[0] * self.shape[1]).index_add_(
-            0, self.position, values).view(self.shape)
+        return _scatter_terms(self.products, self.weight_index, self.coef, self.position,
+                              self.shape[0] * self.shape[1]).view(self.shape)
 
     def forward(self, x, attr, dense=None):
         """x (N, dim_x), attr (N, dim_attr) -> one (N, dim_out) per product. ``dense``: this
@@ -845,9 +851,8 @@ class DenseBilinearStack(nn.Module):
                                                [torch.zeros(0)]), persistent=False)
 
     def forward(self):
-        weight = torch.cat([p.weight for m in self.members for p in m.products])  # flat
-        values = weight[self.weight_index] * self.coef  # (terms,)
-        flat = values.new_zeros(sum(self.sizes)).index_add_(0, self.position, values)
+        flat = _scatter_terms([p for m in self.members for p in m.products], self.weight_index,
+                              self.coef, self.position, sum(self.sizes))
         return [part.view(m.shape) for part, m in zip(flat.split(self.sizes), self.members)]
 
 
