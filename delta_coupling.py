@@ -105,14 +105,15 @@ RUN_CONFIG_FILE = "run_config.json"  # in <root_dir>/models: what reproduces the
 LEARNING_CURVES_PLOT = "learning_curves.png"  # in <root_dir>/plots
 PREDICTIONS_FILE = "predictions.csv"  # in the --predict root_dir
 PREDICTION_METRICS_FILE = "predictions_metrics.json"  # next to it, when Vref is given
-# columns of the metrics table: (key, header, format); MAPE in %, the others in Vref units
 LOG_AXIS_MIN_RATIO = 10.0  # learning curves: a log y axis when max / min spans a decade
+# columns of the metrics table: (key, header, format); MAPE in %, the others in Vref units
 METRIC_COLUMNS = (("mape", "MAPE %", ".2f"), ("mae", "MAE", ".4f"), ("rmse", "RMSE", ".4f"),
                   ("max_abs", "max|err|", ".4f"))
 PROGRESS_INTERVAL_NO_TTY = 30.0  # seconds between progress-bar redraws into a file or pipe
 RESUME_CHECKPOINT = "resume_delta_learning.pt"  # the state after the last finished epoch
 RESUME_FORMAT_VERSION = 1
-# options a --resume may change: they do not change what the run computes on CPU
+# options a --resume may change: what the run computes stays the same function (compile and
+# worker processes may change rounding and the order of random draws, nothing else)
 RESUME_FREE_OPTIONS = ("resume", "root_dir", "cache_file_name", "rebuild_cache", "check_data",
                        "log_every", "num_workers", "device", "compile", "skip_failed_batches",
                        "quiet")
