@@ -96,6 +96,9 @@ SPLIT_MIN_N_FRACTIONAL = 10
 # --compile auto on a CPU, by platform (benchmarks/bench_training.py, 2 cores: inductor trains
 # 1.28x and evaluates 1.33x as fast as eager after about 30 s of compilation; aot_eager 0.94x)
 CPU_AUTO_COMPILE = {"linux": "inductor"}
+# ... for runs of at least this many epochs: compiling takes 30-60 s, an epoch of the bundled
+# example gains about 0.13 s, so shorter runs are faster eager
+CPU_COMPILE_MIN_EPOCHS = 500
 DEFAULT_ROOT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "s22x5")
 BEST_CHECKPOINT = "best_model_delta_learning.pt"
 FINAL_CHECKPOINT = "final_model_delta_learning.pt"
@@ -1903,7 +1906,8 @@ def build_arg_parser():
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--compile", default="auto", choices=["auto", "off", "inductor", "aot_eager"],
                    help="torch.compile backend; auto = inductor on CUDA (aot_eager on Windows) "
-                        "and on a Linux CPU with a C++ compiler, else off (eager)")
+                        f"and on a Linux CPU with a C++ compiler for {CPU_COMPILE_MIN_EPOCHS} "
+                        f"epochs or more, else off (eager)")
     p.add_argument("--skip_failed_batches", action=argparse.BooleanOptionalAction, default=True,
                    help="log, count and skip a batch that fails instead of stopping")
     p.add_argument("--quiet", action="store_true",
@@ -1992,18 +1996,20 @@ def make_optimizer(model, lr, device):
     return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
 
 
-def resolve_compile_backend(choice, device):
+def resolve_compile_backend(choice, device, epochs=DEFAULT_EPOCHS):
     """The torch.compile backend for ``--compile choice`` on ``device``; None means eager.
 
     ``auto`` (DECISIONS 10): on CUDA inductor, aot_eager on Windows (SPEC 8). On a CPU what
     ``benchmarks/bench_training.py`` measured faster than eager: inductor on Linux when a C++
-    compiler is on PATH (``CPU_AUTO_COMPILE``), else eager (aot_eager measured slower).
+    compiler is on PATH (``CPU_AUTO_COMPILE``) and the run has ``CPU_COMPILE_MIN_EPOCHS``
+    epochs or more, else eager (aot_eager measured slower).
     """
     if choice == "auto":
         if device.type == "cuda":
             return "aot_eager" if sys.platform.startswith("win") else "inductor"
-        backend = CPU_AUTO_COMPILE.get(sys.platform)
-        return backend if shutil.which(os.environ.get("CXX") or "g++") else None
+        if epochs < CPU_COMPILE_MIN_EPOCHS or not shutil.which(os.environ.get("CXX") or "g++"):
+            return None
+        return CPU_AUTO_COMPILE.get(sys.platform)
     if choice == "off":
         return None
     if choice in ("inductor", "aot_eager"):
@@ -2155,7 +2161,7 @@ def main(argv=None):
                         cutoff=internal_cutoff, radial_hidden=args.radial_hidden,
                         mlp_hidden=args.mlp_hidden)
     model = DeltaCoupling.from_config(model_config).to(device)
-    backend = resolve_compile_backend(args.compile, device)
+    backend = resolve_compile_backend(args.compile, device, args.epochs)
     if backend is not None:
         log_line(f"compiling the model with torch.compile({backend}) (--compile off skips "
                  f"this) ...")

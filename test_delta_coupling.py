@@ -745,6 +745,9 @@ def test_compile_backend_choice(monkeypatch):
         assert dc.resolve_compile_backend("auto", cpu) == on_cpu, platform
         assert dc.resolve_compile_backend("auto", cuda) == on_cuda, platform
     monkeypatch.setattr(dc.sys, "platform", "linux")
+    assert dc.resolve_compile_backend("auto", cpu, dc.CPU_COMPILE_MIN_EPOCHS) == "inductor"
+    assert dc.resolve_compile_backend("auto", cpu, dc.CPU_COMPILE_MIN_EPOCHS - 1) is None
+    assert dc.resolve_compile_backend("auto", cuda, 10) == "inductor"  # short: still on a GPU
     monkeypatch.setattr(dc.shutil, "which", lambda name: None)  # no C++ compiler: eager
     assert dc.resolve_compile_backend("auto", cpu) is None
     assert dc.resolve_compile_backend("off", cuda) is None
