@@ -1366,8 +1366,10 @@ def run_epoch(model, loader, device, optimizer=None, scheduler=None, scaler=None
                     optimizer.zero_grad(set_to_none=True)
                     if scaler is not None:
                         scaler.scale(loss).backward()
-                        scaler.step(optimizer)
-                        scaler.update()
+                        try:
+                            scaler.step(optimizer)
+                        finally:  # a failed step must not leave the scaler mid-step
+                            scaler.update()
                     else:
                         loss.backward()
                         optimizer.step()

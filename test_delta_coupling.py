@@ -893,6 +893,35 @@ def test_run_epoch_stops_when_more_than_half_the_batches_fail(tiny_root, bad_ids
                          log=lambda msg: None)
 
 
+def test_a_failed_scaled_step_is_skipped_and_the_next_batches_train(tiny_root):
+    """With a GradScaler (fp16 AMP) an optimizer step that raises skips its batch only: the
+    other batches train exactly as a run without that batch and without scaling (SGD, whose
+    update would show gradients left scaled by 65536)."""
+    graphs = dc.DimerDataset(tiny_root)
+    items = [graphs[i] for i in range(4)]
+    model = small_model()
+    plain = small_model()
+    plain.load_state_dict(model.state_dict())
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    real_step, calls = optimizer.step, []
+
+    def step_failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("optimizer step failed")
+        return real_step(*args, **kwargs)
+
+    optimizer.step = step_failing_once
+    result = dc.run_epoch(model, DataLoader(items, batch_size=1), torch.device("cpu"),
+                          optimizer, scaler=torch.amp.GradScaler("cpu"), log=lambda msg: None)
+    assert (result.n_skipped, result.n_graphs, len(calls)) == (1, 3, 4)
+    assert "optimizer step failed" in result.skipped[0][1]
+    dc.run_epoch(plain, DataLoader(items[1:], batch_size=1), torch.device("cpu"),
+                 torch.optim.SGD(plain.parameters(), lr=1e-3), skip_failed_batches=False)
+    for p_scaled, p_plain in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(p_scaled, p_plain, rtol=1e-4, atol=1e-6)
+
+
 def test_run_epoch_metrics_are_weighted_by_graphs(tiny_root):
     ds = dc.DimerDataset(tiny_root)
     model = small_model()
