@@ -218,7 +218,12 @@ def parse_pdb(path):
     saying what to fix.
     """
     z, pos = [], []
-    with open(path, encoding="latin-1") as fh:  # every byte decodes: a binary file has no atoms
+    try:
+        fh = open(path, encoding="latin-1")  # every byte decodes: a binary file has no atoms
+    except (PermissionError, IsADirectoryError) as exc:
+        raise ValueError(f"{path} cannot be opened ({exc.strerror}); check that it is a "
+                         f"readable file") from None
+    with fh:
         for line_no, raw in enumerate(fh, start=1):
             line = raw.rstrip("\r\n")
             if line.startswith("ENDMDL"):

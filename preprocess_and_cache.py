@@ -19,7 +19,7 @@ import os
 import sys
 
 from delta_coupling import (DEFAULT_CACHE_FILE, DEFAULT_PHYSICAL_CUTOFF, DEFAULT_ROOT_DIR,
-                            DimerDataset, atomic_torch_save, cache_metadata, data_check_report,
+                            EXIT_INTERRUPTED, DimerDataset, atomic_torch_save, cache_metadata, data_check_report,
                             make_graph, parse_dimer, positive_float, progress)
 
 
@@ -55,6 +55,12 @@ if __name__ == "__main__":
     report, n_problems = data_check_report(args.root_dir)  # every problem at once, as training
     if n_problems:
         sys.exit(report)
-    path = build_cache(args.root_dir, args.physical_cutoff, args.cache_file_name,
-                       progress_bar=not args.quiet)
+    try:
+        path = build_cache(args.root_dir, args.physical_cutoff, args.cache_file_name,
+                           progress_bar=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"interrupted: no cache written (a previous "
+              f"{os.path.join(args.root_dir, args.cache_file_name)} is left as it was)",
+              file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     print(f"wrote {path}")

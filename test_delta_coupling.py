@@ -246,6 +246,23 @@ def test_pdb_unknown_element_names_file_and_line(tmp_path):
         dc.parse_pdb(str(path))
 
 
+def test_unreadable_pdb_names_row_and_file(tmp_path, monkeypatch):
+    root = write_dataset(str(tmp_path / "data"), 2)
+    blocked = os.path.join(root, "d1", "A.pdb")
+    real_open = open
+
+    def guarded_open(path, *args, **kwargs):  # as a file without read permission
+        if os.path.abspath(path) == blocked:
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(dc, "open", guarded_open, raising=False)
+    n_rows, problems = dc.check_dataset(root)
+    assert n_rows == 2 and len(problems) == 1
+    for part in ("row 3 (id dimer1)", "pdb_a", blocked, "Permission denied", "readable file"):
+        assert part in problems[0], (part, problems[0])
+
+
 def test_pdb_reads_first_model_and_altloc_a_only(tmp_path):
     path = tmp_path / "models.pdb"
     def atom(serial, name, alt, x, element):  # columns as in the PDB format
