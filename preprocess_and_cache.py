@@ -19,8 +19,9 @@ import os
 import sys
 
 from delta_coupling import (DEFAULT_CACHE_FILE, DEFAULT_PHYSICAL_CUTOFF, DEFAULT_ROOT_DIR,
-                            EXIT_INTERRUPTED, DimerDataset, atomic_torch_save, cache_metadata, data_check_report,
-                            make_graph, parse_dimer, positive_float, progress)
+                            EXIT_INTERRUPTED, DimerDataset, atomic_torch_save, cache_metadata,
+                            data_check_report, make_graph, parse_dimer, positive_float,
+                            progress)
 
 
 def build_cache(root_dir, physical_cutoff=DEFAULT_PHYSICAL_CUTOFF,
