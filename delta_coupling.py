@@ -462,21 +462,26 @@ def parse_dimer(root_dir, row):
                        mulliken=mulliken, field=field, n_a=len(z_a))
 
 
-def check_dataset(root_dir):
+def check_dataset(root_dir, parsed=None):
     """Validate every row of a data folder with the rules used in training; raise nothing.
 
     Returns ``(n_rows, problems)``: the number of data rows in meta.xlsx and one message per
     problem found: meta.xlsx-level ones and every bad cell (``read_meta``), then for each row
     with usable paths and R_nm the first problem of its PDBs and NPZ (``parse_dimer``).
+    ``parsed``: a list that receives the ``ParsedDimer`` of every row read without a problem,
+    so that training does not read the files again.
     """
     problems = []
     rows = read_meta(root_dir, problems=problems)
     for row in rows:
         if all(col in row for col in META_FILE_COLUMNS + ("R_nm",)):
             try:
-                parse_dimer(root_dir, row)
+                dimer = parse_dimer(root_dir, row)
             except (ValueError, FileNotFoundError) as exc:
                 problems.append(str(exc))
+                continue
+            if parsed is not None:
+                parsed.append(dimer)
     return len(rows), problems
 
 
@@ -621,16 +626,21 @@ class DimerDataset(torch.utils.data.Dataset):
             rotation to positions and field features on every access.
         preload: parse every row's files in the constructor (all errors surface at once and
             files are read once); ``False`` re-reads the files on every access.
+        parsed: the rows' ``ParsedDimer`` in meta.xlsx order if already read (``check_dataset``).
     """
 
     def __init__(self, root_dir, physical_cutoff=DEFAULT_PHYSICAL_CUTOFF, augment=False,
-                 jitter_std=DEFAULT_JITTER_STD, preload=True):
+                 jitter_std=DEFAULT_JITTER_STD, preload=True, parsed=None):
         self.root_dir = root_dir
         self.rows = read_meta(root_dir)
         self.internal_cutoff = physical_cutoff * INT_ANGSTROM_SCALE
         self.augment = augment
         self.jitter_std = jitter_std
-        self.parsed = [parse_dimer(root_dir, r) for r in self.rows] if preload else None
+        if parsed is not None and [p.row for p in parsed] != self.rows:
+            raise ValueError(f"{root_dir}: the parsed dimers do not match meta.xlsx's rows")
+        if parsed is None and preload:
+            parsed = [parse_dimer(root_dir, r) for r in self.rows]
+        self.parsed = parsed
 
     def __len__(self):
         return len(self.rows)
@@ -1832,9 +1842,9 @@ def exit_interrupted(saved):
     raise SystemExit(EXIT_INTERRUPTED)
 
 
-def data_check_report(root_dir):
+def data_check_report(root_dir, parsed=None):
     """Run ``check_dataset``: ("checked N rows of DIR: K problems" + one line each, K)."""
-    n_rows, problems = check_dataset(root_dir)
+    n_rows, problems = check_dataset(root_dir, parsed)
     head = f"checked {n_rows} rows of {root_dir}: {len(problems)} problem" \
            f"{'' if len(problems) == 1 else 's'}"
     return "\n".join([head] + [f"  - {p}" for p in problems]), len(problems)
@@ -1843,15 +1853,18 @@ def data_check_report(root_dir):
 def check_data_or_exit(args):
     """``--check_data``: print the report, exit 1 if any problem, else 0 (nothing trained).
 
-    Otherwise (before training) stop with status 2 and the full report if any problem.
+    Otherwise (before training) stop with status 2 and the full report if any problem, or
+    return every row's ``ParsedDimer`` (the files, read once for training too).
     """
-    report, n_problems = data_check_report(args.root_dir)
+    parsed = []
+    report, n_problems = data_check_report(args.root_dir, parsed)
     if args.check_data:
         print(report)
         raise SystemExit(1 if n_problems else 0)
     if n_problems:
         _exit(f"{report}\nFix these and run again (python delta_coupling.py --check_data "
               f"--root_dir {shlex.quote(args.root_dir)} lists them without training).")
+    return parsed
 
 
 def positive_int(text):
@@ -1939,8 +1952,9 @@ def _exit(message):
     raise SystemExit(2)
 
 
-def prepare_cache(args, rows):
-    """Find, build or validate ``<root_dir>/<cache_file_name>``; return the loaded payload."""
+def prepare_cache(args, rows, parsed=None):
+    """Find, build (from ``parsed`` dimers when given) or validate
+    ``<root_dir>/<cache_file_name>``; return the loaded payload."""
     cache_path = os.path.join(args.root_dir, args.cache_file_name)
     expected = cache_metadata(args.root_dir, args.physical_cutoff, rows)
     if args.rebuild_cache or not os.path.exists(cache_path):
@@ -1952,7 +1966,7 @@ def prepare_cache(args, rows):
                   f"yourself")
         log_line(f"building cache {cache_path} ...")
         build_cache(args.root_dir, args.physical_cutoff, cache_file_name=args.cache_file_name,
-                    progress_bar=not args.quiet)
+                    progress_bar=not args.quiet, parsed=parsed)
     rebuild = (f"Rebuild it: python preprocess_and_cache.py --root_dir "
                f"{shlex.quote(args.root_dir)} --physical_cutoff {args.physical_cutoff} "
                f"--cache_file_name {shlex.quote(args.cache_file_name)}, or run again with "
@@ -2140,9 +2154,9 @@ def main(argv=None):
     device = resolve_device(args.device)
     amp_dtype, use_scaler = amp_settings(device)
 
-    check_data_or_exit(args)  # --check_data exits here; training stops on any problem
+    parsed = check_data_or_exit(args)  # --check_data exits here; training stops on any problem
     rows = read_meta(args.root_dir)
-    payload = prepare_cache(args, rows)
+    payload = prepare_cache(args, rows, parsed)
     internal_cutoff = float(payload["metadata"]["internal_cutoff"])
 
     train_idx, val_idx, test_idx, rule = make_splits(rows, args.seed)
@@ -2151,7 +2165,7 @@ def main(argv=None):
           f"train {len(train_idx)}, val {len(val_idx)}, test {len(test_idx)}")
     if args.apply_augmentations and not args.augment_cached_train:
         train_ds = DimerDataset(args.root_dir, args.physical_cutoff, augment=True,
-                                jitter_std=args.jitter_std)
+                                jitter_std=args.jitter_std, parsed=parsed)
     else:
         aug = args.apply_augmentations
         train_ds = CachedDimerDataset(payload, rotate=aug, jitter_std=args.jitter_std if aug else 0)

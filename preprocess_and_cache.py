@@ -25,16 +25,20 @@ from delta_coupling import (DEFAULT_CACHE_FILE, DEFAULT_PHYSICAL_CUTOFF, DEFAULT
 
 
 def build_cache(root_dir, physical_cutoff=DEFAULT_PHYSICAL_CUTOFF,
-                cache_file_name=DEFAULT_CACHE_FILE, progress_bar=False):
+                cache_file_name=DEFAULT_CACHE_FILE, progress_bar=False, parsed=None):
     """Parse every row of ``root_dir/meta.xlsx`` and write the cache atomically; return its path.
 
     Each graph is the un-augmented ``DimerDataset`` graph with ``edge_attr_sh`` (E, 64) added.
-    ``progress_bar``: show a tqdm bar over the dimers on stderr.
+    ``progress_bar``: show a tqdm bar over the dimers on stderr. ``parsed``: the rows'
+    ``ParsedDimer`` if already read (as ``DimerDataset`` takes them).
     """
-    dataset = DimerDataset(root_dir, physical_cutoff, augment=False, preload=False)
+    dataset = DimerDataset(root_dir, physical_cutoff, augment=False, preload=False,
+                           parsed=parsed)
     graphs, ids = [], []
-    for row in progress(dataset.rows, not progress_bar, desc="building cache", unit="dimer"):
-        data = make_graph(parse_dimer(root_dir, row), dataset.internal_cutoff, with_sh=True)
+    for i, row in enumerate(progress(dataset.rows, not progress_bar, desc="building cache",
+                                     unit="dimer")):
+        dimer = dataset.parsed[i] if dataset.parsed is not None else parse_dimer(root_dir, row)
+        data = make_graph(dimer, dataset.internal_cutoff, with_sh=True)
         graphs.append({key: data[key] for key in data.keys() if key not in ("id", "num_nodes")})
         ids.append(row["id"])
     payload = {"metadata": cache_metadata(root_dir, physical_cutoff, dataset.rows),

@@ -1242,6 +1242,22 @@ def test_main_stops_when_most_batches_are_nan(tmp_path, monkeypatch, capsys):
 
 
 # ----------------------------------------------------------------------------- main end to end
+def test_training_reads_each_dimer_once(tiny_root, monkeypatch):
+    """The data check's parsed dimers serve the cache build and the training dataset."""
+    import preprocess_and_cache
+    calls = []
+    real = dc.parse_dimer
+
+    def counting(root_dir, row):
+        calls.append(row["id"])
+        return real(root_dir, row)
+
+    monkeypatch.setattr(dc, "parse_dimer", counting)
+    monkeypatch.setattr(preprocess_and_cache, "parse_dimer", counting)
+    dc.main(["--root_dir", tiny_root, "--epochs", "1", "--quiet", *SMALL_RUN[:-1]])
+    assert sorted(calls) == sorted(r["id"] for r in dc.read_meta(tiny_root))
+
+
 def test_default_arguments_are_specs():
     args = dc.build_arg_parser().parse_args([])
     assert (args.epochs, args.batch_size, args.physical_cutoff, args.num_conv_layers,
