@@ -1057,6 +1057,12 @@ class PointsConvolutionIntegrated(nn.Module):
         return node_self + torch.tanh(gate_logit) * update  # (N, out)
 
 
+def _warn_running_eager(what, exc):
+    """One warning line: ``what``, running eager, and the first line of the compiler's error."""
+    first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+    warnings.warn(f"{what}, running eager from now on: {type(exc).__name__}: {first_line}")
+
+
 class DeltaCoupling(nn.Module):
     """Atoms + one field node per dimer -> dV (SPEC 4). ``forward(batch)`` returns (B,).
 
@@ -1143,9 +1149,7 @@ class DeltaCoupling(nn.Module):
             except torch._dynamo.exc.BackendCompilerFailed as exc:
                 # compiling for this input failed (before anything ran, e.g. a recompilation
                 # for a new batch shape): the rest of the run is eager, the same function
-                first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-                warnings.warn(f"torch.compile failed on this batch shape, running eager from "
-                              f"now on: {type(exc).__name__}: {first_line}")
+                _warn_running_eager("torch.compile failed on this batch shape", exc)
                 self._compiled = None
         return self.forward_tensors(*inputs)
 
@@ -1363,7 +1367,8 @@ def run_epoch(model, loader, device, optimizer=None, scheduler=None, scaler=None
     """
     training = optimizer is not None
     model.train(training)
-    sums = dict(loss=0.0, ape=0.0, ae=0.0, se=0.0, b_ape=0.0, b_ae=0.0, b_se=0.0)
+    sums = dict(loss=0.0, ape=0.0, ae=0.0, se=0.0, baseline_ape=0.0, baseline_ae=0.0,
+                baseline_se=0.0)
     result = EpochResult()
     first_error = None
     for data in loader:
@@ -1400,16 +1405,14 @@ def run_epoch(model, loader, device, optimizer=None, scheduler=None, scaler=None
             continue
         n = data.num_graphs
         result.n_graphs += n
-        pred_d, true_d, v0_d = pred_vref.detach().double(), true_vref.double(), v0.double()
-        err, b_err = pred_d - true_d, v0_d - true_d
+        true_d = true_vref.double()
         denom = true_d.abs() + MAPE_EPS
         sums["loss"] += float(loss.detach()) * n
-        sums["ape"] += float((err.abs() / denom).sum())
-        sums["ae"] += float(err.abs().sum())
-        sums["se"] += float(err.pow(2).sum())
-        sums["b_ape"] += float((b_err.abs() / denom).sum())
-        sums["b_ae"] += float(b_err.abs().sum())
-        sums["b_se"] += float(b_err.pow(2).sum())
+        for prefix, est in (("", pred_vref.detach()), ("baseline_", v0)):  # V0 + dV, V0 alone
+            err = est.double() - true_d
+            sums[prefix + "ape"] += float((err.abs() / denom).sum())
+            sums[prefix + "ae"] += float(err.abs().sum())
+            sums[prefix + "se"] += float(err.pow(2).sum())
     if 2 * result.n_skipped > result.n_batches:
         first_ids, first_reason = result.skipped[0]
         raise TooManyFailedBatchesError(
@@ -1419,10 +1422,10 @@ def run_epoch(model, loader, device, optimizer=None, scheduler=None, scaler=None
     n = result.n_graphs
     if n:
         result.loss = sums["loss"] / n
-        result.mape, result.mae = 100.0 * sums["ape"] / n, sums["ae"] / n
-        result.rmse = math.sqrt(sums["se"] / n)
-        result.baseline_mape, result.baseline_mae = 100.0 * sums["b_ape"] / n, sums["b_ae"] / n
-        result.baseline_rmse = math.sqrt(sums["b_se"] / n)
+        for prefix in ("", "baseline_"):
+            setattr(result, prefix + "mape", 100.0 * sums[prefix + "ape"] / n)
+            setattr(result, prefix + "mae", sums[prefix + "ae"] / n)
+            setattr(result, prefix + "rmse", math.sqrt(sums[prefix + "se"] / n))
     return result
 
 
@@ -2001,9 +2004,7 @@ def try_compile(model, backend, train_probe, eval_probe=None, amp_dtype=None):
                           amp_dtype)
         return model._compiled is not None  # forward drops it when a compilation fails
     except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eager (SPEC 8)
-        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-        warnings.warn(f"torch.compile({backend}) failed, running eager: "
-                      f"{type(exc).__name__}: {first_line}")
+        _warn_running_eager(f"torch.compile({backend}) failed", exc)
         model.uncompile_forward()
         return False
     finally:
