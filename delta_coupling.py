@@ -1,7 +1,7 @@
 """DeltaCoupling: a rotation-equivariant GNN that learns dV so that V0 + dV matches Vref.
 
 Each sample is a molecular dimer (monomers A and B) read from a folder in the format of
-DATA_FORMAT.md: ``meta.xlsx`` (one row per dimer), two monomer PDBs and one NPZ with Mulliken
+docs/DATA_FORMAT.md: ``meta.xlsx`` (one row per dimer), two monomer PDBs and one NPZ with Mulliken
 populations, dipole and quadrupole. The network (e3nn + PyTorch Geometric) sees the atoms plus one
 "field node" per dimer carrying its multipoles, and predicts the correction dV to a cheap baseline
 interaction energy V0; the prediction of the reference is V0 + dV.
@@ -14,8 +14,9 @@ Three ways to run it::
 
 Pressing Run in an IDE is the first line: every argument has a default.
 
-The file is ordered as SPEC.md: constants and units, parsing, datasets, model, losses,
-training engine, plotting, main.
+The file reads top to bottom: constants and units, parsing, datasets, model, fast path,
+losses, training engine, plotting, main. docs/DESIGN.md describes the model and its training
+and the decisions behind them (cited below as "decision N"), docs/DATA_FORMAT.md the data.
 """
 import argparse
 import contextlib
@@ -44,7 +45,7 @@ from torch_geometric.data import Data
 from torch_geometric.loader import DataLoader
 from tqdm import tqdm
 
-try:  # optional fast neighbour search (DECISIONS 3); the pure-torch path below is exact
+try:  # optional fast neighbour search (docs/DESIGN.md, decision 3); the pure-torch path below is exact
     import torch_cluster
 except ImportError:  # pragma: no cover - depends on the environment
     torch_cluster = None
@@ -166,7 +167,7 @@ def quadrupole_debye_angstrom_to_internal(quad):
 def quadrupole_to_l2(quad):
     """Traceless part of a symmetric 3x3 tensor as 5 real l=2 components in e3nn's basis.
 
-    ``[Qxz, Qxy, (2Qyy - Qxx - Qzz) / (2 sqrt 3), Qyz, (Qzz - Qxx) / 2]`` (DECISIONS 4). The
+    ``[Qxz, Qxy, (2Qyy - Qxx - Qzz) / (2 sqrt 3), Qyz, (Qzz - Qxx) / 2]`` (docs/DESIGN.md, decision 4). The
     trace drops out of every component, so only the traceless part is used. Works on (..., 3, 3).
     """
     q = np.asarray(quad, dtype=np.float64)
@@ -490,7 +491,7 @@ def radius_graph(pos, cutoff, batch=None):
     """Directed edges (2, E) = [src, dst] between distinct atoms closer than ``cutoff``.
 
     Uses torch_cluster when importable (with a neighbour bound that can never truncate),
-    else an exact pure-torch search over pairs within each graph (DECISIONS 3).
+    else an exact pure-torch search over pairs within each graph (docs/DESIGN.md, decision 3).
     """
     n = pos.size(0)
     if batch is None:
@@ -581,7 +582,7 @@ def rotate_field_features(field_features, rot):
 
 # ----------------------------------------------------------------------------- datasets
 def make_graph(parsed, internal_cutoff, rotation=None, jitter_std=0.0, with_sh=False):
-    """Build the PyG ``Data`` of one dimer (SPEC 3.1), optionally rotated and jittered.
+    """Build the PyG ``Data`` of one dimer (docs/DATA_FORMAT.md), optionally rotated and jittered.
 
     Per-graph quantities are stored with a leading dimension of 1 so that a batch of B graphs
     has ``u`` (B, 4), ``field_node_features`` (B, 8), ``y`` (B,) ...
@@ -617,7 +618,7 @@ def make_graph(parsed, internal_cutoff, rotation=None, jitter_std=0.0, with_sh=F
 
 
 class DimerDataset(torch.utils.data.Dataset):
-    """Raw files -> graphs (SPEC 3.1), with fresh augmentation per item when ``augment``.
+    """Raw files -> graphs (docs/DESIGN.md, section 3), with fresh augmentation per item when ``augment``.
 
     Args:
         root_dir: data folder with meta.xlsx.
@@ -655,7 +656,7 @@ class DimerDataset(torch.utils.data.Dataset):
 
 
 def cache_metadata(root_dir, physical_cutoff, rows):
-    """The metadata a cache must carry and match (SPEC 8, DECISIONS 9)."""
+    """The metadata a cache must carry and match (docs/DESIGN.md, decision 9)."""
     return {
         "format_version": CACHE_FORMAT_VERSION,
         "physical_cutoff": float(physical_cutoff),
@@ -701,7 +702,7 @@ def load_cache(cache_path):
 
 
 class CachedDimerDataset(torch.utils.data.Dataset):
-    """Graphs from a cache written by ``build_cache`` (SPEC 3.2).
+    """Graphs from a cache written by ``build_cache`` (docs/DESIGN.md, section 3).
 
     Args:
         cache: path of ``cached_graphs.pt`` or an already loaded payload (shared between the
@@ -748,7 +749,7 @@ class CachedDimerDataset(torch.utils.data.Dataset):
 class RadialBesselBasisLayer(nn.Module):
     """phi_k(r) = sin(w_k r) / (w_k r) * 0.5 (1 + cos(pi r / cutoff)) for r <= cutoff, else 0.
 
-    ``w_k = k pi / cutoff``, k = 1..num_rbf (SPEC 4.4). Input (E,) or (E, 1); output (E, num_rbf).
+    ``w_k = k pi / cutoff``, k = 1..num_rbf (docs/DESIGN.md, section 4.3). Input (E,) or (E, 1); output (E, num_rbf).
     """
 
     def __init__(self, num_rbf, cutoff):
@@ -968,7 +969,7 @@ def mean_weights(edge_dst, num_nodes, dtype):
 
 
 class PointsConvolutionIntegrated(nn.Module):
-    """One equivariant message-passing block (SPEC 4.4).
+    """One equivariant message-passing block (docs/DESIGN.md, section 4.3).
 
     ``out = sc(x, attr) + tanh(alpha(agg, attr)) * lin2(agg, attr)`` with
     ``agg = scatter_mean_dst(tp(lin1(x, attr)[src], sh, w = fc(rbf(|r|))))``.
@@ -1064,7 +1065,7 @@ def _warn_running_eager(what, exc):
 
 
 class DeltaCoupling(nn.Module):
-    """Atoms + one field node per dimer -> dV (SPEC 4). ``forward(batch)`` returns (B,).
+    """Atoms + one field node per dimer -> dV (docs/DESIGN.md, section 4). ``forward(batch)`` returns (B,).
 
     ``forward`` unpacks the PyG batch and calls ``forward_tensors`` (tensors only: the part
     ``compile_forward`` hands to ``torch.compile``). ``set_reference(True)`` runs e3nn's modules
@@ -1082,7 +1083,7 @@ class DeltaCoupling(nn.Module):
         self.attr_embedding = nn.Sequential(  # Mulliken [s, p, d] -> 8x0e node attributes
             nn.Linear(MULLIKEN_DIM, NODE_ATTR_DIM), nn.SiLU(),
             nn.Linear(NODE_ATTR_DIM, NODE_ATTR_DIM))
-        self.field_node_attr = nn.Parameter(torch.randn(NODE_ATTR_DIM))  # (8,) DECISIONS 6
+        self.field_node_attr = nn.Parameter(torch.randn(NODE_ATTR_DIM))  # (8,) decision 6
         irreps_attr = o3.Irreps(f"{NODE_ATTR_DIM}x0e")
         self.convs = nn.ModuleList([
             PointsConvolutionIntegrated(IRREPS_NODE, irreps_attr, IRREPS_EDGE_SH, IRREPS_NODE,
@@ -1222,7 +1223,7 @@ class DeltaCoupling(nn.Module):
 
 # ----------------------------------------------------------------------------- losses & metrics
 def distance_weighted_l1_on_vref_loss(pred_vref, true_vref, R):
-    """Distance-weighted L1 in Vref space (DECISIONS 1).
+    """Distance-weighted L1 in Vref space (docs/DESIGN.md, decision 1).
 
     ``loss = sum_i w_i |pred_i - true_i| / sum_i w_i`` with ``w_i = R_i / mean(R)`` over the
     batch (R: internal separation). Larger R weighs more; equal R gives plain L1.
@@ -1256,7 +1257,7 @@ def regression_metrics(pred, true, v0):
     """Figures of V0 + dV (``model``) and of V0 alone (``baseline``) against Vref.
 
     ``pred``, ``true``, ``v0``: (n,) arrays in Vref units, n >= 1. Returns ``{"n": n, "model":
-    {...}, "baseline": {...}}``, each with ``mape`` (%, ``mape_loss_fn``, DECISIONS 2), ``mae``,
+    {...}, "baseline": {...}}``, each with ``mape`` (%, ``mape_loss_fn``, docs/DESIGN.md, decision 2), ``mae``,
     ``rmse`` and ``max_abs`` (the largest |error|) in Vref units.
     """
     true_t = torch.as_tensor(np.asarray(true, dtype=np.float64))  # (n,)
@@ -1319,7 +1320,7 @@ def format_metrics_table(report):
 
 # ----------------------------------------------------------------------------- training engine
 def amp_settings(device):
-    """(autocast dtype or None, use GradScaler) for a device (SPEC 6, DECISIONS 10)."""
+    """(autocast dtype or None, use GradScaler) for a device (docs/DESIGN.md, decision 10)."""
     if device.type != "cuda":
         return None, False
     if torch.cuda.get_device_capability(device) >= (8, 0):
@@ -1336,7 +1337,7 @@ class TooManyFailedBatchesError(RuntimeError):
 
 
 def _graph_u(data):
-    """u as (B, 4); a flat (4B,) vector from an older loader is reshaped (SPEC 6)."""
+    """u as (B, 4); a flat (4B,) vector from an older loader is reshaped."""
     num_graphs = data.num_graphs
     if data.u.numel() != num_graphs * U_DIM:
         raise ValueError(f"batch u has {data.u.numel()} values for {num_graphs} graphs "
@@ -1435,7 +1436,7 @@ def predict_rows(model, loader, device, amp_dtype=None, skip_failed_batches=True
 
     Returns ``{"id": [str], "pred": V0 + dV, "true": Vref (NaN where unknown), "v0": V0}``,
     the arrays (n,) float64 numpy. Inconsistent batches are logged and skipped like in
-    ``run_epoch`` (SPEC 7): their rows are absent.
+    ``run_epoch`` (docs/DESIGN.md, decision 11): their rows are absent.
     """
     model.eval()
     ids, preds, trues, v0s = [], [], [], []
@@ -1464,7 +1465,7 @@ def predict_rows(model, loader, device, amp_dtype=None, skip_failed_batches=True
 
 
 def predict_vref(model, loader, device, amp_dtype=None, skip_failed_batches=True, log=print):
-    """Predicted and true Vref and V0 over a loader: three 1-D float64 numpy arrays (SPEC 7)."""
+    """Predicted and true Vref and V0 over a loader: three 1-D float64 numpy arrays."""
     out = predict_rows(model, loader, device, amp_dtype, skip_failed_batches, log)
     return out["pred"], out["true"], out["v0"]
 
@@ -1516,7 +1517,7 @@ def save_regression_plot(pred, true, v0, save_path=None, title=""):
 
 def plot_regression(model, loader, device, save_path=None, title="", amp_dtype=None,
                     skip_failed_batches=True):
-    """Predict over ``loader`` and draw ``save_regression_plot`` (SPEC 7).
+    """Predict over ``loader`` and draw ``save_regression_plot`` (docs/DESIGN.md, section 7).
 
     Returns ``(pred, true)`` numpy arrays.
     """
@@ -1560,7 +1561,7 @@ def plot_learning_curves(history, save_path, best_epoch=None):
 
 # ----------------------------------------------------------------------------- main
 def split_sizes(n):
-    """(n_train, n_val, n_test) for n items (SPEC 8).
+    """(n_train, n_val, n_test) for n items (docs/DESIGN.md, decision 8).
 
     n < 10: 1 -> (1, 0, 0); 2 -> (1, 1, 0); 3..9 -> (n - 2, 1, 1).
     n >= 10: 80/10/10 with val and test rounded and at least 1 each; train takes the rest.
@@ -1575,7 +1576,7 @@ def split_sizes(n):
 
 
 def make_splits(rows, seed=DEFAULT_SEED):
-    """Seeded train/val/test row indices (DECISIONS 8).
+    """Seeded train/val/test row indices (docs/DESIGN.md, decision 8).
 
     When rows carry a ``group`` (a row without one is a group of its own), whole groups are
     split by ``split_sizes`` of the group count, so one dimer's distance scan never straddles
@@ -1892,7 +1893,7 @@ def build_arg_parser():
                     "--predict, predict Vref for new dimers with a saved model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--root_dir", default=DEFAULT_ROOT_DIR,
-                   help="data folder with meta.xlsx (DATA_FORMAT)")
+                   help="data folder with meta.xlsx (docs/DATA_FORMAT.md)")
     p.add_argument("--cache_file_name", default=DEFAULT_CACHE_FILE,
                    help="cache file inside root_dir")
     p.add_argument("--rebuild_cache", action="store_true", help="rebuild the cache first")
@@ -1991,7 +1992,7 @@ def try_compile(model, backend, train_probe, eval_probe=None, amp_dtype=None):
     Compilation is lazy, so one training forward + backward on ``train_probe`` and one no-grad
     forward on ``eval_probe`` (batches like those of training and evaluation) run now: a
     compiler failure shows here, is reported in one warning line and the model runs eager
-    (SPEC 8). Returns True when the compiled forward is in use.
+    (docs/DESIGN.md, decision 10). Returns True when the compiled forward is in use.
     """
     was_training = model.training
     try:
@@ -2003,7 +2004,7 @@ def try_compile(model, backend, train_probe, eval_probe=None, amp_dtype=None):
             predict_batch(model, (train_probe if eval_probe is None else eval_probe).clone(),
                           amp_dtype)
         return model._compiled is not None  # forward drops it when a compilation fails
-    except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eager (SPEC 8)
+    except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eager (decision 10)
         _warn_running_eager(f"torch.compile({backend}) failed", exc)
         model.uncompile_forward()
         return False
@@ -2013,7 +2014,7 @@ def try_compile(model, backend, train_probe, eval_probe=None, amp_dtype=None):
 
 
 def make_optimizer(model, lr, device):
-    """Adam (SPEC 8); its fused kernel on CPU and CUDA (one op per step instead of dozens per
+    """Adam (docs/DESIGN.md, section 8); its fused kernel on CPU and CUDA (one op per step instead of dozens per
     parameter tensor: the same update rule, measurably faster for this many small tensors)."""
     return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
 
@@ -2021,7 +2022,7 @@ def make_optimizer(model, lr, device):
 def resolve_compile_backend(choice, device, epochs=DEFAULT_EPOCHS):
     """The torch.compile backend for ``--compile choice`` on ``device``; None means eager.
 
-    ``auto`` (DECISIONS 10): on CUDA inductor, aot_eager on Windows (SPEC 8). On a CPU what
+    ``auto`` (docs/DESIGN.md, decision 10): on CUDA inductor, aot_eager on Windows. On a CPU what
     ``benchmarks/bench_training.py`` measured faster than eager: inductor on Linux when a C++
     compiler is on PATH (``CPU_AUTO_COMPILE``) and the run has ``CPU_COMPILE_MIN_EPOCHS``
     epochs or more, else eager (aot_eager measured slower).
@@ -2147,7 +2148,7 @@ def run_predict(args, argv=None):
 
 
 def main(argv=None):
-    """Train and evaluate (SPEC 8). ``argv=None`` reads sys.argv; every argument has a default."""
+    """Train and evaluate (docs/DESIGN.md, section 8). ``argv=None`` reads sys.argv; every argument has a default."""
     args, resume = parse_main_args(argv)
     seed_everything(args.seed)
     if args.predict:

@@ -1,4 +1,6 @@
-"""Build ``<root_dir>/cached_graphs.pt``: every dimer's graph plus edge harmonics (SPEC 3.2, 8).
+"""Build ``<root_dir>/cached_graphs.pt``: every dimer's graph plus edge harmonics.
+
+The cache's layout is in docs/DATA_FORMAT.md, "The cache".
 
 Usage::
 

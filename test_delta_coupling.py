@@ -1,6 +1,6 @@
 """Tests for delta_coupling.py and preprocess_and_cache.py.
 
-Tiny synthetic dimers are written in the DATA_FORMAT by fixtures; exactness checks run in
+Tiny synthetic dimers are written in the format of docs/DATA_FORMAT.md by fixtures; exactness checks run in
 float64 against independent references (e3nn's D matrices, hand-computed numbers).
 Run with ``pytest`` (the whole suite takes a minute or two on 2 cores).
 """
@@ -62,7 +62,7 @@ def pdb_text(symbols, pos, chain="A", with_element=True):
 
 
 def write_dataset(root, n_rows, groups=False, seed=0):
-    """Write ``n_rows`` random water-ammonia dimers in the DATA_FORMAT; return root."""
+    """Write ``n_rows`` random water-ammonia dimers in the format of docs/DATA_FORMAT.md; return root."""
     rng = np.random.default_rng(seed)
     os.makedirs(root, exist_ok=True)
     rows = []

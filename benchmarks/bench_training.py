@@ -1,4 +1,4 @@
-"""Training-speed benchmark of DeltaCoupling (issue 4).
+"""Training-speed benchmark of DeltaCoupling (README.md, Performance).
 
 Measures, on the bundled example (or ``--root_dir``), each figure as the median of
 ``--repeats`` repetitions after ``--warmup`` unmeasured ones:

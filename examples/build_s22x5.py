@@ -6,7 +6,7 @@ Usage::
     python examples/build_s22x5.py [--out examples/s22x5] [--basis def2-svp]
 
 For each of the 22 S22 dimers at 0.9, 1.0, 1.2, 1.5 and 2.0 x the equilibrium separation
-(110 rows) it writes, in the format of ``shared/DATA_FORMAT.md``:
+(110 rows) it writes, in the format of ``docs/DATA_FORMAT.md``:
 
 * ``<id>/A.pdb``, ``<id>/B.pdb``: the monomers in the *dimer frame* (A's centroid at the origin,
   B's centroid on +z);
@@ -31,7 +31,7 @@ import pandas as pd
 from ase.data import s22 as ase_s22
 from pyscf import gto, scf
 
-EV_TO_KCAL_MOL = 23.060548  # kcal/mol per eV (as the issue prescribes)
+EV_TO_KCAL_MOL = 23.060548  # kcal/mol per eV
 HARTREE_TO_KCAL_MOL = 627.5094740631  # kcal/mol per Hartree (CODATA 2018)
 ANGSTROM_TO_BOHR = 1.0 / 0.52917721092  # bohr per Angstrom (PySCF's BOHR)
 ANGSTROM_PER_NM = 10.0
@@ -138,7 +138,7 @@ README_TEMPLATE = """# S22x5 example data set (bundled with DeltaCoupling)
 
 The 22 non-covalent dimers of the S22 set (hydrogen-bonded, dispersion-bound and mixed), each at
 0.9, 1.0, 1.2, 1.5 and 2.0 times its equilibrium intermolecular separation: {n_rows} rows, in the
-format of DATA_FORMAT.md. `python delta_coupling.py` trains on this folder by default.
+format of `../../docs/DATA_FORMAT.md`. `python delta_coupling.py` trains on this folder by default.
 
 ## Sources
 - Geometries and the reference **Vref**: CCSD(T)/CBS (counterpoise-corrected) interaction
