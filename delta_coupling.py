@@ -746,10 +746,14 @@ class CachedDimerDataset(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------- model
+# The network as docs/DESIGN.md, section 4 writes it, with e3nn's modules. By default the
+# convolutions run through the dense kernels of the next section (the same function, faster);
+# the model only holds the switch, ``fast``.
 class RadialBesselBasisLayer(nn.Module):
     """phi_k(r) = sin(w_k r) / (w_k r) * 0.5 (1 + cos(pi r / cutoff)) for r <= cutoff, else 0.
 
-    ``w_k = k pi / cutoff``, k = 1..num_rbf (docs/DESIGN.md, section 4.3). Input (E,) or (E, 1); output (E, num_rbf).
+    ``w_k = k pi / cutoff``, k = 1..num_rbf (docs/DESIGN.md, section 4.3). Input (E,) or (E, 1);
+    output (E, num_rbf).
     """
 
     def __init__(self, num_rbf, cutoff):
@@ -763,6 +767,261 @@ class RadialBesselBasisLayer(nn.Module):
         sinc = torch.sinc(self.omega * r / math.pi)  # (E, K): sin(w r) / (w r), 1 at r = 0
         envelope = 0.5 * (1.0 + torch.cos(math.pi * r / self.cutoff))  # (E, 1)
         return sinc * envelope * (r <= self.cutoff)  # (E, K)
+
+
+def inverse_in_degree(edge_dst, num_nodes, dtype):
+    """(N, 1): 1 / (number of edges into each node), 1 where none: scatter-sum -> scatter-mean."""
+    count_dtype = torch.promote_types(dtype, torch.float32)  # exact counts under AMP
+    count = torch.zeros(num_nodes, dtype=count_dtype, device=edge_dst.device).index_add_(
+        0, edge_dst, torch.ones_like(edge_dst, dtype=count_dtype))
+    return (1.0 / count.clamp(min=1)).unsqueeze(1)
+
+
+def scatter_mean(edge_msg, edge_dst, inv_in_degree):
+    """(E, C) messages -> (N, C): the mean over the edges into each node (decision 5).
+
+    ``inv_in_degree`` (N, 1) from ``inverse_in_degree``. Sums in float32 or wider (exact under
+    AMP); the result in the messages' dtype.
+    """
+    sum_dtype = torch.promote_types(edge_msg.dtype, torch.float32)
+    total = edge_msg.new_zeros(inv_in_degree.size(0), edge_msg.size(1), dtype=sum_dtype)
+    total = total.index_add_(0, edge_dst, edge_msg.to(sum_dtype))  # (N, C)
+    return (total * inv_in_degree.to(sum_dtype)).to(edge_msg.dtype)
+
+
+class PointsConvolutionIntegrated(nn.Module):
+    """One equivariant message-passing block (docs/DESIGN.md, section 4.3).
+
+    ``out = sc(x, attr) + tanh(alpha(agg, attr)) * lin2(agg, attr)`` with
+    ``agg = scatter_mean_dst(tp(lin1(x, attr)[src], sh, w = fc(rbf(|r|))))``.
+    With ``fast`` (the default) ``fast_kernels`` (a ``FastConvolution``) computes the same
+    function over the same parameters; ``use_fast_path(False)`` runs the modules below.
+    """
+
+    def __init__(self, irreps_node_input, irreps_node_attr, irreps_edge_attr,
+                 irreps_node_output, num_rbf, cutoff, radial_hidden=DEFAULT_RADIAL_HIDDEN):
+        super().__init__()
+        self.irreps_node_input = o3.Irreps(irreps_node_input)
+        self.irreps_node_attr = o3.Irreps(irreps_node_attr)
+        self.irreps_edge_attr = o3.Irreps(irreps_edge_attr)
+        self.irreps_node_output = o3.Irreps(irreps_node_output)
+
+        self.rbf = RadialBesselBasisLayer(num_rbf, cutoff)
+        self.sc = o3.FullyConnectedTensorProduct(self.irreps_node_input, self.irreps_node_attr,
+                                                 self.irreps_node_output)
+        self.lin1 = o3.FullyConnectedTensorProduct(self.irreps_node_input, self.irreps_node_attr,
+                                                   self.irreps_node_input)
+        # one weighted 'uvu' path per input irrep x edge irrep whose product is an output irrep
+        # (or the scalar 0e); the paths' outputs, sorted, are the message irreps irreps_mid
+        irreps_mid, instructions = [], []
+        for i, (mul, ir_in) in enumerate(self.irreps_node_input):
+            for j, (_, ir_edge) in enumerate(self.irreps_edge_attr):
+                for ir_out in ir_in * ir_edge:
+                    if ir_out in self.irreps_node_output or ir_out == o3.Irrep("0e"):
+                        instructions.append((i, j, len(irreps_mid), "uvu", True))
+                        irreps_mid.append((mul, ir_out))
+        irreps_mid = o3.Irreps(irreps_mid)
+        irreps_mid, perm, _ = irreps_mid.sort()
+        instructions = [(i, j, perm[k], mode, train) for i, j, k, mode, train in instructions]
+        self.irreps_mid = irreps_mid
+        self.tp = o3.TensorProduct(self.irreps_node_input, self.irreps_edge_attr, irreps_mid,
+                                   instructions, internal_weights=False, shared_weights=False)
+        self.fc = FullyConnectedNet([num_rbf, radial_hidden, self.tp.weight_numel],
+                                    torch.nn.functional.silu)  # rbf -> per-edge tp weights
+        self.lin2 = o3.FullyConnectedTensorProduct(irreps_mid, self.irreps_node_attr,
+                                                   self.irreps_node_output)
+        self.alpha = o3.FullyConnectedTensorProduct(irreps_mid, self.irreps_node_attr, "0e")
+
+        self.fast_kernels = FastConvolution.for_layer(self)  # None: no fast path for these irreps
+        self.fast = self.fast_kernels is not None
+
+    def use_fast_path(self, enabled=True):
+        """Dense kernels (True, the default) or e3nn's modules one by one (False)."""
+        self.fast = enabled and self.fast_kernels is not None
+        return self
+
+    def forward(self, node_features, node_attr, edge_src, edge_dst, edge_sh, edge_length,
+                edge_basis=None, inv_in_degree=None, **fast_inputs):
+        """(N, in), (N, attr), (E,), (E,), harmonics (E, 64), lengths (E,) -> (N, out).
+
+        ``edge_basis`` = ``self.rbf(edge_length)`` and ``inv_in_degree`` =
+        ``inverse_in_degree(edge_dst, N)`` are computed here unless given (the model computes
+        them once for all layers); ``fast_inputs`` go to the fast path's kernels.
+        """
+        basis = self.rbf(edge_length) if edge_basis is None else edge_basis  # (E, num_rbf)
+        if inv_in_degree is None:
+            inv_in_degree = inverse_in_degree(edge_dst, node_features.size(0),
+                                              node_features.dtype)  # (N, 1)
+        if self.fast:
+            return self.fast_kernels(self, node_features, node_attr, edge_src, edge_dst, edge_sh,
+                                     basis, inv_in_degree, **fast_inputs)
+        edge_weights = self.fc(basis)  # (E, tp.weight_numel)
+        node_self = self.sc(node_features, node_attr)  # (N, out)
+        node_pre = self.lin1(node_features, node_attr)  # (N, in)
+        edge_msg = self.tp(node_pre[edge_src], edge_sh, edge_weights)  # (E, mid)
+        agg = scatter_mean(edge_msg, edge_dst, inv_in_degree)  # (N, mid)
+        update, gate_logit = self.lin2(agg, node_attr), self.alpha(agg, node_attr)  # (N, out), (N, 1)
+        return node_self + torch.tanh(gate_logit) * update  # (N, out)
+
+
+def _warn_running_eager(what, exc):
+    """One warning line: ``what``, running eager, and the first line of the compiler's error."""
+    first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+    warnings.warn(f"{what}, running eager from now on: {type(exc).__name__}: {first_line}")
+
+
+class DeltaCoupling(nn.Module):
+    """Atoms + one field node per dimer -> dV (docs/DESIGN.md, section 4). ``forward(batch)``
+    returns (B,).
+
+    ``forward`` unpacks the PyG batch and calls ``forward_tensors`` (tensors only: the part
+    ``compile_forward`` hands to ``torch.compile``). ``fast`` (the default) runs the
+    convolutions through the dense kernels of the fast-path section; ``use_fast_path(False)``
+    runs e3nn's modules one by one: the same function, kept for tests and the benchmark.
+    """
+
+    def __init__(self, num_conv_layers=DEFAULT_NUM_CONV_LAYERS, num_rbf=DEFAULT_NUM_RBF,
+                 cutoff=DEFAULT_PHYSICAL_CUTOFF * INT_ANGSTROM_SCALE,
+                 radial_hidden=DEFAULT_RADIAL_HIDDEN, mlp_hidden=DEFAULT_MLP_HIDDEN):
+        super().__init__()
+        self.config = dict(num_conv_layers=num_conv_layers, num_rbf=num_rbf, cutoff=float(cutoff),
+                           radial_hidden=radial_hidden, mlp_hidden=mlp_hidden)
+        self.z_embedding = nn.Embedding(NUM_ELEMENTS + 1, NUM_NODE_SCALARS)  # Z -> 8x0e
+        self.attr_embedding = nn.Sequential(  # Mulliken [s, p, d] -> 8x0e node attributes
+            nn.Linear(MULLIKEN_DIM, NODE_ATTR_DIM), nn.SiLU(),
+            nn.Linear(NODE_ATTR_DIM, NODE_ATTR_DIM))
+        self.field_node_attr = nn.Parameter(torch.randn(NODE_ATTR_DIM))  # (8,) decision 6
+        irreps_attr = o3.Irreps(f"{NODE_ATTR_DIM}x0e")
+        self.convs = nn.ModuleList([
+            PointsConvolutionIntegrated(IRREPS_NODE, irreps_attr, IRREPS_EDGE_SH, IRREPS_NODE,
+                                        num_rbf, cutoff, radial_hidden)
+            for _ in range(num_conv_layers)])
+        self.readout = nn.Sequential(
+            nn.Linear(NUM_NODE_SCALARS + U_DIM, mlp_hidden), nn.SiLU(),
+            nn.Linear(mlp_hidden, mlp_hidden), nn.SiLU(),
+            nn.Linear(mlp_hidden, 1))
+
+        self.fast_path = FastPath(self.convs)  # what the dense kernels compute once per batch
+        self.fast = True
+        self._compiled = None  # torch.compile'd forward_tensors, see compile_forward()
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def use_fast_path(self, enabled=True):
+        """Dense kernels (True, the default) or e3nn's modules one by one (False)."""
+        self.fast = enabled
+        for conv in self.convs:
+            conv.use_fast_path(enabled)
+        return self
+
+    def compile_forward(self, backend, dynamic=True):
+        """torch.compile ``forward_tensors`` (a PyG batch is not traceable); returns self."""
+        self._compiled = torch.compile(self.forward_tensors, backend=backend, dynamic=dynamic)
+        return self
+
+    def uncompile_forward(self):
+        self._compiled = None
+        return self
+
+    def forward(self, data):
+        inputs = (data.z_atoms, data.pos_atoms, data.batch, data.atomic_node_attr,
+                  data.field_node_features, data.u, data.edge_index_atoms,
+                  getattr(data, "edge_attr_sh", None), data.edge_attr_atoms)
+        if self._compiled is not None:
+            try:
+                return self._compiled(*inputs)
+            except torch._dynamo.exc.BackendCompilerFailed as exc:
+                # compiling for this input failed (before anything ran, e.g. a recompilation
+                # for a new batch shape): the rest of the run is eager, the same function
+                _warn_running_eager("torch.compile failed on this batch shape", exc)
+                self._compiled = None
+        return self.forward_tensors(*inputs)
+
+    def forward_tensors(self, z, pos_atoms, batch_atoms, atomic_node_attr, field_feat, u,
+                        edge_index_atoms, sh_atoms=None, edge_attr_atoms=None):
+        """z (N,), pos (N, 3), batch (N,), Mulliken (N, 3), field (B, 8), u (B, 4), edges (2, E),
+        optional cached harmonics (E, 64) with lengths (E, 1) -> dV (B,)."""
+        num_graphs, num_atoms = u.size(0), z.size(0)
+        dtype = pos_atoms.dtype
+
+        # --- nodes (section 4.1): atoms first, then one field node per graph at its centroid
+        atom_count = pos_atoms.new_zeros(num_graphs).index_add_(
+            0, batch_atoms, torch.ones_like(batch_atoms, dtype=dtype))  # (B,)
+        centroid = pos_atoms.new_zeros(num_graphs, 3).index_add_(0, batch_atoms, pos_atoms)
+        centroid = centroid / atom_count.unsqueeze(1)  # (B, 3)
+        pos_combined = torch.cat([pos_atoms, centroid])  # (N + B, 3)
+        x_atoms = torch.cat([self.z_embedding(z),
+                             pos_atoms.new_zeros(num_atoms, NODE_DIM - NUM_NODE_SCALARS)],
+                            dim=1)  # (N, 16): 8x0e embedded, 1o and 2e zero
+        x_field = torch.cat([pos_atoms.new_zeros(num_graphs, NUM_NODE_SCALARS), field_feat],
+                            dim=1)  # (B, 16): scalars zero, 1o + 2e from the multipoles
+        x = torch.cat([x_atoms, x_field])  # (N + B, 16)
+        node_attr = torch.cat([self.attr_embedding(atomic_node_attr),
+                               self.field_node_attr.expand(num_graphs, -1)])  # (N + B, 8)
+        batch_combined = torch.cat([batch_atoms,
+                                    torch.arange(num_graphs, device=z.device)])  # (N + B,)
+
+        # --- edges (section 4.2): atom-atom from the data, atom <-> field built here
+        atom_idx = torch.arange(num_atoms, device=z.device)
+        field_idx = num_atoms + batch_atoms  # (N,) each atom's field node
+        edge_index_af = torch.stack([torch.cat([atom_idx, field_idx]),
+                                     torch.cat([field_idx, atom_idx])])  # (2, 2N)
+        vec_af = edge_vectors(pos_combined, edge_index_af)  # (2N, 3)
+        edge_index = torch.cat([edge_index_atoms, edge_index_af], dim=1)  # (2, E + 2N)
+        if sh_atoms is None:  # harmonics and lengths of all edges at once
+            edge_vec = torch.cat([edge_vectors(pos_atoms, edge_index_atoms), vec_af])  # (E+2N, 3)
+            edge_sh = edge_spherical_harmonics(edge_vec)  # (E + 2N, 64)
+            edge_length = edge_vec.norm(dim=-1)  # (E + 2N,)
+        else:  # the cache's atom-atom harmonics and lengths
+            edge_sh = torch.cat([sh_atoms, edge_spherical_harmonics(vec_af)])  # (E + 2N, 64)
+            edge_length = torch.cat([edge_attr_atoms.reshape(-1), vec_af.norm(dim=-1)])
+        edge_src, edge_dst = edge_index[0], edge_index[1]
+
+        # --- convolutions (section 4.4), a residual add every two layers
+        basis = self.convs[0].rbf(edge_length) if len(self.convs) else None  # same in every layer
+        inv_in_degree = inverse_in_degree(edge_dst, x.size(0), x.dtype)  # (N + B, 1)
+        per_layer = (self.fast_path.layer_inputs(edge_sh, basis) if self.fast
+                     else [{} for _ in self.convs])  # what the dense kernels share
+        residual = x
+        for i, (conv, fast_inputs) in enumerate(zip(self.convs, per_layer)):
+            x = conv(x, node_attr, edge_src, edge_dst, edge_sh, edge_length, basis,
+                     inv_in_degree, **fast_inputs)  # (N + B, 16)
+            if i % 2 == 1:
+                x = x + residual
+                residual = x
+
+        # --- mean pooling per graph; the invariant scalars (8x0e) feed the readout
+        scalars = x[:, :NUM_NODE_SCALARS]  # (N + B, 8)
+        node_count = atom_count + 1.0  # (B,) atoms + the field node
+        sum_dtype = torch.promote_types(scalars.dtype, torch.float32)  # exact sums under AMP
+        h = scalars.new_zeros(num_graphs, NUM_NODE_SCALARS, dtype=sum_dtype).index_add_(
+            0, batch_combined, scalars.to(sum_dtype))
+        h = h / node_count.unsqueeze(1)  # (B, 8)
+        return self.readout(torch.cat([h, u], dim=1)).squeeze(1)  # (B,) dV
+
+
+# ----------------------------------------------------------------------------- fast path
+# The same function as the model's e3nn modules, in fewer and larger operations (decision 15).
+# e3nn returns the edge harmonics as four identical copies of each l, so the four per-copy
+# weights of an edge path multiply the same numbers: ``DenseEdgeTensorProduct`` computes the
+# product on one copy with the copies' weights summed (in the radial MLP's last matrix),
+# keeping e3nn's path normalisation. Every other e3nn product (sc, lin1, lin2, alpha) becomes
+# one matrix product whose matrix is scattered from the products' own weights times e3nn's
+# Wigner-3j coefficients and path weights (``tensor_product_terms``). No parameters live here:
+# state dicts are those of the model section. The tests compare dV and gradients with
+# ``use_fast_path(False)`` and check rotation invariance of this path in float64.
+def fc_layer_matrix(layer):
+    """The matrix an e3nn ``FullyConnectedNet`` layer multiplies by, its normalisation
+    included, and the factor applied after its activation: ``(w, scale)``.
+
+    A layer with an activation computes ``act(x @ w) * scale``, the last (linear) one ``x @ w``
+    (scale 1); written as e3nn's ``_Layer.forward`` computes it, so the results are the same.
+    """
+    if layer.act is not None:
+        return layer.weight / (layer.h_in * layer.var_in) ** 0.5, layer.var_out ** 0.5
+    return layer.weight / (layer.h_in * layer.var_in / layer.var_out) ** 0.5, 1.0
 
 
 def tensor_product_terms(tp):
@@ -937,7 +1196,7 @@ class DenseEdgeTensorProduct(nn.Module):
     def summed_last_weight(self, fc):
         """The matrix of ``fc``'s last (linear) layer, summed over the copies: (h, numel / n)."""
         last = fc[len(fc) - 1]
-        w = last.weight / (last.h_in * last.var_in / last.var_out) ** 0.5  # as e3nn's _Layer
+        w, _ = fc_layer_matrix(last)  # (h, numel)
         return w.view(last.h_in, -1, self.n_copies).sum(-1)
 
     def summed_weights(self, fc, basis):
@@ -959,266 +1218,96 @@ class DenseEdgeTensorProduct(nn.Module):
             outs.append((prod.sum(2) if dim > 1 else prod).reshape(num_edges, -1))  # (E, mul k)
         return torch.cat(outs, dim=1) * summed.index_select(1, self.weight_col)  # (E, dim_out)
 
+class FastConvolution(nn.Module):
+    """The dense kernels of one ``PointsConvolutionIntegrated``, over its parameters.
 
-def mean_weights(edge_dst, num_nodes, dtype):
-    """(N, 1): 1 / (number of edges into each node), 1 where none: scatter-sum -> scatter-mean."""
-    acc = torch.promote_types(dtype, torch.float32)  # exact counts under AMP
-    count = torch.zeros(num_nodes, dtype=acc, device=edge_dst.device).index_add_(
-        0, edge_dst, torch.ones_like(edge_dst, dtype=acc))
-    return (1.0 / count.clamp(min=1)).unsqueeze(1)
-
-
-class PointsConvolutionIntegrated(nn.Module):
-    """One equivariant message-passing block (docs/DESIGN.md, section 4.3).
-
-    ``out = sc(x, attr) + tanh(alpha(agg, attr)) * lin2(agg, attr)`` with
-    ``agg = scatter_mean_dst(tp(lin1(x, attr)[src], sh, w = fc(rbf(|r|))))``.
+    ``node`` holds sc and lin1 (one matmul), ``edge`` the edge tensor product on one copy of
+    the harmonics, ``mid`` lin2 and the gate alpha (one matmul, reading the messages in the
+    column order ``edge`` writes them).
     """
 
-    def __init__(self, irreps_node_input, irreps_node_attr, irreps_edge_attr,
-                 irreps_node_output, num_rbf, cutoff, radial_hidden=DEFAULT_RADIAL_HIDDEN):
+    def __init__(self, conv):
         super().__init__()
-        self.irreps_node_input = o3.Irreps(irreps_node_input)
-        self.irreps_node_attr = o3.Irreps(irreps_node_attr)
-        self.irreps_edge_attr = o3.Irreps(irreps_edge_attr)
-        self.irreps_node_output = o3.Irreps(irreps_node_output)
-
-        self.rbf = RadialBesselBasisLayer(num_rbf, cutoff)
-        self.sc = o3.FullyConnectedTensorProduct(self.irreps_node_input, self.irreps_node_attr,
-                                                 self.irreps_node_output)
-        self.lin1 = o3.FullyConnectedTensorProduct(self.irreps_node_input, self.irreps_node_attr,
-                                                   self.irreps_node_input)
-        irreps_mid, instructions = [], []
-        for i, (mul, ir_in) in enumerate(self.irreps_node_input):
-            for j, (_, ir_edge) in enumerate(self.irreps_edge_attr):
-                for ir_out in ir_in * ir_edge:
-                    if ir_out in self.irreps_node_output or ir_out == o3.Irrep("0e"):
-                        instructions.append((i, j, len(irreps_mid), "uvu", True))
-                        irreps_mid.append((mul, ir_out))
-        irreps_mid = o3.Irreps(irreps_mid)
-        irreps_mid, perm, _ = irreps_mid.sort()
-        instructions = [(i, j, perm[k], mode, train) for i, j, k, mode, train in instructions]
-        self.irreps_mid = irreps_mid
-        self.tp = o3.TensorProduct(self.irreps_node_input, self.irreps_edge_attr, irreps_mid,
-                                   instructions, internal_weights=False, shared_weights=False)
-        self.fc = FullyConnectedNet([num_rbf, radial_hidden, self.tp.weight_numel],
-                                    torch.nn.functional.silu)
-        self.lin2 = o3.FullyConnectedTensorProduct(irreps_mid, self.irreps_node_attr,
-                                                   self.irreps_node_output)
-        self.alpha = o3.FullyConnectedTensorProduct(irreps_mid, self.irreps_node_attr, "0e")
-
-        # the fast path: the same products as dense kernels over the same parameters
-        self.reference = False  # True: e3nn's modules one by one (the straightforward path)
-        self.dense_node = DenseBilinear([self.sc, self.lin1])
-        try:
-            self.dense_edge = DenseEdgeTensorProduct(self.tp, self.fc)
-        except NotImplementedError:  # edge irreps that are not copies of one set: e3nn's tp
-            self.dense_edge = None
-        self.dense_mid = DenseBilinear([self.lin2, self.alpha], x_columns=(
-            self.dense_edge.columns if self.dense_edge is not None else None))
-        self.register_buffer("sh_first_copy", _copy_index(self.irreps_edge_attr),
+        self.node = DenseBilinear([conv.sc, conv.lin1])
+        self.edge = DenseEdgeTensorProduct(conv.tp, conv.fc)
+        self.mid = DenseBilinear([conv.lin2, conv.alpha], x_columns=self.edge.columns)
+        self.register_buffer("sh_first_copy", _copy_index(conv.irreps_edge_attr),
                              persistent=False)
-        self.register_buffer("sh_tile", _tile_index(self.irreps_edge_attr), persistent=False)
 
-    def forward(self, node_features, node_attr, edge_src, edge_dst, edge_sh, edge_length,
-                edge_basis=None, inv_in_degree=None, summed_weights=None, dense_mats=(None, None)):
-        """(N, in), (N, attr), (E,), (E,), harmonics (E, 64) or one copy of each l (E, 16),
-        lengths (E,) -> (N, out). Computed here unless given: ``edge_basis`` =
-        ``self.rbf(edge_length)``, ``inv_in_degree`` = ``mean_weights(edge_dst, N)`` and, on
-        the dense path, ``summed_weights`` = ``dense_edge.summed_weights(fc, edge_basis)`` and
-        ``dense_mats`` = the ``dense_matrix()`` of ``dense_node`` and ``dense_mid``."""
-        num_nodes = node_features.size(0)
-        basis = self.rbf(edge_length) if edge_basis is None else edge_basis  # (E, num_rbf)
-        dense = not self.reference and self.dense_edge is not None
-        if dense:
-            if edge_sh.size(1) != self.dense_edge.dim_single:
-                edge_sh = edge_sh.index_select(1, self.sh_first_copy)  # (E, 16)
-            if summed_weights is None:
-                summed_weights = self.dense_edge.summed_weights(self.fc, basis)  # (E, numel / 4)
-            node_self, node_pre = self.dense_node(node_features, node_attr,
-                                                  dense_mats[0])  # (N, out), (N, in)
-            edge_msg = self.dense_edge(node_pre.index_select(0, edge_src), edge_sh,
-                                       summed_weights)  # (E, mid)
-        else:
-            if edge_sh.size(1) != self.irreps_edge_attr.dim:
-                edge_sh = edge_sh[:, self.sh_tile]  # (E, 64)
-            node_self = self.sc(node_features, node_attr)  # (N, out)
-            node_pre = self.lin1(node_features, node_attr)  # (N, in)
-            edge_msg = self.tp(node_pre[edge_src], edge_sh, self.fc(basis))  # (E, mid)
-        if inv_in_degree is None:
-            inv_in_degree = mean_weights(edge_dst, num_nodes, node_features.dtype)
-        acc = torch.promote_types(edge_msg.dtype, torch.float32)  # exact sums under AMP
-        agg = edge_msg.new_zeros(num_nodes, edge_msg.size(1), dtype=acc).index_add_(
-            0, edge_dst, edge_msg.to(acc))
-        agg = (agg * inv_in_degree.to(acc)).to(edge_msg.dtype)  # (N, mid) scatter-mean
-        if dense:
-            update, gate_logit = self.dense_mid(agg, node_attr, dense_mats[1])  # (N, out), (N, 1)
-        else:
-            update, gate_logit = self.lin2(agg, node_attr), self.alpha(agg, node_attr)
+    @classmethod
+    def for_layer(cls, conv):
+        """The kernels of ``conv``, or None where its edge irreps are not copies of one set."""
+        try:
+            return cls(conv)
+        except NotImplementedError:
+            return None
+
+    def forward(self, conv, node_features, node_attr, edge_src, edge_dst, edge_sh, basis,
+                inv_in_degree, edge_sh_single=None, summed_weights=None, dense_mats=(None, None)):
+        """``conv``'s forward: (N, in), (N, attr), (E,), (E,), harmonics (E, 64), basis
+        (E, num_rbf), (N, 1) -> (N, out). Computed here unless given (``FastPath``):
+        ``edge_sh_single`` (E, 16), one copy of the harmonics; ``summed_weights`` =
+        ``edge.summed_weights(conv.fc, basis)``; ``dense_mats`` = the ``dense_matrix()`` of
+        ``node`` and ``mid``."""
+        if edge_sh_single is None:
+            edge_sh_single = edge_sh.index_select(1, self.sh_first_copy)  # (E, 16)
+        if summed_weights is None:
+            summed_weights = self.edge.summed_weights(conv.fc, basis)  # (E, numel / 4)
+        node_self, node_pre = self.node(node_features, node_attr,
+                                        dense_mats[0])  # (N, out), (N, in)
+        edge_msg = self.edge(node_pre.index_select(0, edge_src), edge_sh_single,
+                             summed_weights)  # (E, mid), columns in edge's order
+        agg = scatter_mean(edge_msg, edge_dst, inv_in_degree)  # (N, mid)
+        update, gate_logit = self.mid(agg, node_attr, dense_mats[1])  # (N, out), (N, 1)
         return node_self + torch.tanh(gate_logit) * update  # (N, out)
 
 
-def _warn_running_eager(what, exc):
-    """One warning line: ``what``, running eager, and the first line of the compiler's error."""
-    first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-    warnings.warn(f"{what}, running eager from now on: {type(exc).__name__}: {first_line}")
+class FastPath(nn.Module):
+    """What the dense kernels of all layers of a ``DeltaCoupling`` compute once per batch.
 
-
-class DeltaCoupling(nn.Module):
-    """Atoms + one field node per dimer -> dV (docs/DESIGN.md, section 4). ``forward(batch)`` returns (B,).
-
-    ``forward`` unpacks the PyG batch and calls ``forward_tensors`` (tensors only: the part
-    ``compile_forward`` hands to ``torch.compile``). ``set_reference(True)`` runs e3nn's modules
-    one by one over the tiled harmonics instead of the dense kernels: the same function, kept as
-    the straightforward implementation for tests and the benchmark.
+    One copy of the edge harmonics; every layer's radial MLP (they share their input, the
+    basis) as one matmul and one batched matmul; every layer's bilinear matrices in one
+    scatter (``DenseBilinearStack``).
     """
 
-    def __init__(self, num_conv_layers=DEFAULT_NUM_CONV_LAYERS, num_rbf=DEFAULT_NUM_RBF,
-                 cutoff=DEFAULT_PHYSICAL_CUTOFF * INT_ANGSTROM_SCALE,
-                 radial_hidden=DEFAULT_RADIAL_HIDDEN, mlp_hidden=DEFAULT_MLP_HIDDEN):
+    def __init__(self, convs):
         super().__init__()
-        self.config = dict(num_conv_layers=num_conv_layers, num_rbf=num_rbf, cutoff=float(cutoff),
-                           radial_hidden=radial_hidden, mlp_hidden=mlp_hidden)
-        self.z_embedding = nn.Embedding(NUM_ELEMENTS + 1, NUM_NODE_SCALARS)  # Z -> 8x0e
-        self.attr_embedding = nn.Sequential(  # Mulliken [s, p, d] -> 8x0e node attributes
-            nn.Linear(MULLIKEN_DIM, NODE_ATTR_DIM), nn.SiLU(),
-            nn.Linear(NODE_ATTR_DIM, NODE_ATTR_DIM))
-        self.field_node_attr = nn.Parameter(torch.randn(NODE_ATTR_DIM))  # (8,) decision 6
-        irreps_attr = o3.Irreps(f"{NODE_ATTR_DIM}x0e")
-        self.convs = nn.ModuleList([
-            PointsConvolutionIntegrated(IRREPS_NODE, irreps_attr, IRREPS_EDGE_SH, IRREPS_NODE,
-                                        num_rbf, cutoff, radial_hidden)
-            for _ in range(num_conv_layers)])
-        self.readout = nn.Sequential(
-            nn.Linear(NUM_NODE_SCALARS + U_DIM, mlp_hidden), nn.SiLU(),
-            nn.Linear(mlp_hidden, mlp_hidden), nn.SiLU(),
-            nn.Linear(mlp_hidden, 1))
-
-        # the dense path builds every layer's bilinear matrices at once
+        self.convs = list(convs)  # held (and registered) by the model
+        kernels = [conv.fast_kernels for conv in self.convs]
+        self.available = bool(kernels) and all(k is not None for k in kernels)
         self.bilinear_stack = DenseBilinearStack(
-            [m for conv in self.convs for m in (conv.dense_node, conv.dense_mid)])
+            [m for k in kernels if self.available for m in (k.node, k.mid)])
+        # every layer's radial MLP has two layers of one shape: they run stacked
+        self.stack_radial = self.available and all(
+            len(conv.fc) == 2 and conv.fc.hs == self.convs[0].fc.hs for conv in self.convs)
         self.register_buffer("sh_first_copy", _copy_index(IRREPS_EDGE_SH), persistent=False)
-        self.reference = False
-        self._compiled = None  # torch.compile'd forward_tensors, see compile_forward()
 
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def set_reference(self, enabled=True):
-        """Use e3nn's modules one by one (True) or the dense kernels (False, the default)."""
-        self.reference = enabled
-        for conv in self.convs:
-            conv.reference = enabled
-        return self
-
-    def compile_forward(self, backend, dynamic=True):
-        """torch.compile ``forward_tensors`` (a PyG batch is not traceable); returns self."""
-        self._compiled = torch.compile(self.forward_tensors, backend=backend, dynamic=dynamic)
-        return self
-
-    def uncompile_forward(self):
-        self._compiled = None
-        return self
-
-    def _stack_radial(self):
-        """Whether every layer runs the dense path with a two-layer radial MLP of one shape."""
-        return (not self.reference and len(self.convs) > 0
-                and all(c.dense_edge is not None and len(c.fc) == 2
-                        and c.fc.hs == self.convs[0].fc.hs for c in self.convs))
-
-    def _summed_radial_weights(self, basis):
+    def summed_radial_weights(self, basis):
         """Every layer's tensor-product weights summed over the harmonic copies, [(E, numel/4)].
 
         The layers' radial MLPs share their input, the basis (E, K): their first layers run as
         one matmul, their last layers (summed over the copies) as one batched matmul.
         """
-        first = [conv.fc[0] for conv in self.convs]
-        w1 = torch.cat([f.weight / (f.h_in * f.var_in) ** 0.5 for f in first], dim=1)  # (K, L*H)
-        hidden = first[0].act(basis @ w1) * first[0].var_out ** 0.5  # (E, L*H), as e3nn's _Layer
+        first = [fc_layer_matrix(conv.fc[0]) for conv in self.convs]
+        w1 = torch.cat([w for w, _ in first], dim=1)  # (K, L*H)
+        act = self.convs[0].fc[0].act
+        hidden = act(basis @ w1) * first[0][1]  # (E, L*H)
         hidden = hidden.view(basis.size(0), len(first), -1).transpose(0, 1)  # (L, E, H)
-        w2 = torch.stack([conv.dense_edge.summed_last_weight(conv.fc) for conv in self.convs])
+        w2 = torch.stack([conv.fast_kernels.edge.summed_last_weight(conv.fc)
+                          for conv in self.convs])  # (L, H, numel / 4)
         return torch.bmm(hidden, w2.to(hidden.dtype)).unbind(0)  # L x (E, numel / 4)
 
-    def forward(self, data):
-        inputs = (data.z_atoms, data.pos_atoms, data.batch, data.atomic_node_attr,
-                  data.field_node_features, data.u, data.edge_index_atoms,
-                  getattr(data, "edge_attr_sh", None), data.edge_attr_atoms)
-        if self._compiled is not None:
-            try:
-                return self._compiled(*inputs)
-            except torch._dynamo.exc.BackendCompilerFailed as exc:
-                # compiling for this input failed (before anything ran, e.g. a recompilation
-                # for a new batch shape): the rest of the run is eager, the same function
-                _warn_running_eager("torch.compile failed on this batch shape", exc)
-                self._compiled = None
-        return self.forward_tensors(*inputs)
-
-    def forward_tensors(self, z, pos_atoms, batch_atoms, atomic_node_attr, field_feat, u,
-                        edge_index_atoms, sh_atoms=None, edge_attr_atoms=None):
-        """z (N,), pos (N, 3), batch (N,), Mulliken (N, 3), field (B, 8), u (B, 4), edges (2, E),
-        optional cached harmonics (E, 64) with lengths (E, 1) -> dV (B,)."""
-        num_graphs, num_atoms = u.size(0), z.size(0)
-        dtype = pos_atoms.dtype
-
-        # --- packing: atoms first, then one field node per graph at its atoms' centroid
-        atom_count = pos_atoms.new_zeros(num_graphs).index_add_(
-            0, batch_atoms, torch.ones_like(batch_atoms, dtype=dtype))  # (B,)
-        centroid = pos_atoms.new_zeros(num_graphs, 3).index_add_(0, batch_atoms, pos_atoms)
-        centroid = centroid / atom_count.unsqueeze(1)  # (B, 3)
-        pos_combined = torch.cat([pos_atoms, centroid])  # (N + B, 3)
-        x_atoms = torch.cat([self.z_embedding(z),
-                             pos_atoms.new_zeros(num_atoms, NODE_DIM - NUM_NODE_SCALARS)],
-                            dim=1)  # (N, 16): 8x0e embedded, 1o and 2e zero
-        x_field = torch.cat([pos_atoms.new_zeros(num_graphs, NUM_NODE_SCALARS), field_feat],
-                            dim=1)  # (B, 16): scalars zero, 1o + 2e from the multipoles
-        x = torch.cat([x_atoms, x_field])  # (N + B, 16)
-        node_attr = torch.cat([self.attr_embedding(atomic_node_attr),
-                               self.field_node_attr.expand(num_graphs, -1)])  # (N + B, 8)
-        batch_combined = torch.cat([batch_atoms,
-                                    torch.arange(num_graphs, device=z.device)])  # (N + B,)
-
-        # --- edges: atom-atom from the data, atom<->field built here
-        atom_idx = torch.arange(num_atoms, device=z.device)
-        field_idx = num_atoms + batch_atoms  # (N,) each atom's field node
-        edge_index_af = torch.stack([torch.cat([atom_idx, field_idx]),
-                                     torch.cat([field_idx, atom_idx])])  # (2, 2N)
-        vec_af = edge_vectors(pos_combined, edge_index_af)  # (2N, 3)
-        edge_index = torch.cat([edge_index_atoms, edge_index_af], dim=1)  # (2, E + 2N)
-        if sh_atoms is None:  # harmonics and lengths of all edges at once
-            edge_vec = torch.cat([edge_vectors(pos_atoms, edge_index_atoms), vec_af])  # (E+2N, 3)
-            edge_sh = edge_spherical_harmonics(edge_vec, self.reference)  # (E + 2N, 64 or 16)
-            edge_length = edge_vec.norm(dim=-1)  # (E + 2N,)
-        else:  # the cache's atom-atom harmonics and lengths
-            if not self.reference:
-                sh_atoms = sh_atoms[:, self.sh_first_copy]  # (E, 16) of the cached (E, 64)
-            sh_af = edge_spherical_harmonics(vec_af, self.reference)  # (2N, 64 or 16)
-            edge_sh = torch.cat([sh_atoms, sh_af])  # (E + 2N, 64 or 16)
-            edge_length = torch.cat([edge_attr_atoms.reshape(-1), vec_af.norm(dim=-1)])
-        edge_src, edge_dst = edge_index[0], edge_index[1]
-
-        # --- convolutions with a residual add every two layers
-        residual = x
-        basis = self.convs[0].rbf(edge_length) if len(self.convs) else None  # same in every layer
-        inv_in_degree = mean_weights(edge_dst, x.size(0), x.dtype)  # (N + B, 1)
+    def layer_inputs(self, edge_sh, basis):
+        """Per layer, the keyword arguments of its ``FastConvolution``: harmonics (E, 64) and
+        basis (E, K) -> [{edge_sh_single, summed_weights, dense_mats}]."""
+        if not self.available:
+            return [{} for _ in self.convs]
         layers = len(self.convs)
-        radial = self._summed_radial_weights(basis) if self._stack_radial() else [None] * layers
-        mats = self.bilinear_stack() if not self.reference and layers else [None] * (2 * layers)
-        for i, conv in enumerate(self.convs):
-            x = conv(x, node_attr, edge_src, edge_dst, edge_sh, edge_length, basis,
-                     inv_in_degree, radial[i], mats[2 * i:2 * i + 2])  # (N + B, 16)
-            if i % 2 == 1:
-                x = x + residual
-                residual = x
-
-        # --- mean pooling per graph; the invariant scalars (8x0e) feed the readout
-        scalars = x[:, :NUM_NODE_SCALARS]  # (N + B, 8)
-        node_count = atom_count + 1.0  # (B,) atoms + the field node
-        acc = torch.promote_types(scalars.dtype, torch.float32)  # exact sums under AMP
-        h = scalars.new_zeros(num_graphs, NUM_NODE_SCALARS, dtype=acc).index_add_(
-            0, batch_combined, scalars.to(acc))
-        h = h / node_count.unsqueeze(1)  # (B, 8)
-        return self.readout(torch.cat([h, u], dim=1)).squeeze(1)  # (B,) dV
+        edge_sh_single = edge_sh.index_select(1, self.sh_first_copy)  # (E, 16)
+        radial = self.summed_radial_weights(basis) if self.stack_radial else [None] * layers
+        mats = self.bilinear_stack()
+        return [{"edge_sh_single": edge_sh_single, "summed_weights": radial[i],
+                 "dense_mats": mats[2 * i:2 * i + 2]} for i in range(layers)]
 
 
 # ----------------------------------------------------------------------------- losses & metrics

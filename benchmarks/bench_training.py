@@ -94,7 +94,7 @@ class Mode:
         self.n_eval = len(val_idx) + len(test_idx)
         self.model = dc.DeltaCoupling(cutoff=float(payload["metadata"]["internal_cutoff"]))
         self.model.load_state_dict(init_state)
-        self.model.set_reference(reference).to(device)
+        self.model.use_fast_path(not reference).to(device)
         if name in ("aot_eager", "inductor"):
             self.model.compile_forward(name)
         self.optimizer = (torch.optim.Adam(self.model.parameters(), lr=dc.DEFAULT_LR)
