@@ -45,7 +45,7 @@ from torch_geometric.data import Data
 from torch_geometric.loader import DataLoader
 from tqdm import tqdm
 
-try:  # optional fast neighbour search (docs/DESIGN.md, decision 3); the pure-torch path below is exact
+try:  # optional fast neighbour search (docs/DESIGN.md, decision 3); the pure-torch one is exact
     import torch_cluster
 except ImportError:  # pragma: no cover - depends on the environment
     torch_cluster = None
@@ -71,7 +71,6 @@ IRREPS_NODE = o3.Irreps("8x0e+1x1o+1x2e")  # node state: scalars, dipole-like, q
 NUM_NODE_SCALARS = IRREPS_NODE.count("0e")  # 8 scalar channels
 NODE_DIM = IRREPS_NODE.dim  # 16 = 8 + 3 + 5
 U_DIM = IRREPS_U.dim  # 4
-FIELD_DIM = IRREPS_FIELD.dim  # 8 = 3 + 5
 MULLIKEN_DIM = 3  # s, p, d populations per atom
 NODE_ATTR_DIM = 8  # width of the embedded Mulliken attributes ("8x0e")
 
@@ -145,7 +144,6 @@ STANDARD_RESIDUES = frozenset(
     "A C G U T DA DC DG DT DU RA RC RG RU".split())
 
 META_REQUIRED_COLUMNS = ("pdb_a", "pdb_b", "npz", "R_nm", "theta_deg", "V0", "Vref", "PR")
-META_NUMERIC_COLUMNS = ("R_nm", "theta_deg", "V0", "Vref", "PR")
 META_COLUMN_UNITS = {"R_nm": "nm", "theta_deg": "degrees", "V0": "the unit of Vref",
                      "Vref": "the unit of V0", "PR": "any"}
 META_FILE_COLUMNS = ("pdb_a", "pdb_b", "npz")  # + R_nm: what parse_dimer needs of a row
@@ -167,8 +165,9 @@ def quadrupole_debye_angstrom_to_internal(quad):
 def quadrupole_to_l2(quad):
     """Traceless part of a symmetric 3x3 tensor as 5 real l=2 components in e3nn's basis.
 
-    ``[Qxz, Qxy, (2Qyy - Qxx - Qzz) / (2 sqrt 3), Qyz, (Qzz - Qxx) / 2]`` (docs/DESIGN.md, decision 4). The
-    trace drops out of every component, so only the traceless part is used. Works on (..., 3, 3).
+    ``[Qxz, Qxy, (2Qyy - Qxx - Qzz) / (2 sqrt 3), Qyz, (Qzz - Qxx) / 2]`` (docs/DESIGN.md,
+    decision 4). The trace drops out of every component, so only the traceless part is used.
+    Works on (..., 3, 3).
     """
     q = np.asarray(quad, dtype=np.float64)
     return np.stack([
@@ -428,7 +427,6 @@ class ParsedDimer:
     pos: np.ndarray  # (N, 3) Angstrom: A centred at 0, B centred at (0, 0, R)
     mulliken: np.ndarray  # (N, 3) electrons
     field: np.ndarray  # (8,) internal units: dipole (3) + traceless quadrupole l=2 (5)
-    n_a: int = 0
 
 
 def parse_dimer(root_dir, row):
@@ -460,7 +458,7 @@ def parse_dimer(root_dir, row):
         quadrupole_to_l2(quadrupole_debye_angstrom_to_internal(quad)),  # (5,) 2e
     ])  # (8,)
     return ParsedDimer(row=row, z=np.concatenate([z_a, z_b]), pos=np.concatenate([pos_a, pos_b]),
-                       mulliken=mulliken, field=field, n_a=len(z_a))
+                       mulliken=mulliken, field=field)
 
 
 def check_dataset(root_dir, parsed=None):
@@ -539,7 +537,7 @@ def edge_spherical_harmonics(edge_vec, tiled=True):
     return sh[:, _SH_TILE_INDEX.to(sh.device)] if tiled else sh
 
 
-def atom_graph_fields(pos, cutoff, with_sh):
+def atom_graph_fields(pos, cutoff, *, with_sh):
     """Radius-graph edges of ``pos`` with their lengths (and harmonics): the Data fields."""
     edge_index = radius_graph(pos, cutoff)  # (2, E)
     edge_vec = edge_vectors(pos, edge_index)  # (E, 3)
@@ -611,14 +609,14 @@ def make_graph(parsed, internal_cutoff, rotation=None, jitter_std=0.0, with_sh=F
         row_number=torch.tensor([row["row"]], dtype=torch.long),  # (1,) spreadsheet row
         # (not "*_index": PyG would offset it by num_nodes when batching)
         num_nodes=len(parsed.z),
-        **atom_graph_fields(pos, internal_cutoff, with_sh),  # edges (2, E), lengths (E, 1), SH
+        **atom_graph_fields(pos, internal_cutoff, with_sh=with_sh),  # edges, lengths, SH
     )
     data.id = row["id"]
     return data
 
 
 class DimerDataset(torch.utils.data.Dataset):
-    """Raw files -> graphs (docs/DESIGN.md, section 3), with fresh augmentation per item when ``augment``.
+    """Raw files -> graphs (docs/DESIGN.md, section 3), fresh augmentation per item if ``augment``.
 
     Args:
         root_dir: data folder with meta.xlsx.
@@ -627,18 +625,17 @@ class DimerDataset(torch.utils.data.Dataset):
             rotation to positions and field features on every access.
         preload: parse every row's files in the constructor (all errors surface at once and
             files are read once); ``False`` re-reads the files on every access.
-        parsed: the rows' ``ParsedDimer`` in meta.xlsx order if already read (``check_dataset``).
+        parsed: the rows' ``ParsedDimer`` in meta.xlsx order if already read (``check_dataset``
+            of this folder); their rows are used and meta.xlsx is not read again.
     """
 
     def __init__(self, root_dir, physical_cutoff=DEFAULT_PHYSICAL_CUTOFF, augment=False,
                  jitter_std=DEFAULT_JITTER_STD, preload=True, parsed=None):
         self.root_dir = root_dir
-        self.rows = read_meta(root_dir)
+        self.rows = [p.row for p in parsed] if parsed is not None else read_meta(root_dir)
         self.internal_cutoff = physical_cutoff * INT_ANGSTROM_SCALE
         self.augment = augment
         self.jitter_std = jitter_std
-        if parsed is not None and [p.row for p in parsed] != self.rows:
-            raise ValueError(f"{root_dir}: the parsed dimers do not match meta.xlsx's rows")
         if parsed is None and preload:
             parsed = [parse_dimer(root_dir, r) for r in self.rows]
         self.parsed = parsed
@@ -668,7 +665,7 @@ def cache_metadata(root_dir, physical_cutoff, rows):
     }
 
 
-def check_cache_metadata(metadata, expected, cache_path):
+def check_cache_metadata(metadata, expected):
     """Return a list of human-readable mismatches between saved metadata (of a cache or a
     resume state) and ``expected``, that of the current data and settings."""
     problems = []
@@ -689,11 +686,8 @@ def check_cache_metadata(metadata, expected, cache_path):
 
 def load_cache(cache_path):
     """Load a cache written by ``build_cache`` (tensors and plain types only)."""
-    try:
-        payload = torch.load(cache_path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise ValueError(f"{cache_path} cannot be loaded as a DeltaCoupling cache ({exc}); "
-                         f"delete it or run with --rebuild_cache") from None
+    payload = load_tensors_file(cache_path, "a DeltaCoupling cache",
+                                "; delete it or run with --rebuild_cache")
     if (not isinstance(payload, dict) or {"metadata", "graphs", "ids"} - set(payload)
             or not isinstance(payload["metadata"], dict)):
         raise ValueError(f"{cache_path} is not a DeltaCoupling cache (no metadata/graphs/ids); "
@@ -739,7 +733,8 @@ class CachedDimerDataset(torch.utils.data.Dataset):
                     fields["pos_atoms"], fields["edge_index_atoms"])).to(fields["pos_atoms"].dtype)
         if self.jitter_std > 0:
             pos = fields["pos_atoms"] + self.jitter_std * torch.randn_like(fields["pos_atoms"])
-            fields.update(pos_atoms=pos, **atom_graph_fields(pos, self.internal_cutoff, True))
+            fields.update(pos_atoms=pos, **atom_graph_fields(pos, self.internal_cutoff,
+                                                                 with_sh=True))
         data = Data(num_nodes=fields["z_atoms"].size(0), **fields)
         data.id = self.ids[idx]
         return data
@@ -860,7 +855,8 @@ class PointsConvolutionIntegrated(nn.Module):
         node_pre = self.lin1(node_features, node_attr)  # (N, in)
         edge_msg = self.tp(node_pre[edge_src], edge_sh, edge_weights)  # (E, mid)
         agg = scatter_mean(edge_msg, edge_dst, inv_in_degree)  # (N, mid)
-        update, gate_logit = self.lin2(agg, node_attr), self.alpha(agg, node_attr)  # (N, out), (N, 1)
+        update = self.lin2(agg, node_attr)  # (N, out)
+        gate_logit = self.alpha(agg, node_attr)  # (N, 1)
         return node_self + torch.tanh(gate_logit) * update  # (N, out)
 
 
@@ -1342,24 +1338,48 @@ class EpochResult:
     skipped: list = field(default_factory=list)  # (batch ids, reason) of skipped batches
 
 
+class ErrorSums:
+    """Running sums of one estimate's errors against Vref, batch by batch, in float64.
+
+    ``figures()`` gives ``mape`` (%, the formula of ``mape_loss_fn``, docs/DESIGN.md,
+    decision 2), ``mae``, ``rmse`` and ``max_abs`` (the largest |error|) in Vref units over
+    every row added.
+    """
+
+    def __init__(self):
+        self.n, self.ape, self.ae, self.se, self.max_abs = 0, 0.0, 0.0, 0.0, 0.0
+
+    def add(self, est, true):
+        """est, true: (n,) tensors in Vref units."""
+        true = true.double()
+        err = est.double() - true  # (n,)
+        self.n += err.numel()
+        self.ape += float((err.abs() / (true.abs() + MAPE_EPS)).sum())
+        self.ae += float(err.abs().sum())
+        self.se += float(err.pow(2).sum())
+        self.max_abs = max(self.max_abs, float(err.abs().max())) if err.numel() else self.max_abs
+
+    def figures(self):
+        n = self.n
+        return {"mape": 100.0 * self.ape / n, "mae": self.ae / n, "rmse": math.sqrt(self.se / n),
+                "max_abs": self.max_abs}
+
+
 def regression_metrics(pred, true, v0):
     """Figures of V0 + dV (``model``) and of V0 alone (``baseline``) against Vref.
 
     ``pred``, ``true``, ``v0``: (n,) arrays in Vref units, n >= 1. Returns ``{"n": n, "model":
-    {...}, "baseline": {...}}``, each with ``mape`` (%, ``mape_loss_fn``, docs/DESIGN.md, decision 2), ``mae``,
-    ``rmse`` and ``max_abs`` (the largest |error|) in Vref units.
+    {...}, "baseline": {...}}``, each ``ErrorSums.figures()``: ``mape`` (%), ``mae``, ``rmse``
+    and ``max_abs`` in Vref units.
     """
     true_t = torch.as_tensor(np.asarray(true, dtype=np.float64))  # (n,)
     if true_t.numel() == 0:
         raise ValueError("regression_metrics needs at least one row")
     figures = {"n": int(true_t.numel())}
     for name, values in (("model", pred), ("baseline", v0)):
-        est = torch.as_tensor(np.asarray(values, dtype=np.float64))  # (n,)
-        err = est - true_t  # (n,)
-        figures[name] = {"mape": float(mape_loss_fn(est, true_t)),
-                         "mae": float(err.abs().mean()),
-                         "rmse": float(err.pow(2).mean().sqrt()),
-                         "max_abs": float(err.abs().max())}
+        sums = ErrorSums()
+        sums.add(torch.as_tensor(np.asarray(values, dtype=np.float64)), true_t)
+        figures[name] = sums.figures()
     return figures
 
 
@@ -1422,7 +1442,48 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class TooManyFailedBatchesError(RuntimeError):
-    """More than half of an epoch's batches failed: the run stops instead of skipping on."""
+    """Too many batches of a pass failed: the run stops instead of skipping on."""
+
+
+class FailedBatches:
+    """The failed-batch rule of training, evaluation and prediction, in one place
+    (docs/DESIGN.md, decision 11).
+
+    ``record`` logs a batch that raised (or whose loss was NaN/Inf) with its dimer ids and
+    counts it, or re-raises at once when ``skip`` is False. ``check`` stops the pass with
+    ``TooManyFailedBatchesError`` when too many failed: more than half of an epoch's batches,
+    or in a prediction (``prediction=True``) every batch.
+    """
+    ERRORS = (RuntimeError, ValueError, FloatingPointError)  # what a failing batch raises
+
+    def __init__(self, skip=True, log=print, prediction=False):
+        self.skip, self.log, self.prediction = skip, log, prediction
+        self.n_batches = 0  # batches seen
+        self.failed = []  # (batch ids, reason) of each failed batch
+        self.first_error = None
+
+    def record(self, data, exc):
+        if not self.skip:
+            raise exc
+        self.first_error = self.first_error or exc
+        reason = f"{type(exc).__name__}: {exc}"
+        self.failed.append((list(data.id), reason))
+        self.log(f"skipped batch ids {list(data.id)}{' in prediction' if self.prediction else ''}"
+                 f": {reason}")
+
+    def check(self):
+        n_failed = len(self.failed)
+        if self.prediction and self.n_batches and n_failed == self.n_batches:
+            raise TooManyFailedBatchesError(
+                f"every batch failed in prediction; first error: {self.failed[0][1]}") \
+                from self.first_error
+        if not self.prediction and 2 * n_failed > self.n_batches:
+            first_ids, first_reason = self.failed[0]
+            raise TooManyFailedBatchesError(
+                f"{n_failed} of {self.n_batches} batches of this epoch failed (more than half); "
+                f"the first failed batch holds dimer ids {first_ids}: {first_reason}; check "
+                f"these dimers (python delta_coupling.py --check_data) or lower --lr") \
+                from self.first_error
 
 
 def _graph_u(data):
@@ -1453,17 +1514,15 @@ def run_epoch(model, loader, device, optimizer=None, scheduler=None, scaler=None
     Returns an ``EpochResult``. A batch that raises (or whose loss is NaN/Inf) is logged with
     its ids and reason, counted and skipped when ``skip_failed_batches``; if more than half of
     the batches fail, ``TooManyFailedBatchesError`` names the first failed batch's ids and
-    reason. With ``skip_failed_batches=False`` errors propagate at once.
+    reason (``FailedBatches``). With ``skip_failed_batches=False`` errors propagate at once.
     """
     training = optimizer is not None
     model.train(training)
-    sums = dict(loss=0.0, ape=0.0, ae=0.0, se=0.0, baseline_ape=0.0, baseline_ae=0.0,
-                baseline_se=0.0)
-    result = EpochResult()
-    first_error = None
+    failures = FailedBatches(skip=skip_failed_batches, log=log)
+    loss_sum, model_errors, baseline_errors = 0.0, ErrorSums(), ErrorSums()
     for data in loader:
         data = data.to(device)
-        result.n_batches += 1
+        failures.n_batches += 1
         try:
             with torch.set_grad_enabled(training):
                 pred_vref, v0 = predict_batch(model, data, amp_dtype)  # (B,), (B,)
@@ -1473,50 +1532,39 @@ def run_epoch(model, loader, device, optimizer=None, scheduler=None, scaler=None
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(f"loss is {loss.item()}")
                 if training:
-                    optimizer.zero_grad(set_to_none=True)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        try:
-                            scaler.step(optimizer)
-                        finally:  # a failed step must not leave the scaler mid-step
-                            scaler.update()
-                    else:
-                        loss.backward()
-                        optimizer.step()
-                    if scheduler is not None:
-                        scheduler.step()
-        except (RuntimeError, ValueError, FloatingPointError) as exc:
-            if not skip_failed_batches:
-                raise
-            first_error = first_error or exc
-            result.n_skipped += 1
-            result.skipped.append((list(data.id), f"{type(exc).__name__}: {exc}"))
-            log(f"skipped batch ids {list(data.id)}: {type(exc).__name__}: {exc}")
+                    optimizer_step(loss, optimizer, scheduler, scaler)
+        except FailedBatches.ERRORS as exc:
+            failures.record(data, exc)
             continue
-        n = data.num_graphs
-        result.n_graphs += n
-        true_d = true_vref.double()
-        denom = true_d.abs() + MAPE_EPS
-        sums["loss"] += float(loss.detach()) * n
-        for prefix, est in (("", pred_vref.detach()), ("baseline_", v0)):  # V0 + dV, V0 alone
-            err = est.double() - true_d
-            sums[prefix + "ape"] += float((err.abs() / denom).sum())
-            sums[prefix + "ae"] += float(err.abs().sum())
-            sums[prefix + "se"] += float(err.pow(2).sum())
-    if 2 * result.n_skipped > result.n_batches:
-        first_ids, first_reason = result.skipped[0]
-        raise TooManyFailedBatchesError(
-            f"{result.n_skipped} of {result.n_batches} batches of this epoch failed (more than "
-            f"half); the first failed batch holds dimer ids {first_ids}: {first_reason}; check "
-            f"these dimers (python delta_coupling.py --check_data) or lower --lr") from first_error
-    n = result.n_graphs
-    if n:
-        result.loss = sums["loss"] / n
-        for prefix in ("", "baseline_"):
-            setattr(result, prefix + "mape", 100.0 * sums[prefix + "ape"] / n)
-            setattr(result, prefix + "mae", sums[prefix + "ae"] / n)
-            setattr(result, prefix + "rmse", math.sqrt(sums[prefix + "se"] / n))
+        loss_sum += float(loss.detach()) * data.num_graphs
+        model_errors.add(pred_vref.detach(), true_vref)  # V0 + dV
+        baseline_errors.add(v0, true_vref)  # V0 alone
+    failures.check()
+    result = EpochResult(n_graphs=model_errors.n, n_batches=failures.n_batches,
+                         n_skipped=len(failures.failed), skipped=failures.failed)
+    if result.n_graphs:
+        result.loss = loss_sum / result.n_graphs
+        model_fig, baseline_fig = model_errors.figures(), baseline_errors.figures()
+        result.mape, result.mae, result.rmse = (model_fig[k] for k in ("mape", "mae", "rmse"))
+        result.baseline_mape, result.baseline_mae, result.baseline_rmse = (
+            baseline_fig[k] for k in ("mape", "mae", "rmse"))
     return result
+
+
+def optimizer_step(loss, optimizer, scheduler=None, scaler=None):
+    """Backward and one optimizer (and scheduler) step; through ``scaler`` when given."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        try:
+            scaler.step(optimizer)
+        finally:  # a failed step must not leave the scaler mid-step
+            scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
 
 
 @torch.no_grad()
@@ -1524,39 +1572,27 @@ def predict_rows(model, loader, device, amp_dtype=None, skip_failed_batches=True
     """Per-dimer predictions over a loader, in its order.
 
     Returns ``{"id": [str], "pred": V0 + dV, "true": Vref (NaN where unknown), "v0": V0}``,
-    the arrays (n,) float64 numpy. Inconsistent batches are logged and skipped like in
-    ``run_epoch`` (docs/DESIGN.md, decision 11): their rows are absent.
+    the arrays (n,) float64 numpy. Failed batches are logged and skipped as in ``run_epoch``
+    (``FailedBatches``; it stops when every batch fails): their rows are absent.
     """
     model.eval()
     ids, preds, trues, v0s = [], [], [], []
-    n_batches, first_error = 0, None
+    failures = FailedBatches(skip=skip_failed_batches, log=log, prediction=True)
     for data in loader:
         data = data.to(device)
-        n_batches += 1
+        failures.n_batches += 1
         try:
             pred_vref, v0 = predict_batch(model, data, amp_dtype)  # (B,), (B,)
-        except (RuntimeError, ValueError) as exc:
-            if not skip_failed_batches:
-                raise
-            first_error = first_error or exc
-            log(f"skipped batch ids {list(data.id)} in prediction: {type(exc).__name__}: {exc}")
+        except FailedBatches.ERRORS as exc:
+            failures.record(data, exc)
             continue
         ids.extend(data.id)
         preds.append(pred_vref.double().cpu())
         trues.append(data.y_true_vref.double().cpu())
         v0s.append(v0.double().cpu())
-    if n_batches and not preds:
-        raise TooManyFailedBatchesError(
-            f"every batch failed in prediction; first error: {type(first_error).__name__}: "
-            f"{first_error}") from first_error
+    failures.check()
     cat = (lambda xs: torch.cat(xs).numpy() if xs else np.zeros(0))
     return {"id": ids, "pred": cat(preds), "true": cat(trues), "v0": cat(v0s)}
-
-
-def predict_vref(model, loader, device, amp_dtype=None, skip_failed_batches=True, log=print):
-    """Predicted and true Vref and V0 over a loader: three 1-D float64 numpy arrays."""
-    out = predict_rows(model, loader, device, amp_dtype, skip_failed_batches, log)
-    return out["pred"], out["true"], out["v0"]
 
 
 # ----------------------------------------------------------------------------- plotting
@@ -1586,7 +1622,8 @@ def save_regression_plot(pred, true, v0, save_path=None, title=""):
     fig = _new_figure((5.5, 5))
     ax = fig.add_subplot()
     if true.size:
-        mae, b_mae = float(np.abs(pred - true).mean()), float(np.abs(v0 - true).mean())
+        figures = regression_metrics(pred, true, v0)
+        mae, b_mae = figures["model"]["mae"], figures["baseline"]["mae"]
         ax.scatter(true, v0, s=14, marker="x", color="tab:gray", alpha=0.8,
                    label=f"V0 alone (MAE {b_mae:.3f})")
         ax.scatter(true, pred, s=14, color="tab:blue", alpha=0.8,
@@ -1605,14 +1642,13 @@ def save_regression_plot(pred, true, v0, save_path=None, title=""):
 
 
 def plot_regression(model, loader, device, save_path=None, title="", amp_dtype=None,
-                    skip_failed_batches=True):
-    """Predict over ``loader`` and draw ``save_regression_plot`` (docs/DESIGN.md, section 7).
-
-    Returns ``(pred, true)`` numpy arrays.
-    """
-    pred, true, v0 = predict_vref(model, loader, device, amp_dtype, skip_failed_batches)
-    save_regression_plot(pred, true, v0, save_path, title)
-    return pred, true
+                    skip_failed_batches=True, log=print):
+    """Predict over ``loader`` (``predict_rows``) and draw ``save_regression_plot``
+    (docs/DESIGN.md, section 7). Returns the ``predict_rows`` dict."""
+    rows = predict_rows(model, loader, device, amp_dtype,
+                        skip_failed_batches=skip_failed_batches, log=log)
+    save_regression_plot(rows["pred"], rows["true"], rows["v0"], save_path, title)
+    return rows
 
 
 def plot_learning_curves(history, save_path, best_epoch=None):
@@ -1649,6 +1685,11 @@ def plot_learning_curves(history, save_path, best_epoch=None):
 
 
 # ----------------------------------------------------------------------------- main
+# The run from the command line: main() calls the stages below in order (data, model,
+# optimiser, training loop, final report); the resume and predict helpers follow them.
+
+
+# --- splits
 def split_sizes(n):
     """(n_train, n_val, n_test) for n items (docs/DESIGN.md, decision 8).
 
@@ -1689,6 +1730,7 @@ def make_splits(rows, seed=DEFAULT_SEED):
     return parts[0], parts[1], parts[2], rule
 
 
+# --- files: written atomically, read as tensors and plain types only
 @contextlib.contextmanager
 def _atomic_target(path):
     """Yield a temp path in ``path``'s folder; flushed to disk and renamed over ``path`` only
@@ -1737,6 +1779,52 @@ def atomic_write_json(obj, path):
     atomic_write_text(json.dumps(_json_ready(obj), indent=1, allow_nan=False) + "\n", path)
 
 
+def load_tensors_file(path, what, fix="", map_location="cpu"):
+    """``torch.load(path, weights_only=True)``: tensors and plain types only (docs/DESIGN.md,
+    decision 9). A file that cannot be read so raises ``ValueError``: "``path`` cannot be
+    loaded as ``what`` (the error)``fix``"."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        raise ValueError(f"{path} cannot be loaded as {what} ({exc}){fix}") from None
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load a checkpoint (plain types and tensors only) and rebuild its model.
+
+    Raises ``ValueError`` naming the file when it is no DeltaCoupling checkpoint, when it was
+    written with another length scale than ``INT_ANGSTROM_SCALE``, or when its model's cutoff
+    is not the cutoff of the graphs it was trained on.
+    """
+    ckpt = load_tensors_file(path, "a DeltaCoupling checkpoint", map_location=device)
+    if (not isinstance(ckpt, dict) or {"model_state", "model_config", "metadata"} - set(ckpt)
+            or not isinstance(ckpt["metadata"], dict)):
+        raise ValueError(f"{path} is not a DeltaCoupling checkpoint (no model_state, "
+                         f"model_config and metadata); pass a {BEST_CHECKPOINT} or "
+                         f"{FINAL_CHECKPOINT} written by training")
+    scale = ckpt["metadata"].get("int_angstrom_scale")
+    if not (isinstance(scale, (int, float)) and math.isclose(scale, INT_ANGSTROM_SCALE)):
+        raise ValueError(f"{path} was trained with int_angstrom_scale = {scale!r} internal "
+                         f"units per Angstrom, this code uses {INT_ANGSTROM_SCALE}: its graphs "
+                         f"would be built at the wrong scale. Use the delta_coupling.py that "
+                         f"trained it, or retrain")
+    cutoff = ckpt["model_config"].get("cutoff")
+    internal = ckpt["metadata"].get("internal_cutoff")
+    if not (isinstance(cutoff, (int, float)) and isinstance(internal, (int, float))
+            and math.isclose(cutoff, internal, rel_tol=1e-9)):
+        raise ValueError(f"{path}: the model's cutoff ({cutoff!r} internal units) is not the "
+                         f"cutoff of the graphs it was trained on ({internal!r}); the checkpoint "
+                         f"is inconsistent, retrain")
+    model = DeltaCoupling.from_config(ckpt["model_config"]).to(device)
+    try:
+        model.load_state_dict(ckpt["model_state"])
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: the weights do not fit the stored model_config ({exc})") \
+            from None
+    return model, ckpt
+
+
+# --- the environment of a run: seeds, versions, device, progress and messages
 def seed_everything(seed):
     """Seed Python's, NumPy's and torch's (CPU and every CUDA device) random generators."""
     random.seed(seed)
@@ -1790,176 +1878,13 @@ def log_line(message):
     tqdm.write(message, file=sys.stdout)
 
 
-def load_checkpoint(path, device="cpu"):
-    """Load a checkpoint (plain types and tensors only) and rebuild its model.
-
-    Raises ``ValueError`` naming the file when it is no DeltaCoupling checkpoint, when it was
-    written with another length scale than ``INT_ANGSTROM_SCALE``, or when its model's cutoff
-    is not the cutoff of the graphs it was trained on.
-    """
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise ValueError(f"{path} cannot be loaded as a DeltaCoupling checkpoint ({exc})") \
-            from None
-    if (not isinstance(ckpt, dict) or {"model_state", "model_config", "metadata"} - set(ckpt)
-            or not isinstance(ckpt["metadata"], dict)):
-        raise ValueError(f"{path} is not a DeltaCoupling checkpoint (no model_state, "
-                         f"model_config and metadata); pass a {BEST_CHECKPOINT} or "
-                         f"{FINAL_CHECKPOINT} written by training")
-    scale = ckpt["metadata"].get("int_angstrom_scale")
-    if not (isinstance(scale, (int, float)) and math.isclose(scale, INT_ANGSTROM_SCALE)):
-        raise ValueError(f"{path} was trained with int_angstrom_scale = {scale!r} internal "
-                         f"units per Angstrom, this code uses {INT_ANGSTROM_SCALE}: its graphs "
-                         f"would be built at the wrong scale. Use the delta_coupling.py that "
-                         f"trained it, or retrain")
-    cutoff = ckpt["model_config"].get("cutoff")
-    internal = ckpt["metadata"].get("internal_cutoff")
-    if not (isinstance(cutoff, (int, float)) and isinstance(internal, (int, float))
-            and math.isclose(cutoff, internal, rel_tol=1e-9)):
-        raise ValueError(f"{path}: the model's cutoff ({cutoff!r} internal units) is not the "
-                         f"cutoff of the graphs it was trained on ({internal!r}); the checkpoint "
-                         f"is inconsistent, retrain")
-    model = DeltaCoupling.from_config(ckpt["model_config"]).to(device)
-    try:
-        model.load_state_dict(ckpt["model_state"])
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: the weights do not fit the stored model_config ({exc})") \
-            from None
-    return model, ckpt
+def _exit(message):
+    """Stop main() with a message for the user (exit status 2)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
-def training_state(model, optimizer, scheduler, scaler, epoch, best, best_epoch, stale, stopped,
-                   config, metadata, split_ids, history, run_id):
-    """Everything a run needs to continue after ``epoch`` (tensors and plain types only).
-
-    Model, optimizer, scheduler and scaler states, the early-stopping counters, the torch,
-    numpy and Python RNG states, the split, the config, the cache metadata and the per-epoch
-    history (for the learning curves) and the run's id (stored in its best checkpoint too).
-    """
-    np_state = np.random.get_state()  # ('MT19937', keys (624,) uint32, pos, has_gauss, gauss)
-    py_state = random.getstate()  # (version, 625 ints, gauss_next)
-    return {
-        "format_version": RESUME_FORMAT_VERSION, "epoch": epoch, "best": best,
-        "best_epoch": best_epoch, "stale": stale, "stopped": stopped,
-        "model_state": model.state_dict(), "model_config": model.config,
-        "optimizer_state": optimizer.state_dict(),
-        "scheduler_state": scheduler.state_dict() if scheduler is not None else None,
-        "scaler_state": scaler.state_dict() if scaler is not None else None,
-        "rng_torch": torch.get_rng_state(),  # (5056,) uint8
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "rng_numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
-                      *map(int, np_state[2:4]), float(np_state[4])],
-        "rng_python": [py_state[0], list(py_state[1]), py_state[2]],
-        "config": config, "metadata": metadata, "split_ids": split_ids, "history": history,
-        "run_id": run_id,
-    }
-
-
-def restore_training_state(state, model, optimizer, scheduler, scaler, metadata, split_ids):
-    """Check that ``state`` (of ``training_state``) fits this run's data, split and model, then
-    load it into the given objects and set the RNG states. Call it after all other setup.
-    """
-    problems = check_cache_metadata(state["metadata"], metadata, None)
-    if state["split_ids"] != split_ids:
-        problems.append("split: the train/val/test ids differ from the saved run's")
-    if state["model_config"] != model.config:
-        problems.append(f"model_config: saved {state['model_config']}, now {model.config}")
-    if problems:
-        _exit("the resume state does not match this data and these settings:\n  "
-              + "\n  ".join(problems)
-              + "\nResume with the data and options of the saved run, or start a new run.")
-    model.load_state_dict(state["model_state"])
-    optimizer.load_state_dict(state["optimizer_state"])
-    for obj, key in ((scheduler, "scheduler_state"), (scaler, "scaler_state")):
-        if obj is not None and state[key] is not None:
-            obj.load_state_dict(state[key])
-    torch.set_rng_state(state["rng_torch"])
-    if torch.cuda.is_available() and len(state["rng_cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-    name, keys, pos, has_gauss, gauss = state["rng_numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = state["rng_python"]
-    random.setstate((version, tuple(internal), gauss_next))
-
-
-def parse_main_args(argv=None):
-    """Parse ``argv``; with ``--resume PATH`` also load that state (weights_only).
-
-    On resume the saved run's options are the defaults, and an option given in ``argv`` that
-    would change the run (``--epochs``, ``--lr``, the model, ...) stops with a message: the
-    OneCycle schedule, the split and the weights belong to the saved options.
-    Returns ``(args, state or None)``.
-    """
-    parser = build_arg_parser()
-    args = parser.parse_args(argv)
-    if not args.resume:
-        return args, None
-    try:
-        state = torch.load(args.resume, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        _exit(f"--resume {args.resume}: file not found; it is written to "
-              f"<root_dir>/models/{RESUME_CHECKPOINT} after every finished epoch")
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        _exit(f"--resume {args.resume} cannot be loaded as a resume state ({exc}); use the "
-              f"{RESUME_CHECKPOINT} written by training")
-    if not isinstance(state, dict) or state.get("format_version") != RESUME_FORMAT_VERSION:
-        _exit(f"--resume {args.resume} is not a resume state of this version; use the "
-              f"{RESUME_CHECKPOINT} written by training (best/final checkpoints hold weights "
-              f"only)")
-    saved = state["config"]
-    parser.set_defaults(**{k: v for k, v in saved.items()
-                           if k in vars(args) and k not in RESUME_NOT_INHERITED})
-    args = parser.parse_args(argv)
-    changed = [f"--{k} {getattr(args, k)!r} (saved run: {saved[k]!r})" for k in saved
-               if k not in RESUME_FREE_OPTIONS and getattr(args, k, None) != saved[k]]
-    if changed:
-        _exit(f"--resume continues the saved run with its own options; these differ: "
-              f"{', '.join(changed)}. Leave them out to resume, or start a new run without "
-              f"--resume")
-    return args, state
-
-
-def exit_interrupted(saved):
-    """After Ctrl-C: say where the last finished epoch's state is and how to resume; exit 130.
-
-    ``saved`` is (path, epoch) of the latest resume state, or None before the first epoch.
-    """
-    if saved is None:
-        print("interrupted before the first epoch finished: nothing to resume; run the same "
-              "command again to start over", file=sys.stderr)
-    else:
-        print(f"interrupted; the state after epoch {saved[1]} is in {saved[0]}\n"
-              f"continue with: python delta_coupling.py --resume {shlex.quote(saved[0])}",
-              file=sys.stderr)
-    raise SystemExit(EXIT_INTERRUPTED)
-
-
-def data_check_report(root_dir, parsed=None):
-    """Run ``check_dataset``: ("checked N rows of DIR: K problems" + one line each, K)."""
-    n_rows, problems = check_dataset(root_dir, parsed)
-    head = f"checked {n_rows} rows of {root_dir}: {len(problems)} problem" \
-           f"{'' if len(problems) == 1 else 's'}"
-    return "\n".join([head] + [f"  - {p}" for p in problems]), len(problems)
-
-
-def check_data_or_exit(args):
-    """``--check_data``: print the report, exit 1 if any problem, else 0 (nothing trained).
-
-    Otherwise (before training) stop with status 2 and the full report if any problem, or
-    return every row's ``ParsedDimer`` (the files, read once for training too).
-    """
-    parsed = []
-    report, n_problems = data_check_report(args.root_dir, parsed)
-    if args.check_data:
-        print(report)
-        raise SystemExit(1 if n_problems else 0)
-    if n_problems:
-        _exit(f"{report}\nFix these and run again (python delta_coupling.py --check_data "
-              f"--root_dir {shlex.quote(args.root_dir)} lists them without training).")
-    return parsed
-
-
+# --- options, the data check, the cache and the compiler
 def positive_int(text):
     """argparse type: an integer >= 1."""
     value = int(text)
@@ -2039,10 +1964,29 @@ def build_arg_parser():
     return p
 
 
-def _exit(message):
-    """Stop main() with a message for the user (exit status 2)."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+def data_check_report(root_dir, parsed=None):
+    """Run ``check_dataset``: ("checked N rows of DIR: K problems" + one line each, K)."""
+    n_rows, problems = check_dataset(root_dir, parsed)
+    head = f"checked {n_rows} rows of {root_dir}: {len(problems)} problem" \
+           f"{'' if len(problems) == 1 else 's'}"
+    return "\n".join([head] + [f"  - {p}" for p in problems]), len(problems)
+
+
+def check_data_or_exit(args):
+    """``--check_data``: print the report, exit 1 if any problem, else 0 (nothing trained).
+
+    Otherwise (before training) stop with status 2 and the full report if any problem, or
+    return every row's ``ParsedDimer`` (the files, read once for training too).
+    """
+    parsed = []
+    report, n_problems = data_check_report(args.root_dir, parsed)
+    if args.check_data:
+        print(report)
+        raise SystemExit(1 if n_problems else 0)
+    if n_problems:
+        _exit(f"{report}\nFix these and run again (python delta_coupling.py --check_data "
+              f"--root_dir {shlex.quote(args.root_dir)} lists them without training).")
+    return parsed
 
 
 def prepare_cache(args, rows, parsed=None):
@@ -2068,11 +2012,32 @@ def prepare_cache(args, rows, parsed=None):
         payload = load_cache(cache_path)
     except ValueError as exc:
         _exit(f"{exc}\n{rebuild}")
-    problems = check_cache_metadata(payload["metadata"], expected, cache_path)
+    problems = check_cache_metadata(payload["metadata"], expected)
     if problems:
         _exit(f"cache {cache_path} does not match the current settings:\n  "
               + "\n  ".join(problems) + f"\n{rebuild}")
     return payload
+
+
+def resolve_compile_backend(choice, device, epochs=DEFAULT_EPOCHS):
+    """The torch.compile backend for ``--compile choice`` on ``device``; None means eager.
+
+    ``auto`` (docs/DESIGN.md, decision 10): on CUDA inductor, aot_eager on Windows. On a CPU what
+    ``benchmarks/bench_training.py`` measured faster than eager: inductor on Linux when a C++
+    compiler is on PATH (``CPU_AUTO_COMPILE``) and the run has ``CPU_COMPILE_MIN_EPOCHS``
+    epochs or more, else eager (aot_eager measured slower).
+    """
+    if choice == "auto":
+        if device.type == "cuda":
+            return "aot_eager" if sys.platform.startswith("win") else "inductor"
+        if epochs < CPU_COMPILE_MIN_EPOCHS or not shutil.which(os.environ.get("CXX") or "g++"):
+            return None
+        return CPU_AUTO_COMPILE.get(sys.platform)
+    if choice == "off":
+        return None
+    if choice in ("inductor", "aot_eager"):
+        return choice
+    raise ValueError(f"unknown --compile {choice!r}")
 
 
 def try_compile(model, backend, train_probe, eval_probe=None, amp_dtype=None):
@@ -2102,61 +2067,424 @@ def try_compile(model, backend, train_probe, eval_probe=None, amp_dtype=None):
         model.train(was_training)
 
 
+# --- the stages of main(): data, model, optimiser, training loop, final report
+@dataclass
+class TrainingRun:
+    """What the stages of ``main`` share: the options, the device, the data and the files."""
+    args: argparse.Namespace
+    device: torch.device
+    rows: list  # meta.xlsx rows
+    payload: dict  # the loaded cache: metadata, graphs, ids
+    split_idx: dict  # {"train"/"val"/"test": row indices}
+    rule: str  # how the split was made (make_splits)
+    train_ds: torch.utils.data.Dataset
+    eval_ds: torch.utils.data.Dataset  # the cached graphs, not augmented
+    loader_kw: dict  # batch size and worker settings of every DataLoader
+    train_loader: DataLoader
+    val_loader: DataLoader
+    amp_dtype: torch.dtype = None  # autocast dtype (CUDA only), None: full precision
+    use_scaler: bool = False  # float16 autocast needs a GradScaler
+    run_id: str = ""  # tells this run's files from another run's
+    versions: dict = field(default_factory=dict)  # package_versions()
+
+    @property
+    def models_dir(self):
+        return os.path.join(self.args.root_dir, "models")
+
+    @property
+    def plots_dir(self):
+        return os.path.join(self.args.root_dir, "plots")
+
+    @property
+    def best_path(self):
+        return os.path.join(self.models_dir, BEST_CHECKPOINT)
+
+    @property
+    def resume_path(self):
+        return os.path.join(self.models_dir, RESUME_CHECKPOINT)
+
+    @property
+    def metadata(self):
+        return dict(self.payload["metadata"])
+
+    @property
+    def split_ids(self):
+        return {name: [self.rows[i]["id"] for i in idx] for name, idx in self.split_idx.items()}
+
+    @property
+    def monitor_name(self):
+        """What early stopping watches: the validation MAPE, or without a validation set the
+        training loss."""
+        return "val MAPE" if len(self.split_idx["val"]) else "train loss"
+
+    def checkpoint(self, model, epoch, val_mape, val_mae):
+        """A best/final checkpoint: weights with everything that reloads them alone."""
+        return {"model_state": model.state_dict(), "model_config": model.config,
+                "config": dict(vars(self.args)), "metadata": self.metadata, "epoch": epoch,
+                "val_mape": val_mape, "val_mae": val_mae, "split_ids": self.split_ids,
+                "versions": self.versions, "run_id": self.run_id}
+
+
+@dataclass
+class TrainingProgress:
+    """The training loop's counters: what a resume state continues and the report reads."""
+    epoch: int = 0  # the last finished epoch
+    best: float = float("inf")  # the best monitored value so far
+    best_epoch: int = -1
+    stale: int = 0  # epochs since the best
+    stopped: bool = False  # early stopping triggered
+    history: list = field(default_factory=list)  # one record per epoch
+    saved: tuple = None  # (path, epoch) of the latest resume state
+
+
+def prepare_data(args, resume=None):
+    """Stage 1, data: check every row, build or check the cache, split the rows, and make the
+    datasets and loaders (docs/DESIGN.md, section 8)."""
+    device = resolve_device(args.device)
+    amp_dtype, use_scaler = amp_settings(device)
+    parsed = check_data_or_exit(args)  # --check_data exits here; training stops on any problem
+    rows = [dimer.row for dimer in parsed]  # meta.xlsx's rows, read once by the check
+    payload = prepare_cache(args, rows, parsed)
+    train_idx, val_idx, test_idx, rule = make_splits(rows, args.seed)
+    print(f"{len(rows)} dimers from {args.root_dir}; split {rule}: "
+          f"train {len(train_idx)}, val {len(val_idx)}, test {len(test_idx)}")
+    if args.apply_augmentations and not args.augment_cached_train:
+        train_ds = DimerDataset(args.root_dir, args.physical_cutoff, augment=True,
+                                jitter_std=args.jitter_std, parsed=parsed)
+    else:
+        aug = args.apply_augmentations
+        train_ds = CachedDimerDataset(payload, rotate=aug, jitter_std=args.jitter_std if aug else 0)
+    eval_ds = CachedDimerDataset(payload)
+    num_workers = args.num_workers if args.num_workers is not None else (
+        4 if device.type == "cuda" else 0)
+    loader_kw = dict(batch_size=args.batch_size, num_workers=num_workers,
+                     pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
+    Subset = torch.utils.data.Subset
+    return TrainingRun(
+        args=args, device=device, rows=rows, payload=payload,
+        split_idx={"train": train_idx, "val": val_idx, "test": test_idx}, rule=rule,
+        train_ds=train_ds, eval_ds=eval_ds, loader_kw=loader_kw,
+        train_loader=DataLoader(Subset(train_ds, train_idx), shuffle=True, **loader_kw),
+        val_loader=DataLoader(Subset(eval_ds, val_idx), shuffle=False, **loader_kw),
+        amp_dtype=amp_dtype, use_scaler=use_scaler,
+        run_id=(resume or {}).get("run_id") or os.urandom(8).hex(), versions=package_versions())
+
+
+def build_model(run):
+    """Stage 2, model: a ``DeltaCoupling`` of the options' size at the cache's cutoff, compiled
+    where that was measured to be faster (docs/DESIGN.md, decision 10)."""
+    args, device = run.args, run.device
+    model = DeltaCoupling(num_conv_layers=args.num_conv_layers, num_rbf=args.num_rbf,
+                          cutoff=float(run.payload["metadata"]["internal_cutoff"]),
+                          radial_hidden=args.radial_hidden, mlp_hidden=args.mlp_hidden).to(device)
+    backend = resolve_compile_backend(args.compile, device, args.epochs)
+    if backend is None:
+        return model
+    log_line(f"compiling the model with torch.compile({backend}) (--compile off skips this) ...")
+    t_compile = time.time()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        # the probes draw no random numbers from the run: same seed, same run, compiled or not
+        def first_batch(dataset):
+            some = run.split_idx["train"] or run.split_idx["val"] or run.split_idx["test"]
+            return next(iter(DataLoader(torch.utils.data.Subset(dataset, some),
+                                        batch_size=args.batch_size))).to(device)
+        compiled = try_compile(model, backend, first_batch(run.train_ds),
+                               first_batch(run.eval_ds), run.amp_dtype)
+    if compiled:
+        log_line(f"compiled in {time.time() - t_compile:.0f} s")
+    return model
+
+
 def make_optimizer(model, lr, device):
-    """Adam (docs/DESIGN.md, section 8); its fused kernel on CPU and CUDA (one op per step instead of dozens per
-    parameter tensor: the same update rule, measurably faster for this many small tensors)."""
+    """Adam (docs/DESIGN.md, section 8); its fused kernel on CPU and CUDA (one op per step
+    instead of dozens per parameter tensor: the same update rule, measurably faster for this
+    many small tensors)."""
     return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
 
 
-def resolve_compile_backend(choice, device, epochs=DEFAULT_EPOCHS):
-    """The torch.compile backend for ``--compile choice`` on ``device``; None means eager.
-
-    ``auto`` (docs/DESIGN.md, decision 10): on CUDA inductor, aot_eager on Windows. On a CPU what
-    ``benchmarks/bench_training.py`` measured faster than eager: inductor on Linux when a C++
-    compiler is on PATH (``CPU_AUTO_COMPILE``) and the run has ``CPU_COMPILE_MIN_EPOCHS``
-    epochs or more, else eager (aot_eager measured slower).
-    """
-    if choice == "auto":
-        if device.type == "cuda":
-            return "aot_eager" if sys.platform.startswith("win") else "inductor"
-        if epochs < CPU_COMPILE_MIN_EPOCHS or not shutil.which(os.environ.get("CXX") or "g++"):
-            return None
-        return CPU_AUTO_COMPILE.get(sys.platform)
-    if choice == "off":
-        return None
-    if choice in ("inductor", "aot_eager"):
-        return choice
-    raise ValueError(f"unknown --compile {choice!r}")
+def make_training_tools(run, model):
+    """Stage 3, optimiser: Adam, the OneCycle schedule over every batch of the run (none
+    without training data) and, for float16 autocast, a GradScaler."""
+    args = run.args
+    optimizer = make_optimizer(model, args.lr, run.device)
+    scheduler = None
+    if len(run.split_idx["train"]):
+        total_steps = max(ONECYCLE_MIN_STEPS, args.epochs * len(run.train_loader))
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr,
+                                                        total_steps=total_steps,
+                                                        pct_start=ONECYCLE_PCT_START)
+    scaler = torch.amp.GradScaler("cuda") if run.use_scaler else None
+    return optimizer, scheduler, scaler
 
 
-def write_run_config(path, args, model_config, device, metadata, split, versions):
-    """``run_config.json``: what reproduces a run (arguments, model, versions, data, split)."""
-    atomic_write_json({"args": vars(args), "model_config": model_config, "versions": versions,
-                       "platform": platform.platform(), "device": describe_device(device),
-                       "data_sha256": metadata["data_sha256"], "split": split}, path)
+def write_run_files(run, model):
+    """``split_ids.json`` and ``run_config.json``: the split and what reproduces the run."""
+    split = {"rule": run.rule, "seed": run.args.seed, **run.split_ids}
+    atomic_write_json(split, os.path.join(run.models_dir, "split_ids.json"))
+    atomic_write_json({"args": vars(run.args), "model_config": model.config,
+                       "versions": run.versions, "platform": platform.platform(),
+                       "device": describe_device(run.device),
+                       "data_sha256": run.payload["metadata"]["data_sha256"], "split": split},
+                      os.path.join(run.models_dir, RUN_CONFIG_FILE))
 
 
-def final_report(model, eval_ds, split_idx, rows, loader_kw, device, amp_dtype, args,
-                 models_dir, plots_dir):
+def train(run, model, optimizer, scheduler, scaler, resume=None):
+    """Stage 4, training loop: an epoch of training and a validation pass per epoch; the best
+    checkpoint on improvement, early stopping after ``patience`` stale epochs, and the resume
+    state after every epoch. Ctrl-C exits with the command that resumes. Returns the
+    ``TrainingProgress``."""
+    args = run.args
+    state = TrainingProgress()
+    t_start = time.time()
+    if resume is not None:  # after all setup: the restored RNG states continue the saved run
+        state = restore_training_state(resume, model, optimizer, scheduler, scaler, run)
+        t_start -= state.history[-1]["seconds"] if state.history else 0.0  # the clock goes on
+        log_line(f"resumed from {args.resume} after epoch {state.epoch}")
+    bar = progress(range(state.epoch + 1, (state.epoch if state.stopped else args.epochs) + 1),
+                   args.quiet, desc="training", unit="epoch", initial=state.epoch,
+                   total=args.epochs)
+    try:
+        for state.epoch in bar:
+            train_result = run_epoch(model, run.train_loader, run.device, optimizer, scheduler,
+                                     scaler, run.amp_dtype,
+                                     skip_failed_batches=args.skip_failed_batches, log=log_line)
+            with torch.no_grad():
+                val_result = (run_epoch(model, run.val_loader, run.device,
+                                        amp_dtype=run.amp_dtype,
+                                        skip_failed_batches=args.skip_failed_batches,
+                                        log=log_line)
+                              if len(run.split_idx["val"]) else EpochResult())
+            end_of_epoch(run, model, optimizer, scheduler, scaler, state, train_result,
+                         val_result, time.time() - t_start)
+            bar.set_postfix_str(f"loss {train_result.loss:.4f}, val MAPE "
+                                f"{val_result.mape:.2f}%, best {run.monitor_name} "
+                                f"{state.best:.3f} (epoch {state.best_epoch})", refresh=False)
+            if state.stopped:
+                log_line(f"early stop at epoch {state.epoch}: no {run.monitor_name} improvement "
+                         f"for {args.patience} epochs")
+                break
+    except KeyboardInterrupt:
+        bar.close()
+        exit_interrupted(state.saved)
+    except TooManyFailedBatchesError as exc:
+        bar.close()
+        _exit(f"epoch {state.epoch}: {exc}")
+    bar.close()
+    return state
+
+
+def end_of_epoch(run, model, optimizer, scheduler, scaler, state, train_result, val_result,
+                 seconds):
+    """Early stopping's bookkeeping after an epoch: the best checkpoint on improvement, the
+    epoch's history record, the resume state and the periodic log line."""
+    args = run.args
+    monitor = val_result.mape if len(run.split_idx["val"]) else train_result.loss
+    if monitor < state.best:
+        state.best, state.best_epoch, state.stale = monitor, state.epoch, 0
+        atomic_torch_save(run.checkpoint(model, state.epoch, val_result.mape, val_result.mae),
+                          run.best_path)
+    else:
+        state.stale += 1
+    state.stopped = state.stale >= args.patience
+    lr = optimizer.param_groups[0]["lr"]
+    state.history.append({"epoch": state.epoch, "train_loss": train_result.loss,
+                          "val_mape": val_result.mape, "val_mae": val_result.mae, "lr": lr,
+                          "seconds": seconds})
+    atomic_torch_save(training_state(model, optimizer, scheduler, scaler, state, run),
+                      run.resume_path)
+    state.saved = (run.resume_path, state.epoch)
+    if (state.epoch == 1 or state.epoch % args.log_every == 0 or state.epoch == args.epochs
+            or state.stopped):
+        log_line(f"epoch {state.epoch:5d}  train loss {train_result.loss:9.4f}  val MAPE "
+                 f"{val_result.mape:8.2f}%  MAE {val_result.mae:8.4f}  RMSE "
+                 f"{val_result.rmse:8.4f}  best {run.monitor_name} {state.best:8.3f} (epoch "
+                 f"{state.best_epoch})  lr {lr:.2e}  skipped "
+                 f"{train_result.n_skipped + val_result.n_skipped}  {seconds:7.1f} s")
+
+
+def reload_best_weights(run, model, state):
+    """Load this run's best checkpoint into ``model``; stop if it is unreadable or another
+    run's. A resumed run interrupted between the two saves of an epoch keeps the file's."""
+    try:
+        best = load_tensors_file(run.best_path, "a DeltaCoupling checkpoint",
+                                 map_location=run.device)
+    except ValueError as exc:
+        _exit(f"{exc}; this run's best weights are lost, its last ones are in "
+              f"{state.saved[0] if state.saved else 'no file'}")
+    if best.get("run_id") != run.run_id:
+        _exit(f"{run.best_path} was written by another run, not this one: its weights are not "
+              f"this run's; run again with its own root_dir")
+    if best["epoch"] != state.best_epoch:  # interrupted between the two saves, then resumed
+        log_line(f"note: {run.best_path} holds epoch {best['epoch']} (the resume state "
+                 f"recorded {state.best_epoch}); using it")
+        state.best_epoch = best["epoch"]
+    model.load_state_dict(best["model_state"])
+    print(f"loaded best checkpoint (epoch {best['epoch']}) from {run.best_path}")
+
+
+def final_report(run, model):
     """Evaluate the final model: one prediction pass per split feeds the metrics table (printed),
-    ``models/metrics.json`` and the val/test regression plots. Returns the metrics report."""
-    predictions = {
-        name: predict_rows(model, DataLoader(torch.utils.data.Subset(eval_ds, idx),
-                                             shuffle=False, **loader_kw),
-                           device, amp_dtype, args.skip_failed_batches, log=log_line)
-        for name, idx in split_idx.items() if len(idx)}
-    report = metrics_report(predictions, {r["id"]: r["group"] for r in rows if "group" in r})
+    ``models/metrics.json`` and, through ``plot_regression``, the val/test plots. Returns the
+    metrics report."""
+    predictions = {}
+    for name, idx in run.split_idx.items():
+        if not len(idx):
+            continue
+        loader = DataLoader(torch.utils.data.Subset(run.eval_ds, idx), shuffle=False,
+                            **run.loader_kw)
+        if name in ("val", "test"):
+            path = os.path.join(run.plots_dir, f"{name}_final_delta_learning.png")
+            predictions[name] = plot_regression(
+                model, loader, run.device, path, title=f"{name} set", amp_dtype=run.amp_dtype,
+                skip_failed_batches=run.args.skip_failed_batches, log=log_line)
+        else:
+            predictions[name] = predict_rows(model, loader, run.device, run.amp_dtype,
+                                             skip_failed_batches=run.args.skip_failed_batches,
+                                             log=log_line)
+    report = metrics_report(predictions, {r["id"]: r["group"] for r in run.rows if "group" in r})
     log_line(format_metrics_table(report))
-    atomic_write_json(report, os.path.join(models_dir, METRICS_FILE))
-    for name in ("test", "val"):
-        if name in predictions:
-            p = predictions[name]
-            save_regression_plot(p["pred"], p["true"], p["v0"],
-                                 os.path.join(plots_dir, f"{name}_final_delta_learning.png"),
-                                 title=f"{name} set")
+    atomic_write_json(report, os.path.join(run.models_dir, METRICS_FILE))
     return report
 
 
+def finish(run, model, state):
+    """Stage 5, final report: the best weights reloaded, the metrics report and plots, the
+    history and learning curves, and the final checkpoint. Returns main's summary."""
+    if state.best_epoch > 0:  # saved by this run (or by the run it resumes)
+        reload_best_weights(run, model, state)
+    try:
+        final_metrics = final_report(run, model)
+    except TooManyFailedBatchesError as exc:
+        _exit(f"final evaluation: {exc}; the best weights are in {run.best_path}")
+    atomic_write_json(state.history, os.path.join(run.models_dir, HISTORY_FILE))
+    plot_learning_curves(state.history, os.path.join(run.plots_dir, LEARNING_CURVES_PLOT),
+                         state.best_epoch)
+    val_model = final_metrics.get("val", {}).get("model", {})
+    final = run.checkpoint(model, state.epoch, val_model.get("mape", float("nan")),
+                           val_model.get("mae", float("nan")))
+    final.update(weights_from_epoch=state.best_epoch, last_epoch=state.epoch,
+                 best_monitor=state.best, monitor=run.monitor_name, final_metrics=final_metrics,
+                 history=state.history)
+    final_path = os.path.join(run.models_dir, FINAL_CHECKPOINT)
+    atomic_torch_save(final, final_path)
+    log_line(f"saved {final_path}; metrics in {os.path.join(run.models_dir, METRICS_FILE)}; "
+             f"plots in {run.plots_dir}")
+    return {"best_epoch": state.best_epoch, "best_monitor": state.best,
+            "best_path": run.best_path, "split_ids": run.split_ids,
+            "final_metrics": final_metrics, "history": state.history}
+
+
+# --- resume: the training state after every epoch, and continuing from it
+def training_state(model, optimizer, scheduler, scaler, state, run):
+    """Everything a run needs to continue after ``state.epoch`` (tensors and plain types only).
+
+    Model, optimizer, scheduler and scaler states, the early-stopping counters, the torch,
+    numpy and Python RNG states, the split, the config, the cache metadata and the per-epoch
+    history (for the learning curves) and the run's id (stored in its best checkpoint too).
+    """
+    np_state = np.random.get_state()  # ('MT19937', keys (624,) uint32, pos, has_gauss, gauss)
+    py_state = random.getstate()  # (version, 625 ints, gauss_next)
+    return {
+        "format_version": RESUME_FORMAT_VERSION, "epoch": state.epoch, "best": state.best,
+        "best_epoch": state.best_epoch, "stale": state.stale, "stopped": state.stopped,
+        "model_state": model.state_dict(), "model_config": model.config,
+        "optimizer_state": optimizer.state_dict(),
+        "scheduler_state": scheduler.state_dict() if scheduler is not None else None,
+        "scaler_state": scaler.state_dict() if scaler is not None else None,
+        "rng_torch": torch.get_rng_state(),  # (5056,) uint8
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "rng_numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                      *map(int, np_state[2:4]), float(np_state[4])],
+        "rng_python": [py_state[0], list(py_state[1]), py_state[2]],
+        "config": dict(vars(run.args)), "metadata": run.metadata, "split_ids": run.split_ids,
+        "history": state.history, "run_id": run.run_id,
+    }
+
+
+def restore_training_state(saved, model, optimizer, scheduler, scaler, run):
+    """Check that ``saved`` (of ``training_state``) fits this run's data, split and model, then
+    load it into the given objects and set the RNG states; return its ``TrainingProgress``.
+    Call it after all other setup."""
+    problems = check_cache_metadata(saved["metadata"], run.payload["metadata"])
+    if saved["split_ids"] != run.split_ids:
+        problems.append("split: the train/val/test ids differ from the saved run's")
+    if saved["model_config"] != model.config:
+        problems.append(f"model_config: saved {saved['model_config']}, now {model.config}")
+    if problems:
+        _exit("the resume state does not match this data and these settings:\n  "
+              + "\n  ".join(problems)
+              + "\nResume with the data and options of the saved run, or start a new run.")
+    model.load_state_dict(saved["model_state"])
+    optimizer.load_state_dict(saved["optimizer_state"])
+    for obj, key in ((scheduler, "scheduler_state"), (scaler, "scaler_state")):
+        if obj is not None and saved[key] is not None:
+            obj.load_state_dict(saved[key])
+    torch.set_rng_state(saved["rng_torch"])
+    if torch.cuda.is_available() and len(saved["rng_cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(saved["rng_cuda"])
+    name, keys, pos, has_gauss, gauss = saved["rng_numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = saved["rng_python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    return TrainingProgress(epoch=saved["epoch"], best=saved["best"],
+                            best_epoch=saved["best_epoch"], stale=saved["stale"],
+                            stopped=saved["stopped"], history=saved["history"],
+                            saved=(run.args.resume, saved["epoch"]))
+
+
+def parse_main_args(argv=None):
+    """Parse ``argv``; with ``--resume PATH`` also load that state (weights_only).
+
+    On resume the saved run's options are the defaults, and an option given in ``argv`` that
+    would change the run (``--epochs``, ``--lr``, the model, ...) stops with a message: the
+    OneCycle schedule, the split and the weights belong to the saved options.
+    Returns ``(args, state or None)``.
+    """
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    if not args.resume:
+        return args, None
+    if not os.path.exists(args.resume):
+        _exit(f"--resume {args.resume}: file not found; it is written to "
+              f"<root_dir>/models/{RESUME_CHECKPOINT} after every finished epoch")
+    try:
+        state = load_tensors_file(args.resume, "a resume state",
+                                  f"; use the {RESUME_CHECKPOINT} written by training")
+    except ValueError as exc:
+        _exit(f"--resume {exc}")
+    if not isinstance(state, dict) or state.get("format_version") != RESUME_FORMAT_VERSION:
+        _exit(f"--resume {args.resume} is not a resume state of this version; use the "
+              f"{RESUME_CHECKPOINT} written by training (best/final checkpoints hold weights "
+              f"only)")
+    saved = state["config"]
+    parser.set_defaults(**{k: v for k, v in saved.items()
+                           if k in vars(args) and k not in RESUME_NOT_INHERITED})
+    args = parser.parse_args(argv)
+    changed = [f"--{k} {getattr(args, k)!r} (saved run: {saved[k]!r})" for k in saved
+               if k not in RESUME_FREE_OPTIONS and getattr(args, k, None) != saved[k]]
+    if changed:
+        _exit(f"--resume continues the saved run with its own options; these differ: "
+              f"{', '.join(changed)}. Leave them out to resume, or start a new run without "
+              f"--resume")
+    return args, state
+
+
+def exit_interrupted(saved):
+    """After Ctrl-C: say where the last finished epoch's state is and how to resume; exit 130.
+
+    ``saved`` is (path, epoch) of the latest resume state, or None before the first epoch.
+    """
+    if saved is None:
+        print("interrupted before the first epoch finished: nothing to resume; run the same "
+              "command again to start over", file=sys.stderr)
+    else:
+        print(f"interrupted; the state after epoch {saved[1]} is in {saved[0]}\n"
+              f"continue with: python delta_coupling.py --resume {shlex.quote(saved[0])}",
+              file=sys.stderr)
+    raise SystemExit(EXIT_INTERRUPTED)
+
+
+# --- predict: a saved model on new dimers
 def predictions_table(rows, pred, split_of):
     """The ``predictions.csv`` frame: one line per meta.xlsx row, in its order.
 
@@ -2211,7 +2539,7 @@ def run_predict(args, argv=None):
     loader = DataLoader(graphs, batch_size=args.batch_size, shuffle=False)
     try:
         pred = predict_rows(model, loader, device, amp_settings(device)[0],
-                            args.skip_failed_batches, log=log_line)
+                            skip_failed_batches=args.skip_failed_batches, log=log_line)
     except TooManyFailedBatchesError as exc:
         _exit(f"prediction with {path}: {exc}")
     if len(pred["id"]) < len(rows):
@@ -2237,179 +2565,18 @@ def run_predict(args, argv=None):
 
 
 def main(argv=None):
-    """Train and evaluate (docs/DESIGN.md, section 8). ``argv=None`` reads sys.argv; every argument has a default."""
+    """Train and evaluate (docs/DESIGN.md, section 8); with ``--predict``, predict. ``argv=None``
+    reads sys.argv; every argument has a default."""
     args, resume = parse_main_args(argv)
     seed_everything(args.seed)
     if args.predict:
         return run_predict(args, argv)
-    device = resolve_device(args.device)
-    amp_dtype, use_scaler = amp_settings(device)
-
-    parsed = check_data_or_exit(args)  # --check_data exits here; training stops on any problem
-    rows = read_meta(args.root_dir)
-    payload = prepare_cache(args, rows, parsed)
-    internal_cutoff = float(payload["metadata"]["internal_cutoff"])
-
-    train_idx, val_idx, test_idx, rule = make_splits(rows, args.seed)
-    ids = [r["id"] for r in rows]
-    print(f"{len(rows)} dimers from {args.root_dir}; split {rule}: "
-          f"train {len(train_idx)}, val {len(val_idx)}, test {len(test_idx)}")
-    if args.apply_augmentations and not args.augment_cached_train:
-        train_ds = DimerDataset(args.root_dir, args.physical_cutoff, augment=True,
-                                jitter_std=args.jitter_std, parsed=parsed)
-    else:
-        aug = args.apply_augmentations
-        train_ds = CachedDimerDataset(payload, rotate=aug, jitter_std=args.jitter_std if aug else 0)
-    eval_ds = CachedDimerDataset(payload)
-    Subset = torch.utils.data.Subset
-    num_workers = args.num_workers if args.num_workers is not None else (
-        4 if device.type == "cuda" else 0)
-    loader_kw = dict(batch_size=args.batch_size, num_workers=num_workers,
-                     pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
-    train_loader = DataLoader(Subset(train_ds, train_idx), shuffle=True, **loader_kw)
-    val_loader = DataLoader(Subset(eval_ds, val_idx), shuffle=False, **loader_kw)
-
-    model_config = dict(num_conv_layers=args.num_conv_layers, num_rbf=args.num_rbf,
-                        cutoff=internal_cutoff, radial_hidden=args.radial_hidden,
-                        mlp_hidden=args.mlp_hidden)
-    model = DeltaCoupling.from_config(model_config).to(device)
-    backend = resolve_compile_backend(args.compile, device, args.epochs)
-    if backend is not None:
-        log_line(f"compiling the model with torch.compile({backend}) (--compile off skips "
-                 f"this) ...")
-        t_compile = time.time()
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            # the probes draw no random numbers from the run: same seed, same run, compiled or not
-            def first_batch(dataset, idx):
-                return next(iter(DataLoader(Subset(dataset, idx), batch_size=args.batch_size)))
-            some = train_idx or val_idx or test_idx
-            compiled = try_compile(model, backend, first_batch(train_ds, some).to(device),
-                                   first_batch(eval_ds, some).to(device), amp_dtype)
-        if compiled:
-            log_line(f"compiled in {time.time() - t_compile:.0f} s")
-
-    optimizer = make_optimizer(model, args.lr, device)
-    scheduler = None
-    if len(train_idx):
-        total_steps = max(ONECYCLE_MIN_STEPS, args.epochs * len(train_loader))
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr,
-                                                        total_steps=total_steps,
-                                                        pct_start=ONECYCLE_PCT_START)
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-
-    plots_dir = os.path.join(args.root_dir, "plots")
-    models_dir = os.path.join(args.root_dir, "models")
-    best_path = os.path.join(models_dir, BEST_CHECKPOINT)
-    split_ids = {"train": [ids[i] for i in train_idx], "val": [ids[i] for i in val_idx],
-                 "test": [ids[i] for i in test_idx]}
-    split = {"rule": rule, "seed": args.seed, **split_ids}
-    atomic_write_json(split, os.path.join(models_dir, "split_ids.json"))
-    config = dict(vars(args))
-    versions = package_versions()
-    write_run_config(os.path.join(models_dir, RUN_CONFIG_FILE), args, model_config, device,
-                     payload["metadata"], split, versions)
-
-    run_id = (resume or {}).get("run_id") or os.urandom(8).hex()  # tells this run's files
-
-    def checkpoint(epoch, val_mape, val_mae):
-        return {"model_state": model.state_dict(), "model_config": model_config,
-                "config": config, "metadata": dict(payload["metadata"]), "epoch": epoch,
-                "val_mape": val_mape, "val_mae": val_mae, "split_ids": split_ids,
-                "versions": versions, "run_id": run_id}
-
-    monitor_name = "val MAPE" if len(val_idx) else "train loss"
-    best, best_epoch, stale, stop = float("inf"), -1, 0, False
-    t_start, epoch, history = time.time(), 0, []
-    saved = None  # (path, epoch) of the last resume state
-    resume_path = os.path.join(models_dir, RESUME_CHECKPOINT)
-    if resume is not None:  # after all setup: the restored RNG states continue the saved run
-        restore_training_state(resume, model, optimizer, scheduler, scaler, payload["metadata"],
-                               split_ids)
-        epoch, best, best_epoch, stale, stop, history = (resume[k] for k in (
-            "epoch", "best", "best_epoch", "stale", "stopped", "history"))
-        saved = (args.resume, epoch)
-        t_start -= history[-1]["seconds"] if history else 0.0  # the history's clock goes on
-        log_line(f"resumed from {args.resume} after epoch {epoch}")
-    bar = progress(range(epoch + 1, (epoch if stop else args.epochs) + 1), args.quiet,
-                   desc="training", unit="epoch", initial=epoch, total=args.epochs)
-    try:
-        for epoch in bar:
-            tr = run_epoch(model, train_loader, device, optimizer, scheduler, scaler, amp_dtype,
-                           args.skip_failed_batches, log=log_line)
-            with torch.no_grad():
-                va = (run_epoch(model, val_loader, device, amp_dtype=amp_dtype,
-                                skip_failed_batches=args.skip_failed_batches, log=log_line)
-                      if len(val_idx) else EpochResult())
-            monitor = va.mape if len(val_idx) else tr.loss
-            if monitor < best:
-                best, best_epoch, stale = monitor, epoch, 0
-                atomic_torch_save(checkpoint(epoch, va.mape, va.mae), best_path)
-            else:
-                stale += 1
-            stop = stale >= args.patience
-            history.append({"epoch": epoch, "train_loss": tr.loss, "val_mape": va.mape,
-                            "val_mae": va.mae, "lr": optimizer.param_groups[0]["lr"],
-                            "seconds": time.time() - t_start})
-            atomic_torch_save(training_state(model, optimizer, scheduler, scaler, epoch, best,
-                                             best_epoch, stale, stop, config,
-                                             dict(payload["metadata"]), split_ids, history,
-                                             run_id),
-                              resume_path)
-            saved = (resume_path, epoch)
-            bar.set_postfix_str(f"loss {tr.loss:.4f}, val MAPE {va.mape:.2f}%, best "
-                                f"{monitor_name} {best:.3f} (epoch {best_epoch})", refresh=False)
-            if epoch == 1 or epoch % args.log_every == 0 or epoch == args.epochs or stop:
-                log_line(f"epoch {epoch:5d}  train loss {tr.loss:9.4f}  val MAPE {va.mape:8.2f}%"
-                         f"  MAE {va.mae:8.4f}  RMSE {va.rmse:8.4f}  best {monitor_name} "
-                         f"{best:8.3f} (epoch {best_epoch})  lr "
-                         f"{optimizer.param_groups[0]['lr']:.2e}  skipped "
-                         f"{tr.n_skipped + va.n_skipped}  {time.time() - t_start:7.1f} s")
-            if stop:
-                log_line(f"early stop at epoch {epoch}: no {monitor_name} improvement for "
-                         f"{args.patience} epochs")
-                break
-    except KeyboardInterrupt:
-        bar.close()
-        exit_interrupted(saved)
-    except TooManyFailedBatchesError as exc:
-        bar.close()
-        _exit(f"epoch {epoch}: {exc}")
-    bar.close()
-
-    if best_epoch > 0:  # saved by this run (or by the run it resumes)
-        try:
-            best_ckpt = torch.load(best_path, map_location=device, weights_only=True)
-        except (FileNotFoundError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-            _exit(f"{best_path} cannot be read ({type(exc).__name__}: {exc}); this run's best "
-                  f"weights are lost, its last ones are in {saved[0] if saved else 'no file'}")
-        if best_ckpt.get("run_id") != run_id:
-            _exit(f"{best_path} was written by another run, not this one: its weights are not "
-                  f"this run's; run again with its own root_dir")
-        if best_ckpt["epoch"] != best_epoch:  # interrupted between the two saves, then resumed
-            log_line(f"note: {best_path} holds epoch {best_ckpt['epoch']} (the resume state "
-                     f"recorded {best_epoch}); using it")
-            best_epoch = best_ckpt["epoch"]
-        model.load_state_dict(best_ckpt["model_state"])
-        print(f"loaded best checkpoint (epoch {best_ckpt['epoch']}) from {best_path}")
-    try:
-        final_metrics = final_report(model, eval_ds, {"train": train_idx, "val": val_idx,
-                                                      "test": test_idx},
-                                     rows, loader_kw, device, amp_dtype, args, models_dir,
-                                     plots_dir)
-    except TooManyFailedBatchesError as exc:
-        _exit(f"final evaluation: {exc}; the best weights are in {best_path}")
-    atomic_write_json(history, os.path.join(models_dir, HISTORY_FILE))
-    plot_learning_curves(history, os.path.join(plots_dir, LEARNING_CURVES_PLOT), best_epoch)
-    val_model = final_metrics.get("val", {}).get("model", {})
-    final = checkpoint(epoch, val_model.get("mape", float("nan")),
-                       val_model.get("mae", float("nan")))
-    final.update(weights_from_epoch=best_epoch, last_epoch=epoch, best_monitor=best,
-                 monitor=monitor_name, final_metrics=final_metrics, history=history)
-    atomic_torch_save(final, os.path.join(models_dir, FINAL_CHECKPOINT))
-    log_line(f"saved {os.path.join(models_dir, FINAL_CHECKPOINT)}; metrics in "
-             f"{os.path.join(models_dir, METRICS_FILE)}; plots in {plots_dir}")
-    return {"best_epoch": best_epoch, "best_monitor": best, "best_path": best_path,
-            "split_ids": split_ids, "final_metrics": final_metrics, "history": history}
+    run = prepare_data(args, resume)  # check every row, cache, split, datasets and loaders
+    model = build_model(run)  # DeltaCoupling, compiled where that is faster
+    optimizer, scheduler, scaler = make_training_tools(run, model)  # Adam, OneCycle, scaler
+    write_run_files(run, model)  # split_ids.json, run_config.json
+    state = train(run, model, optimizer, scheduler, scaler, resume)  # the epochs
+    return finish(run, model, state)  # best weights, metrics, plots, final checkpoint
 
 
 if __name__ == "__main__":

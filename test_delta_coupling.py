@@ -1,7 +1,7 @@
 """Tests for delta_coupling.py and preprocess_and_cache.py.
 
-Tiny synthetic dimers are written in the format of docs/DATA_FORMAT.md by fixtures; exactness checks run in
-float64 against independent references (e3nn's D matrices, hand-computed numbers).
+Tiny synthetic dimers are written in the format of docs/DATA_FORMAT.md by fixtures; exactness
+checks run in float64 against independent references (e3nn's D matrices, hand-computed numbers).
 Run with ``pytest`` (the whole suite takes a minute or two on 2 cores).
 """
 import json
@@ -62,7 +62,7 @@ def pdb_text(symbols, pos, chain="A", with_element=True):
 
 
 def write_dataset(root, n_rows, groups=False, seed=0):
-    """Write ``n_rows`` random water-ammonia dimers in the format of docs/DATA_FORMAT.md; return root."""
+    """Write ``n_rows`` random water-ammonia dimers (docs/DATA_FORMAT.md); return root."""
     rng = np.random.default_rng(seed)
     os.makedirs(root, exist_ok=True)
     rows = []
@@ -963,7 +963,8 @@ def test_run_epoch_metrics_are_weighted_by_graphs(tiny_root):
     model = small_model()
     res = dc.run_epoch(model, DataLoader(ds, batch_size=3), torch.device("cpu"),
                        skip_failed_batches=False)
-    pred, true, v0 = dc.predict_vref(model, DataLoader(ds, batch_size=4), torch.device("cpu"))
+    rows = dc.predict_rows(model, DataLoader(ds, batch_size=4), torch.device("cpu"))
+    pred, true, v0 = rows["pred"], rows["true"], rows["v0"]
     assert res.n_graphs == 4
     assert res.mae == pytest.approx(float(np.abs(pred - true).mean()), rel=1e-5)
     assert res.rmse == pytest.approx(float(np.sqrt(((pred - true) ** 2).mean())), rel=1e-5)
@@ -1262,19 +1263,26 @@ def test_main_stops_when_most_batches_are_nan(tmp_path, monkeypatch, capsys):
 
 # ----------------------------------------------------------------------------- main end to end
 def test_training_reads_each_dimer_once(tiny_root, monkeypatch):
-    """The data check's parsed dimers serve the cache build and the training dataset."""
+    """The data check's parsed dimers (and its meta.xlsx rows) serve the cache build and the
+    training dataset."""
     import preprocess_and_cache
-    calls = []
-    real = dc.parse_dimer
+    calls, meta_reads = [], []
+    real, real_read_meta = dc.parse_dimer, dc.read_meta
 
     def counting(root_dir, row):
         calls.append(row["id"])
         return real(root_dir, row)
 
+    def counting_read_meta(root_dir, *args, **kwargs):
+        meta_reads.append(root_dir)
+        return real_read_meta(root_dir, *args, **kwargs)
+
     monkeypatch.setattr(dc, "parse_dimer", counting)
     monkeypatch.setattr(preprocess_and_cache, "parse_dimer", counting)
+    monkeypatch.setattr(dc, "read_meta", counting_read_meta)
     dc.main(["--root_dir", tiny_root, "--epochs", "1", "--quiet", *SMALL_RUN[:-1]])
-    assert sorted(calls) == sorted(r["id"] for r in dc.read_meta(tiny_root))
+    assert meta_reads == [tiny_root]  # meta.xlsx is read once, by the data check
+    assert sorted(calls) == sorted(r["id"] for r in real_read_meta(tiny_root))
 
 
 def test_default_arguments_are_specs():
