@@ -30,6 +30,7 @@ AMMONIA = (["N", "H", "H", "H"], [[0.0, 0.0, 0.1], [0.94, 0.0, -0.25], [-0.47, 0
 
 
 # ----------------------------------------------------------------------------- fixtures
+# Seeded RNGs, eager models, float64 on request, tiny water-ammonia dimers in temp folders.
 @pytest.fixture(autouse=True)
 def seeded():
     torch.manual_seed(0)
@@ -111,6 +112,7 @@ def batch_of(graphs):
 
 
 # ----------------------------------------------------------------------------- constants & units
+# Unit conversions against hand-computed numbers; the multipoles transform as e3nn's irreps.
 def test_unit_conversions_against_hand_computed_values():
     assert dc.INT_ANGSTROM_SCALE == 0.1
     # 1 D = 0.20819434 e*A -> x 0.1 internal
@@ -126,81 +128,32 @@ def test_unit_conversions_against_hand_computed_values():
     assert str(dc.IRREPS_NODE) == "8x0e+1x1o+1x2e"
 
 
-def test_edge_harmonics_equal_e3nn_tiled_and_single_copy():
-    vec = torch.randn(50, 3)
-    tiled = o3.spherical_harmonics(dc.IRREPS_EDGE_SH, vec, normalize=True,
-                                   normalization="component")  # (50, 64): four copies of each l
-    torch.testing.assert_close(dc.edge_spherical_harmonics(vec), tiled, atol=1e-6, rtol=0)
-    single = o3.spherical_harmonics(dc.IRREPS_EDGE_SH_SINGLE, vec, normalize=True,
-                                    normalization="component")  # (50, 16)
-    torch.testing.assert_close(dc.edge_spherical_harmonics(vec, tiled=False), single)
-    for copy in range(4):  # each copy of the tiled layout is the single-copy set
-        torch.testing.assert_close(tiled[:, dc._copy_index(dc.IRREPS_EDGE_SH, copy)], single)
-
-
-def test_graph_fields_units_and_placement(tiny_root):
-    ds = dc.DimerDataset(tiny_root, physical_cutoff=12.0)
-    rows = pd.read_excel(os.path.join(tiny_root, "meta.xlsx"))
-    g = ds[1]
-    r_nm = rows.loc[1, "R_nm"]
-    r_int = r_nm * 10.0 * 0.1  # nm -> Angstrom -> internal
-    assert g.pos_atoms.shape == (7, 3) and g.z_atoms.tolist() == [8, 1, 1, 7, 1, 1, 1]
-    np.testing.assert_allclose(g.pos_atoms[:3].mean(0).numpy(), 0.0, atol=1e-6)
-    np.testing.assert_allclose(g.pos_atoms[3:].mean(0).numpy(), [0, 0, r_int], atol=1e-6)
-    # O-H bond 0.9572 Angstrom (from the PDB, 3 decimals) -> about 0.0957 internal
-    assert abs(float((g.pos_atoms[1] - g.pos_atoms[0]).norm()) - 0.09572) < 2e-4
-    np.testing.assert_allclose(g.u.numpy(), [[r_int, math.radians(rows.loc[1, "theta_deg"]),
-                                              rows.loc[1, "V0"], rows.loc[1, "PR"]]], rtol=1e-6)
-    assert g.y.item() == pytest.approx(rows.loc[1, "Vref"] - rows.loc[1, "V0"], rel=1e-6)
-    assert g.y_true_vref.item() == pytest.approx(rows.loc[1, "Vref"], rel=1e-6)
-    assert g.R_internal_val.item() == pytest.approx(r_int, rel=1e-6)
-    assert g.atomic_node_attr.shape == (7, 3) and g.field_node_features.shape == (1, 8)
-    npz = np.load(os.path.join(tiny_root, "d1", "dimer.npz"))
-    np.testing.assert_allclose(g.field_node_features[0, :3].numpy(),
-                               npz["dipole"] * 0.20819434 * 0.1, rtol=1e-6)
-    # every pair is closer than 12 Angstrom: the radius graph is complete, distances match
-    assert g.edge_index_atoms.shape == (2, 7 * 6)
-    src, dst = g.edge_index_atoms
-    np.testing.assert_allclose(g.edge_attr_atoms[:, 0].numpy(),
-                               (g.pos_atoms[src] - g.pos_atoms[dst]).norm(dim=1).numpy(),
-                               rtol=1e-6)
-    q = npz["quadrupole"]
-    np.testing.assert_allclose(g.field_node_features[0, 3:].numpy(),
-                               dc.quadrupole_to_l2(q * 0.20819434 * 0.01), rtol=1e-5, atol=1e-9)
-    # batching keeps per-graph values in order (and does not offset per-graph integers)
-    singles = [ds[0], ds[1], ds[2]]
-    batch = batch_of(singles)
-    assert batch.u.shape == (3, 4) and batch.field_node_features.shape == (3, 8)
-    assert batch.y.shape == (3,)
-    assert batch.row_number.tolist() == [2, 3, 4]  # spreadsheet rows
-    for i, single in enumerate(singles):
-        torch.testing.assert_close(batch.u[i], single.u[0])
-        torch.testing.assert_close(batch.y[i], single.y[0])
-    n0, n1 = singles[0].edge_index_atoms.size(1), singles[1].edge_index_atoms.size(1)
-    torch.testing.assert_close(batch.edge_index_atoms[:, n0:n0 + n1],
-                               singles[1].edge_index_atoms + singles[0].num_nodes)
-
-
-def test_radius_graph_respects_cutoff_against_brute_force():
-    pos = torch.rand(30, 3) * 2.0
-    batch = torch.tensor([0] * 12 + [1] * 18)
-    edges = dc.radius_graph(pos, 0.7, batch)
-    got = {tuple(e) for e in edges.t().tolist()}
-    want = {(j, i) for i in range(30) for j in range(30)
-            if i != j and batch[i] == batch[j] and float((pos[i] - pos[j]).norm()) < 0.7}
-    assert got == want and len(want) > 0
-
-
-def test_radius_graph_torch_cluster_matches_pure_torch(monkeypatch):
-    torch_cluster = pytest.importorskip("torch_cluster")
-    pos = torch.rand(200, 3) * 3.0  # dense: many more than 32 neighbours each
-    with_tc = {tuple(e) for e in dc.radius_graph(pos, 1.2).t().tolist()}
-    monkeypatch.setattr(dc, "torch_cluster", None)
-    pure = {tuple(e) for e in dc.radius_graph(pos, 1.2).t().tolist()}
-    assert with_tc == pure and torch_cluster is not None
+def test_dipole_and_quadrupole_rotate_as_e3nn_irreps(float64):
+    rng = np.random.default_rng(1)
+    dip = rng.normal(size=3)
+    q = rng.normal(size=(3, 3))
+    quad = q + q.T  # symmetric, with a trace on purpose
+    for _ in range(5):
+        rot = o3.rand_matrix(dtype=torch.float64)
+        r = rot.numpy()
+        d1 = o3.Irrep(1, -1).D_from_matrix(rot).numpy()
+        d2 = o3.Irrep(2, 1).D_from_matrix(rot).numpy()
+        np.testing.assert_allclose(d1 @ dip, r @ dip, atol=1e-12)
+        np.testing.assert_allclose(d2 @ dc.quadrupole_to_l2(quad),
+                                   dc.quadrupole_to_l2(r @ quad @ r.T), atol=1e-12)
+        # and the library's own rotation of the packed (8,) field features
+        feat = torch.as_tensor(np.concatenate([dip, dc.quadrupole_to_l2(quad)]))
+        rotated = dc.rotate_field_features(feat, rot).numpy()
+        np.testing.assert_allclose(rotated[:3], r @ dip, atol=1e-12)
+        np.testing.assert_allclose(rotated[3:], dc.quadrupole_to_l2(r @ quad @ r.T), atol=1e-12)
+        torch.testing.assert_close(dc.field_rotation_matrix(rot),
+                                   dc.IRREPS_FIELD.D_from_matrix(rot), atol=1e-12, rtol=0)
+    # the trace does not enter: an isotropic tensor has no l=2 part
+    np.testing.assert_allclose(dc.quadrupole_to_l2(np.eye(3) * 7.0), 0.0, atol=1e-15)
 
 
 # ----------------------------------------------------------------------------- parsing
+# PDB, meta.xlsx and NPZ reading; bad input is named by file, row, id, problem and fix.
 def test_pdb_elements_from_columns_and_names(tmp_path):
     path = tmp_path / "mixed.pdb"
     records = [
@@ -309,7 +262,6 @@ def test_npz_atom_count_mismatch_is_refused(tmp_path):
         dc.DimerDataset(root)
 
 
-# ----------------------------------------------------------------------------- bad input
 # Every case writes the 3-row fixture data set, breaks row 1 (spreadsheet row 3, id dimer1) or
 # its files, and expects an error naming meta.xlsx, the row, the id, the broken file, the
 # problem and what to do.
@@ -539,32 +491,189 @@ def test_main_check_data_prints_every_problem_and_exits_nonzero(tmp_path, capsys
     assert sorted(os.listdir(root)) == ["d0", "d1", "d2", "d3", "meta.xlsx"]
 
 
-# ----------------------------------------------------------------------------- irreps
-def test_dipole_and_quadrupole_rotate_as_e3nn_irreps(float64):
-    rng = np.random.default_rng(1)
-    dip = rng.normal(size=3)
-    q = rng.normal(size=(3, 3))
-    quad = q + q.T  # symmetric, with a trace on purpose
+def test_bundled_s22x5_loads_and_matches_ase():
+    ds = dc.DimerDataset(S22X5_DIR)
+    assert len(ds) == 110
+    for parsed in ds.parsed:
+        npz = np.load(os.path.join(S22X5_DIR, parsed.row["npz"]))
+        assert npz["mulliken_spd"].shape[0] == len(parsed.z)
+    water = [p for p in ds.parsed if p.row["id"].startswith("Water_dimer_")]
+    assert len(water) == 5
+    for p in water:
+        dip = np.load(os.path.join(S22X5_DIR, p.row["npz"]))["dipole"]
+        assert 2.0 < np.linalg.norm(dip) < 3.5
+    from ase.data import s22  # a test requirement (requirements.txt)
+    checked = 0
+    for p in ds.parsed:
+        if p.row["PR"] != 1.0:
+            continue
+        d = s22.data[p.row["group"]]
+        pos = np.asarray(d["positions 1.0"])
+        n_a = d["dimer atoms"][0]
+        r_ase = np.linalg.norm(pos[n_a:].mean(0) - pos[:n_a].mean(0)) / 10.0  # nm
+        assert p.row["R_nm"] == pytest.approx(r_ase, abs=1e-6)
+        checked += 1
+    assert checked == 22
+
+
+# ----------------------------------------------------------------------------- geometry helpers
+# Edge harmonics as e3nn returns them; the radius graph vs brute force and torch-cluster.
+def test_edge_harmonics_equal_e3nn_tiled_and_single_copy():
+    vec = torch.randn(50, 3)
+    tiled = o3.spherical_harmonics(dc.IRREPS_EDGE_SH, vec, normalize=True,
+                                   normalization="component")  # (50, 64): four copies of each l
+    torch.testing.assert_close(dc.edge_spherical_harmonics(vec), tiled, atol=1e-6, rtol=0)
+    single = o3.spherical_harmonics(dc.IRREPS_EDGE_SH_SINGLE, vec, normalize=True,
+                                    normalization="component")  # (50, 16)
+    torch.testing.assert_close(dc.edge_spherical_harmonics(vec, tiled=False), single)
+    for copy in range(4):  # each copy of the tiled layout is the single-copy set
+        torch.testing.assert_close(tiled[:, dc._copy_index(dc.IRREPS_EDGE_SH, copy)], single)
+
+
+def test_radius_graph_respects_cutoff_against_brute_force():
+    pos = torch.rand(30, 3) * 2.0
+    batch = torch.tensor([0] * 12 + [1] * 18)
+    edges = dc.radius_graph(pos, 0.7, batch)
+    got = {tuple(e) for e in edges.t().tolist()}
+    want = {(j, i) for i in range(30) for j in range(30)
+            if i != j and batch[i] == batch[j] and float((pos[i] - pos[j]).norm()) < 0.7}
+    assert got == want and len(want) > 0
+
+
+def test_radius_graph_torch_cluster_matches_pure_torch(monkeypatch):
+    torch_cluster = pytest.importorskip("torch_cluster")
+    pos = torch.rand(200, 3) * 3.0  # dense: many more than 32 neighbours each
+    with_tc = {tuple(e) for e in dc.radius_graph(pos, 1.2).t().tolist()}
+    monkeypatch.setattr(dc, "torch_cluster", None)
+    pure = {tuple(e) for e in dc.radius_graph(pos, 1.2).t().tolist()}
+    assert with_tc == pure and torch_cluster is not None
+
+
+# ----------------------------------------------------------------------------- datasets
+# Graph fields in internal units; cached augmentation stays consistent; the cache round trip.
+def test_graph_fields_units_and_placement(tiny_root):
+    ds = dc.DimerDataset(tiny_root, physical_cutoff=12.0)
+    rows = pd.read_excel(os.path.join(tiny_root, "meta.xlsx"))
+    g = ds[1]
+    r_nm = rows.loc[1, "R_nm"]
+    r_int = r_nm * 10.0 * 0.1  # nm -> Angstrom -> internal
+    assert g.pos_atoms.shape == (7, 3) and g.z_atoms.tolist() == [8, 1, 1, 7, 1, 1, 1]
+    np.testing.assert_allclose(g.pos_atoms[:3].mean(0).numpy(), 0.0, atol=1e-6)
+    np.testing.assert_allclose(g.pos_atoms[3:].mean(0).numpy(), [0, 0, r_int], atol=1e-6)
+    # O-H bond 0.9572 Angstrom (from the PDB, 3 decimals) -> about 0.0957 internal
+    assert abs(float((g.pos_atoms[1] - g.pos_atoms[0]).norm()) - 0.09572) < 2e-4
+    np.testing.assert_allclose(g.u.numpy(), [[r_int, math.radians(rows.loc[1, "theta_deg"]),
+                                              rows.loc[1, "V0"], rows.loc[1, "PR"]]], rtol=1e-6)
+    assert g.y.item() == pytest.approx(rows.loc[1, "Vref"] - rows.loc[1, "V0"], rel=1e-6)
+    assert g.y_true_vref.item() == pytest.approx(rows.loc[1, "Vref"], rel=1e-6)
+    assert g.R_internal_val.item() == pytest.approx(r_int, rel=1e-6)
+    assert g.atomic_node_attr.shape == (7, 3) and g.field_node_features.shape == (1, 8)
+    npz = np.load(os.path.join(tiny_root, "d1", "dimer.npz"))
+    np.testing.assert_allclose(g.field_node_features[0, :3].numpy(),
+                               npz["dipole"] * 0.20819434 * 0.1, rtol=1e-6)
+    # every pair is closer than 12 Angstrom: the radius graph is complete, distances match
+    assert g.edge_index_atoms.shape == (2, 7 * 6)
+    src, dst = g.edge_index_atoms
+    np.testing.assert_allclose(g.edge_attr_atoms[:, 0].numpy(),
+                               (g.pos_atoms[src] - g.pos_atoms[dst]).norm(dim=1).numpy(),
+                               rtol=1e-6)
+    q = npz["quadrupole"]
+    np.testing.assert_allclose(g.field_node_features[0, 3:].numpy(),
+                               dc.quadrupole_to_l2(q * 0.20819434 * 0.01), rtol=1e-5, atol=1e-9)
+    # batching keeps per-graph values in order (and does not offset per-graph integers)
+    singles = [ds[0], ds[1], ds[2]]
+    batch = batch_of(singles)
+    assert batch.u.shape == (3, 4) and batch.field_node_features.shape == (3, 8)
+    assert batch.y.shape == (3,)
+    assert batch.row_number.tolist() == [2, 3, 4]  # spreadsheet rows
+    for i, single in enumerate(singles):
+        torch.testing.assert_close(batch.u[i], single.u[0])
+        torch.testing.assert_close(batch.y[i], single.y[0])
+    n0, n1 = singles[0].edge_index_atoms.size(1), singles[1].edge_index_atoms.size(1)
+    torch.testing.assert_close(batch.edge_index_atoms[:, n0:n0 + n1],
+                               singles[1].edge_index_atoms + singles[0].num_nodes)
+
+
+def test_cached_rotation_rotates_stored_harmonics(tiny_root, float64, monkeypatch):
+    build_cache(tiny_root, 12.0)
+    cache = os.path.join(tiny_root, dc.DEFAULT_CACHE_FILE)
+    plain = dc.CachedDimerDataset(cache)
+    rotating = dc.CachedDimerDataset(cache, rotate=True)
+    rots = [o3.rand_matrix(dtype=torch.float64) for _ in range(len(plain))]
+    monkeypatch.setattr(dc, "random_rotation", lambda dtype=None: rots[i].to(dtype))
+    for i in range(len(plain)):
+        g = rotating[i]
+        assert not torch.allclose(g.pos_atoms, plain[i].pos_atoms.to(g.pos_atoms.dtype))
+        torch.testing.assert_close(g.pos_atoms, plain[i].pos_atoms.double() @ rots[i].T)
+        # the stored harmonics turned by e3nn's own D matrix of the rotation
+        d_sh = dc.IRREPS_EDGE_SH.D_from_matrix(rots[i])  # (64, 64)
+        expect = plain[i].edge_attr_sh.double() @ d_sh.T
+        torch.testing.assert_close(g.edge_attr_sh, expect.to(g.edge_attr_sh.dtype),
+                                   rtol=1e-5, atol=1e-5)
+        # the dipole turned with the atoms: its angle to the A->B axis is unchanged
+        axis0 = plain[i].pos_atoms[3:].mean(0) - plain[i].pos_atoms[:3].mean(0)
+        axis1 = g.pos_atoms[3:].mean(0) - g.pos_atoms[:3].mean(0)
+        dip0, dip1 = plain[i].field_node_features[0, :3], g.field_node_features[0, :3]
+        assert float(axis0 @ dip0) == pytest.approx(float(axis1 @ dip1), rel=1e-5)
+
+
+def test_cached_jitter_rebuilds_consistent_graph(tiny_root):
+    build_cache(tiny_root, 3.0)  # a small cutoff so that jitter can change the edge set
+    cache = os.path.join(tiny_root, dc.DEFAULT_CACHE_FILE)
+    plain = dc.CachedDimerDataset(cache)
+    ds = dc.CachedDimerDataset(cache, jitter_std=0.02)
+    assert ds.internal_cutoff == pytest.approx(0.3)
+    changed = 0
     for _ in range(5):
-        rot = o3.rand_matrix(dtype=torch.float64)
-        r = rot.numpy()
-        d1 = o3.Irrep(1, -1).D_from_matrix(rot).numpy()
-        d2 = o3.Irrep(2, 1).D_from_matrix(rot).numpy()
-        np.testing.assert_allclose(d1 @ dip, r @ dip, atol=1e-12)
-        np.testing.assert_allclose(d2 @ dc.quadrupole_to_l2(quad),
-                                   dc.quadrupole_to_l2(r @ quad @ r.T), atol=1e-12)
-        # and the library's own rotation of the packed (8,) field features
-        feat = torch.as_tensor(np.concatenate([dip, dc.quadrupole_to_l2(quad)]))
-        rotated = dc.rotate_field_features(feat, rot).numpy()
-        np.testing.assert_allclose(rotated[:3], r @ dip, atol=1e-12)
-        np.testing.assert_allclose(rotated[3:], dc.quadrupole_to_l2(r @ quad @ r.T), atol=1e-12)
-        torch.testing.assert_close(dc.field_rotation_matrix(rot),
-                                   dc.IRREPS_FIELD.D_from_matrix(rot), atol=1e-12, rtol=0)
-    # the trace does not enter: an isotropic tensor has no l=2 part
-    np.testing.assert_allclose(dc.quadrupole_to_l2(np.eye(3) * 7.0), 0.0, atol=1e-15)
+        for i in range(len(ds)):
+            g = ds[i]
+            pos = g.pos_atoms
+            assert not torch.allclose(pos, plain[i].pos_atoms)
+            n = pos.size(0)
+            want = {(a, b) for a in range(n) for b in range(n)
+                    if a != b and float((pos[a] - pos[b]).norm()) < 0.3}  # brute force
+            got = {tuple(e) for e in g.edge_index_atoms.t().tolist()}
+            assert got == want
+            changed += got != {tuple(e) for e in plain[i].edge_index_atoms.t().tolist()}
+            vec = dc.edge_vectors(pos, g.edge_index_atoms)
+            torch.testing.assert_close(g.edge_attr_atoms[:, 0], vec.norm(dim=1))
+            torch.testing.assert_close(g.edge_attr_sh, dc.edge_spherical_harmonics(vec))
+    assert changed > 0  # the jitter did move atoms across the cutoff at least once
+
+
+def test_cache_round_trip_equals_dimer_dataset(tiny_root):
+    path = build_cache(tiny_root, 12.0)
+    payload = torch.load(path, weights_only=True)  # plain types and tensors only
+    meta = payload["metadata"]
+    assert meta["internal_cutoff"] == pytest.approx(1.2)
+    assert meta["format_version"] == dc.CACHE_FORMAT_VERSION and meta["n_rows"] == 4
+    assert meta["int_angstrom_scale"] == dc.INT_ANGSTROM_SCALE
+    cached = dc.CachedDimerDataset(path)
+    raw = dc.DimerDataset(tiny_root, 12.0)
+    for i in range(4):
+        c, r = cached[i], raw[i]
+        assert c.id == r.id
+        for key in r.keys():
+            if key == "id":
+                continue
+            torch.testing.assert_close(c[key], r[key], rtol=0, atol=0)
+        assert c.edge_attr_sh.shape == (r.edge_index_atoms.size(1), 64)
+    assert not [f for f in os.listdir(tiny_root) if ".tmp" in f]  # atomic write left nothing
+
+
+def test_cache_with_pickled_objects_or_garbage_is_refused(tmp_path):
+    path = str(tmp_path / "foreign.pt")
+    torch.save({"metadata": Foreign(), "graphs": [], "ids": []}, path)
+    with pytest.raises(ValueError, match="cannot be loaded as a DeltaCoupling cache"):
+        dc.load_cache(path)
+    with open(path, "wb") as fh:
+        fh.write(b"not a torch file")
+    with pytest.raises(ValueError, match="--rebuild_cache"):
+        dc.load_cache(path)
 
 
 # ----------------------------------------------------------------------------- model
+# dV invariant under rotation, translation, permutation; the layer equivariant; the radial basis.
 def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
@@ -634,53 +743,6 @@ def test_model_accepts_cached_harmonics_and_matches_on_the_fly(tiny_root):
         torch.testing.assert_close(model(batch_of(no_sh)), with_sh, rtol=1e-5, atol=1e-6)
 
 
-def test_cached_rotation_rotates_stored_harmonics(tiny_root, float64, monkeypatch):
-    build_cache(tiny_root, 12.0)
-    cache = os.path.join(tiny_root, dc.DEFAULT_CACHE_FILE)
-    plain = dc.CachedDimerDataset(cache)
-    rotating = dc.CachedDimerDataset(cache, rotate=True)
-    rots = [o3.rand_matrix(dtype=torch.float64) for _ in range(len(plain))]
-    monkeypatch.setattr(dc, "random_rotation", lambda dtype=None: rots[i].to(dtype))
-    for i in range(len(plain)):
-        g = rotating[i]
-        assert not torch.allclose(g.pos_atoms, plain[i].pos_atoms.to(g.pos_atoms.dtype))
-        torch.testing.assert_close(g.pos_atoms, plain[i].pos_atoms.double() @ rots[i].T)
-        # the stored harmonics turned by e3nn's own D matrix of the rotation
-        d_sh = dc.IRREPS_EDGE_SH.D_from_matrix(rots[i])  # (64, 64)
-        expect = plain[i].edge_attr_sh.double() @ d_sh.T
-        torch.testing.assert_close(g.edge_attr_sh, expect.to(g.edge_attr_sh.dtype),
-                                   rtol=1e-5, atol=1e-5)
-        # the dipole turned with the atoms: its angle to the A->B axis is unchanged
-        axis0 = plain[i].pos_atoms[3:].mean(0) - plain[i].pos_atoms[:3].mean(0)
-        axis1 = g.pos_atoms[3:].mean(0) - g.pos_atoms[:3].mean(0)
-        dip0, dip1 = plain[i].field_node_features[0, :3], g.field_node_features[0, :3]
-        assert float(axis0 @ dip0) == pytest.approx(float(axis1 @ dip1), rel=1e-5)
-
-
-def test_cached_jitter_rebuilds_consistent_graph(tiny_root):
-    build_cache(tiny_root, 3.0)  # a small cutoff so that jitter can change the edge set
-    cache = os.path.join(tiny_root, dc.DEFAULT_CACHE_FILE)
-    plain = dc.CachedDimerDataset(cache)
-    ds = dc.CachedDimerDataset(cache, jitter_std=0.02)
-    assert ds.internal_cutoff == pytest.approx(0.3)
-    changed = 0
-    for _ in range(5):
-        for i in range(len(ds)):
-            g = ds[i]
-            pos = g.pos_atoms
-            assert not torch.allclose(pos, plain[i].pos_atoms)
-            n = pos.size(0)
-            want = {(a, b) for a in range(n) for b in range(n)
-                    if a != b and float((pos[a] - pos[b]).norm()) < 0.3}  # brute force
-            got = {tuple(e) for e in g.edge_index_atoms.t().tolist()}
-            assert got == want
-            changed += got != {tuple(e) for e in plain[i].edge_index_atoms.t().tolist()}
-            vec = dc.edge_vectors(pos, g.edge_index_atoms)
-            torch.testing.assert_close(g.edge_attr_atoms[:, 0], vec.norm(dim=1))
-            torch.testing.assert_close(g.edge_attr_sh, dc.edge_spherical_harmonics(vec))
-    assert changed > 0  # the jitter did move atoms across the cutoff at least once
-
-
 def test_bessel_basis_matches_formula_and_vanishes_beyond_cutoff(float64):
     cutoff, k = 1.2, 6
     layer = dc.RadialBesselBasisLayer(k, cutoff)
@@ -717,7 +779,8 @@ def test_conv_layer_is_equivariant(float64):
                                rtol=1e-9, atol=1e-10)
 
 
-# ----------------------------------------------------------------------------- losses
+# ----------------------------------------------------------------------------- fast path
+# The dense kernels compute e3nn's function: same dV and gradients, and under bf16 autocast.
 @pytest.mark.parametrize("cached", [False, True])
 def test_fast_path_computes_the_same_function_as_e3nn_modules(tiny_root, cached):
     """Dense kernels over one harmonic copy vs e3nn's modules one by one over the four tiled
@@ -771,68 +834,8 @@ def test_fast_path_runs_under_bf16_autocast(tiny_root, cached):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_compile_backend_choice(monkeypatch):
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(dc, "CPU_AUTO_COMPILE", {"linux": "inductor"})
-    monkeypatch.setattr(dc.shutil, "which", lambda name: f"/usr/bin/{name}")
-    for platform, on_cpu, on_cuda in (("linux", "inductor", "inductor"),
-                                      ("win32", None, "aot_eager"), ("darwin", None, "inductor")):
-        monkeypatch.setattr(dc.sys, "platform", platform)
-        assert dc.resolve_compile_backend("auto", cpu) == on_cpu, platform
-        assert dc.resolve_compile_backend("auto", cuda) == on_cuda, platform
-    monkeypatch.setattr(dc.sys, "platform", "linux")
-    assert dc.resolve_compile_backend("auto", cpu, dc.CPU_COMPILE_MIN_EPOCHS) == "inductor"
-    assert dc.resolve_compile_backend("auto", cpu, dc.CPU_COMPILE_MIN_EPOCHS - 1) is None
-    assert dc.resolve_compile_backend("auto", cuda, 10) == "inductor"  # short: still on a GPU
-    monkeypatch.setattr(dc.shutil, "which", lambda name: None)  # no C++ compiler: eager
-    assert dc.resolve_compile_backend("auto", cpu) is None
-    assert dc.resolve_compile_backend("off", cuda) is None
-    assert dc.resolve_compile_backend("aot_eager", cpu) == "aot_eager"
-    with pytest.raises(ValueError, match="unknown --compile"):
-        dc.resolve_compile_backend("fast", cpu)
-
-
-SLOW = os.environ.get("DELTA_COUPLING_SLOW_TESTS") == "1"
-
-
-@pytest.mark.parametrize("backend", [
-    "aot_eager",
-    pytest.param("inductor", marks=pytest.mark.skipif(
-        not SLOW, reason="inductor compiles C++ (about a minute): DELTA_COUPLING_SLOW_TESTS=1"))])
-def test_compiled_forward_matches_eager_and_falls_back_on_failure(tiny_root, backend):
-    """try_compile's probe compiles forward_tensors; the compiled model gives eager's dV and
-    gradients. A backend that fails leaves it eager."""
-    graphs = dc.DimerDataset(tiny_root, augment=True)
-    batch = batch_of([graphs[i] for i in range(4)])
-    model = small_model()
-
-    def run():
-        model.zero_grad()
-        dv = dc.predict_batch(model, batch.clone())[0]
-        dv.sum().backward()
-        return dv.detach(), [p.grad.clone() for p in model.parameters()]
-
-    dv_eager, grad_eager = run()
-    assert dc.try_compile(model, backend, batch)
-    assert model._compiled is not None
-    dv_comp, grad_comp = run()
-    torch.testing.assert_close(dv_comp, dv_eager, atol=1e-5, rtol=1e-5)
-    for g_c, g_e in zip(grad_comp, grad_eager):
-        torch.testing.assert_close(g_c, g_e, atol=1e-4, rtol=1e-4)
-    def recompile_fails(*inputs):  # as a recompilation for a new batch shape that fails
-        raise torch._dynamo.exc.BackendCompilerFailed(recompile_fails,
-                                                      AssertionError("codegen failed"), None)
-
-    model._compiled = recompile_fails
-    with pytest.warns(UserWarning, match="failed on this batch shape, running eager"):
-        torch.testing.assert_close(run()[0], dv_eager, atol=1e-6, rtol=0)
-    assert model._compiled is None
-    with pytest.warns(UserWarning, match=r"torch.compile\(no_such_backend\) failed, running eager"):
-        assert not dc.try_compile(model, "no_such_backend", batch)
-    assert model._compiled is None
-    torch.testing.assert_close(run()[0], dv_eager, atol=1e-6, rtol=0)
-
-
+# ----------------------------------------------------------------------------- losses & metrics
+# Losses and metrics against hand-computed values; the metrics table's layout.
 def test_losses_zero_on_perfect_prediction_and_hand_example():
     true = torch.tensor([-1.0, -2.0, 0.5])
     r = torch.tensor([0.3, 0.3, 0.6])
@@ -848,36 +851,44 @@ def test_losses_zero_on_perfect_prediction_and_hand_example():
     assert float(dc.mape_loss_fn(pred, true)) == pytest.approx(250.0 / 3, rel=1e-6)
 
 
-# ----------------------------------------------------------------------------- splits
-@pytest.mark.parametrize("n", list(range(1, 13)) + [100])
-def test_splits_disjoint_covering_sized(n):
-    rows = [{"id": str(i)} for i in range(n)]
-    train, val, test, _ = dc.make_splits(rows, seed=3)
-    assert sorted(train + val + test) == list(range(n))
-    assert not (set(train) & set(val) or set(train) & set(test) or set(val) & set(test))
-    want = {1: (1, 0, 0), 2: (1, 1, 0), 10: (8, 1, 1), 11: (9, 1, 1), 12: (10, 1, 1),
-            100: (80, 10, 10)}.get(n, (n - 2, 1, 1))
-    assert (len(train), len(val), len(test)) == want
-    assert dc.make_splits(rows, seed=3)[:3] == (train, val, test)  # seeded
+def test_regression_metrics_and_table_against_hand_computed_values():
+    pred = np.array([-1.5, -2.0, 1.5, 9.0])
+    true = np.array([-1.0, -2.0, 0.5, np.nan])  # the last row has no Vref: left out
+    v0 = np.array([-1.25, -3.0, 0.5, 7.0])
+    m = dc.regression_metrics(pred[:3], true[:3], v0[:3])
+    # model errors -0.5, 0, 1; baseline errors -0.25, -1, 0
+    assert m["n"] == 3
+    assert m["model"] == pytest.approx({"mape": 100 * (0.5 / 1 + 0 + 1 / 0.5) / 3, "mae": 0.5,
+                                        "rmse": math.sqrt(1.25 / 3), "max_abs": 1.0}, rel=1e-6)
+    assert m["baseline"] == pytest.approx({"mape": 100 * (0.25 / 1 + 1 / 2 + 0) / 3,
+                                           "mae": 1.25 / 3, "rmse": math.sqrt(1.0625 / 3),
+                                           "max_abs": 1.0}, rel=1e-6)
+    report = dc.metrics_report({"test": {"id": ["a", "b", "c", "d"], "pred": pred, "true": true,
+                                         "v0": v0},
+                                "empty": {"id": ["d"], "pred": pred[3:], "true": true[3:],
+                                          "v0": v0[3:]}},
+                               {"a": "g1", "b": "g1", "c": "g2", "d": "g2"})
+    assert list(report) == ["test"]  # a split without any Vref is omitted
+    assert report["test"]["model"] == m["model"]
+    g1, g2 = report["test"]["groups"]["g1"], report["test"]["groups"]["g2"]
+    assert g1["n"] == 2 and g1["model"] == pytest.approx(
+        {"mape": 25.0, "mae": 0.25, "rmse": math.sqrt(0.125), "max_abs": 0.5}, rel=1e-6)
+    assert g1["baseline"] == pytest.approx(
+        {"mape": 37.5, "mae": 0.625, "rmse": math.sqrt(1.0625 / 2), "max_abs": 1.0}, rel=1e-6)
+    assert g2["n"] == 1 and g2["model"]["max_abs"] == 1.0 and g2["baseline"]["mae"] == 0.0
+    table = dc.format_metrics_table(report).splitlines()
+    assert "V0 + dV (model)" in table[0] and "V0 alone (baseline)" in table[0]
+    assert table[1].split() == ["split", "n", "|", "MAPE", "%", "MAE", "RMSE", "max|err|", "|",
+                                "MAPE", "%", "MAE", "RMSE", "max|err|"]
+    assert table[2].split() == ["test", "3", "|", "83.33", "0.5000", "0.6455", "1.0000", "|",
+                                "25.00", "0.4167", "0.5951", "1.0000"]
+    assert table[3].split()[:3] == ["g1", "2", "|"] and table[3].startswith("  g1")
+    assert table[4].split()[3] == "200.00"
+    assert len({len(line) for line in table[1:]}) == 1  # aligned columns
 
 
-def test_group_split_keeps_groups_together():
-    rows = [{"id": str(i), "group": f"g{i // 5}"} for i in range(110)]  # like S22x5
-    train, val, test, rule = dc.make_splits(rows, seed=42)
-    assert "group" in rule
-    for part_a, part_b in ((train, val), (train, test), (val, test)):
-        assert not {rows[i]["group"] for i in part_a} & {rows[i]["group"] for i in part_b}
-    assert (len(train), len(val), len(test)) == (90, 10, 10)
-    # a partly filled group column: rows without a group are groups of their own
-    rows[7] = {"id": "7"}
-    train, val, test, _ = dc.make_splits(rows, seed=1)
-    assert sorted(train + val + test) == list(range(110))
-    for part_a, part_b in ((train, val), (train, test), (val, test)):
-        assert not {rows[i].get("group") for i in part_a} & \
-            {rows[i].get("group") for i in part_b} - {None}
-
-
-# ----------------------------------------------------------------------------- engine
+# ----------------------------------------------------------------------------- training engine
+# run_epoch: failed batches skipped and counted, or stopping the run; metrics per graph; AMP.
 class PoisonIds(torch.nn.Module):
     """The model, with dV = NaN for every batch that holds one of ``ids``."""
 
@@ -981,38 +992,101 @@ def test_amp_settings(monkeypatch):
     assert dc.amp_settings(torch.device("cuda")) == (torch.float16, True)
 
 
-# ----------------------------------------------------------------------------- cache
-def test_cache_round_trip_equals_dimer_dataset(tiny_root):
-    path = build_cache(tiny_root, 12.0)
-    payload = torch.load(path, weights_only=True)  # plain types and tensors only
-    meta = payload["metadata"]
-    assert meta["internal_cutoff"] == pytest.approx(1.2)
-    assert meta["format_version"] == dc.CACHE_FORMAT_VERSION and meta["n_rows"] == 4
-    assert meta["int_angstrom_scale"] == dc.INT_ANGSTROM_SCALE
-    cached = dc.CachedDimerDataset(path)
-    raw = dc.DimerDataset(tiny_root, 12.0)
-    for i in range(4):
-        c, r = cached[i], raw[i]
-        assert c.id == r.id
-        for key in r.keys():
-            if key == "id":
-                continue
-            torch.testing.assert_close(c[key], r[key], rtol=0, atol=0)
-        assert c.edge_attr_sh.shape == (r.edge_index_atoms.size(1), 64)
-    assert not [f for f in os.listdir(tiny_root) if ".tmp" in f]  # atomic write left nothing
+# ----------------------------------------------------------------------------- main
+# Splits, compile, cache checks, atomic files, resume, main() end to end, report, --predict.
+# --- splits
+@pytest.mark.parametrize("n", list(range(1, 13)) + [100])
+def test_splits_disjoint_covering_sized(n):
+    rows = [{"id": str(i)} for i in range(n)]
+    train, val, test, _ = dc.make_splits(rows, seed=3)
+    assert sorted(train + val + test) == list(range(n))
+    assert not (set(train) & set(val) or set(train) & set(test) or set(val) & set(test))
+    want = {1: (1, 0, 0), 2: (1, 1, 0), 10: (8, 1, 1), 11: (9, 1, 1), 12: (10, 1, 1),
+            100: (80, 10, 10)}.get(n, (n - 2, 1, 1))
+    assert (len(train), len(val), len(test)) == want
+    assert dc.make_splits(rows, seed=3)[:3] == (train, val, test)  # seeded
 
 
-def test_cache_with_pickled_objects_or_garbage_is_refused(tmp_path):
-    path = str(tmp_path / "foreign.pt")
-    torch.save({"metadata": Foreign(), "graphs": [], "ids": []}, path)
-    with pytest.raises(ValueError, match="cannot be loaded as a DeltaCoupling cache"):
-        dc.load_cache(path)
-    with open(path, "wb") as fh:
-        fh.write(b"not a torch file")
-    with pytest.raises(ValueError, match="--rebuild_cache"):
-        dc.load_cache(path)
+def test_group_split_keeps_groups_together():
+    rows = [{"id": str(i), "group": f"g{i // 5}"} for i in range(110)]  # like S22x5
+    train, val, test, rule = dc.make_splits(rows, seed=42)
+    assert "group" in rule
+    for part_a, part_b in ((train, val), (train, test), (val, test)):
+        assert not {rows[i]["group"] for i in part_a} & {rows[i]["group"] for i in part_b}
+    assert (len(train), len(val), len(test)) == (90, 10, 10)
+    # a partly filled group column: rows without a group are groups of their own
+    rows[7] = {"id": "7"}
+    train, val, test, _ = dc.make_splits(rows, seed=1)
+    assert sorted(train + val + test) == list(range(110))
+    for part_a, part_b in ((train, val), (train, test), (val, test)):
+        assert not {rows[i].get("group") for i in part_a} & \
+            {rows[i].get("group") for i in part_b} - {None}
 
 
+# --- compile
+def test_compile_backend_choice(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(dc, "CPU_AUTO_COMPILE", {"linux": "inductor"})
+    monkeypatch.setattr(dc.shutil, "which", lambda name: f"/usr/bin/{name}")
+    for platform, on_cpu, on_cuda in (("linux", "inductor", "inductor"),
+                                      ("win32", None, "aot_eager"), ("darwin", None, "inductor")):
+        monkeypatch.setattr(dc.sys, "platform", platform)
+        assert dc.resolve_compile_backend("auto", cpu) == on_cpu, platform
+        assert dc.resolve_compile_backend("auto", cuda) == on_cuda, platform
+    monkeypatch.setattr(dc.sys, "platform", "linux")
+    assert dc.resolve_compile_backend("auto", cpu, dc.CPU_COMPILE_MIN_EPOCHS) == "inductor"
+    assert dc.resolve_compile_backend("auto", cpu, dc.CPU_COMPILE_MIN_EPOCHS - 1) is None
+    assert dc.resolve_compile_backend("auto", cuda, 10) == "inductor"  # short: still on a GPU
+    monkeypatch.setattr(dc.shutil, "which", lambda name: None)  # no C++ compiler: eager
+    assert dc.resolve_compile_backend("auto", cpu) is None
+    assert dc.resolve_compile_backend("off", cuda) is None
+    assert dc.resolve_compile_backend("aot_eager", cpu) == "aot_eager"
+    with pytest.raises(ValueError, match="unknown --compile"):
+        dc.resolve_compile_backend("fast", cpu)
+
+
+SLOW = os.environ.get("DELTA_COUPLING_SLOW_TESTS") == "1"
+
+
+@pytest.mark.parametrize("backend", [
+    "aot_eager",
+    pytest.param("inductor", marks=pytest.mark.skipif(
+        not SLOW, reason="inductor compiles C++ (about a minute): DELTA_COUPLING_SLOW_TESTS=1"))])
+def test_compiled_forward_matches_eager_and_falls_back_on_failure(tiny_root, backend):
+    """try_compile's probe compiles forward_tensors; the compiled model gives eager's dV and
+    gradients. A backend that fails leaves it eager."""
+    graphs = dc.DimerDataset(tiny_root, augment=True)
+    batch = batch_of([graphs[i] for i in range(4)])
+    model = small_model()
+
+    def run():
+        model.zero_grad()
+        dv = dc.predict_batch(model, batch.clone())[0]
+        dv.sum().backward()
+        return dv.detach(), [p.grad.clone() for p in model.parameters()]
+
+    dv_eager, grad_eager = run()
+    assert dc.try_compile(model, backend, batch)
+    assert model._compiled is not None
+    dv_comp, grad_comp = run()
+    torch.testing.assert_close(dv_comp, dv_eager, atol=1e-5, rtol=1e-5)
+    for g_c, g_e in zip(grad_comp, grad_eager):
+        torch.testing.assert_close(g_c, g_e, atol=1e-4, rtol=1e-4)
+    def recompile_fails(*inputs):  # as a recompilation for a new batch shape that fails
+        raise torch._dynamo.exc.BackendCompilerFailed(recompile_fails,
+                                                      AssertionError("codegen failed"), None)
+
+    model._compiled = recompile_fails
+    with pytest.warns(UserWarning, match="failed on this batch shape, running eager"):
+        torch.testing.assert_close(run()[0], dv_eager, atol=1e-6, rtol=0)
+    assert model._compiled is None
+    with pytest.warns(UserWarning, match=r"torch.compile\(no_such_backend\) failed, running eager"):
+        assert not dc.try_compile(model, "no_such_backend", batch)
+    assert model._compiled is None
+    torch.testing.assert_close(run()[0], dv_eager, atol=1e-6, rtol=0)
+
+
+# --- the cache and atomic files
 def test_main_refuses_cache_of_changed_data(tiny_root, capsys):
     build_cache(tiny_root, 12.0)
     with open(os.path.join(tiny_root, "d2", "B.pdb"), "a") as fh:
@@ -1118,6 +1192,17 @@ def test_atomic_save_failure_mid_write_keeps_the_previous_file(tmp_path, monkeyp
     assert torch.load(path, weights_only=True)["epoch"] == 3
 
 
+def test_atomic_write_json_is_strict_and_leaves_no_temp_file(tmp_path):
+    path = str(tmp_path / "out" / "h.json")
+    dc.atomic_write_json([{"epoch": 1, "val_mape": float("nan"), "pair": (1, 2)}], path)
+    with open(path) as fh:
+        text = fh.read()
+    assert "NaN" not in text and json.loads(text) == [{"epoch": 1, "val_mape": None,
+                                                       "pair": [1, 2]}]
+    assert os.listdir(tmp_path / "out") == ["h.json"]
+
+
+# --- interrupting and resuming
 SMALL_RUN = ["--num_conv_layers", "2", "--num_rbf", "8", "--radial_hidden", "16",
              "--mlp_hidden", "16", "--batch_size", "2", "--no-skip_failed_batches"]
 
@@ -1261,7 +1346,7 @@ def test_main_stops_when_most_batches_are_nan(tmp_path, monkeypatch, capsys):
     assert "epoch 1: 2 of 2 batches of this epoch failed" in err and "dimer ids ['dimer" in err
 
 
-# ----------------------------------------------------------------------------- main end to end
+# --- end to end
 def test_training_reads_each_dimer_once(tiny_root, monkeypatch):
     """The data check's parsed dimers (and its meta.xlsx rows) serve the cache build and the
     training dataset."""
@@ -1323,79 +1408,7 @@ def test_main_end_to_end_and_best_checkpoint_reproduces_val(tmp_path):
         assert json.load(fh)["val"] == ckpt["split_ids"]["val"]
 
 
-# ----------------------------------------------------------------------------- bundled example
-def test_bundled_s22x5_loads_and_matches_ase():
-    ds = dc.DimerDataset(S22X5_DIR)
-    assert len(ds) == 110
-    for parsed in ds.parsed:
-        npz = np.load(os.path.join(S22X5_DIR, parsed.row["npz"]))
-        assert npz["mulliken_spd"].shape[0] == len(parsed.z)
-    water = [p for p in ds.parsed if p.row["id"].startswith("Water_dimer_")]
-    assert len(water) == 5
-    for p in water:
-        dip = np.load(os.path.join(S22X5_DIR, p.row["npz"]))["dipole"]
-        assert 2.0 < np.linalg.norm(dip) < 3.5
-    from ase.data import s22  # a test requirement (requirements.txt)
-    checked = 0
-    for p in ds.parsed:
-        if p.row["PR"] != 1.0:
-            continue
-        d = s22.data[p.row["group"]]
-        pos = np.asarray(d["positions 1.0"])
-        n_a = d["dimer atoms"][0]
-        r_ase = np.linalg.norm(pos[n_a:].mean(0) - pos[:n_a].mean(0)) / 10.0  # nm
-        assert p.row["R_nm"] == pytest.approx(r_ase, abs=1e-6)
-        checked += 1
-    assert checked == 22
-
-
-# ----------------------------------------------------------------------------- metrics report
-def test_regression_metrics_and_table_against_hand_computed_values():
-    pred = np.array([-1.5, -2.0, 1.5, 9.0])
-    true = np.array([-1.0, -2.0, 0.5, np.nan])  # the last row has no Vref: left out
-    v0 = np.array([-1.25, -3.0, 0.5, 7.0])
-    m = dc.regression_metrics(pred[:3], true[:3], v0[:3])
-    # model errors -0.5, 0, 1; baseline errors -0.25, -1, 0
-    assert m["n"] == 3
-    assert m["model"] == pytest.approx({"mape": 100 * (0.5 / 1 + 0 + 1 / 0.5) / 3, "mae": 0.5,
-                                        "rmse": math.sqrt(1.25 / 3), "max_abs": 1.0}, rel=1e-6)
-    assert m["baseline"] == pytest.approx({"mape": 100 * (0.25 / 1 + 1 / 2 + 0) / 3,
-                                           "mae": 1.25 / 3, "rmse": math.sqrt(1.0625 / 3),
-                                           "max_abs": 1.0}, rel=1e-6)
-    report = dc.metrics_report({"test": {"id": ["a", "b", "c", "d"], "pred": pred, "true": true,
-                                         "v0": v0},
-                                "empty": {"id": ["d"], "pred": pred[3:], "true": true[3:],
-                                          "v0": v0[3:]}},
-                               {"a": "g1", "b": "g1", "c": "g2", "d": "g2"})
-    assert list(report) == ["test"]  # a split without any Vref is omitted
-    assert report["test"]["model"] == m["model"]
-    g1, g2 = report["test"]["groups"]["g1"], report["test"]["groups"]["g2"]
-    assert g1["n"] == 2 and g1["model"] == pytest.approx(
-        {"mape": 25.0, "mae": 0.25, "rmse": math.sqrt(0.125), "max_abs": 0.5}, rel=1e-6)
-    assert g1["baseline"] == pytest.approx(
-        {"mape": 37.5, "mae": 0.625, "rmse": math.sqrt(1.0625 / 2), "max_abs": 1.0}, rel=1e-6)
-    assert g2["n"] == 1 and g2["model"]["max_abs"] == 1.0 and g2["baseline"]["mae"] == 0.0
-    table = dc.format_metrics_table(report).splitlines()
-    assert "V0 + dV (model)" in table[0] and "V0 alone (baseline)" in table[0]
-    assert table[1].split() == ["split", "n", "|", "MAPE", "%", "MAE", "RMSE", "max|err|", "|",
-                                "MAPE", "%", "MAE", "RMSE", "max|err|"]
-    assert table[2].split() == ["test", "3", "|", "83.33", "0.5000", "0.6455", "1.0000", "|",
-                                "25.00", "0.4167", "0.5951", "1.0000"]
-    assert table[3].split()[:3] == ["g1", "2", "|"] and table[3].startswith("  g1")
-    assert table[4].split()[3] == "200.00"
-    assert len({len(line) for line in table[1:]}) == 1  # aligned columns
-
-
-def test_atomic_write_json_is_strict_and_leaves_no_temp_file(tmp_path):
-    path = str(tmp_path / "out" / "h.json")
-    dc.atomic_write_json([{"epoch": 1, "val_mape": float("nan"), "pair": (1, 2)}], path)
-    with open(path) as fh:
-        text = fh.read()
-    assert "NaN" not in text and json.loads(text) == [{"epoch": 1, "val_mape": None,
-                                                       "pair": [1, 2]}]
-    assert os.listdir(tmp_path / "out") == ["h.json"]
-
-
+# --- the final report, plots and --predict
 SMALL_MODEL_ARGS = ["--num_conv_layers", "2", "--num_rbf", "8", "--radial_hidden", "16",
                     "--mlp_hidden", "16", "--batch_size", "4"]
 
