@@ -14,9 +14,10 @@ Three ways to run it::
 
 Pressing Run in an IDE is the first line: every argument has a default.
 
-The file reads top to bottom: constants and units, parsing, datasets, model, fast path,
-losses, training engine, plotting, main. docs/DESIGN.md describes the model and its training
-and the decisions behind them (cited below as "decision N"), docs/DATA_FORMAT.md the data.
+The file reads top to bottom: constants and units, parsing, geometry helpers, datasets, model,
+fast path, losses, training engine, plotting, main. docs/DESIGN.md describes the model and its
+training and the decisions behind them (cited below as "decision N"), docs/DATA_FORMAT.md the
+data.
 """
 import argparse
 import contextlib
@@ -743,7 +744,7 @@ class CachedDimerDataset(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------- model
 # The network as docs/DESIGN.md, section 4 writes it, with e3nn's modules. By default the
 # convolutions run through the dense kernels of the next section (the same function, faster);
-# the model only holds the switch, ``fast``.
+# the model holds the switch, ``fast``, and the kernels built from its modules.
 class RadialBesselBasisLayer(nn.Module):
     """phi_k(r) = sin(w_k r) / (w_k r) * 0.5 (1 + cos(pi r / cutoff)) for r <= cutoff, else 0.
 
