@@ -2889,9 +2889,11 @@ def run_ensemble(args, resume=None):
     ``combine_ensemble``. A resumed member continues; the members before it are on disk."""
     first = args.member if resume is not None else 0
     for k in range(first, args.ensemble):
-        member_args = argparse.Namespace(**{**vars(args), "member": k})
+        resumed = resume if k == first else None
+        member_args = argparse.Namespace(**{**vars(args), "member": k,
+                                            "resume": args.resume if resumed else None})
         log_line(f"--- ensemble member {k} of {args.ensemble} (seed {args.seed + k})")
-        train_one(member_args, resume if k == first else None)
+        train_one(member_args, resumed)
     return combine_ensemble(args, members=range(args.ensemble))
 
 
@@ -3085,9 +3087,11 @@ def run_cv(args, resume=None):
         _exit(str(exc))
     first = args.fold if resume is not None else 0
     for f in range(first, args.cv):
-        fold_args = argparse.Namespace(**{**vars(args), "fold": f})
+        resumed = resume if f == first else None
+        fold_args = argparse.Namespace(**{**vars(args), "fold": f,
+                                          "resume": args.resume if resumed else None})
         log_line(f"--- cross-validation {folds[f][3]}")
-        train_one(fold_args, resume if f == first else None, folds[f])
+        train_one(fold_args, resumed, folds[f])
     return cv_report(argparse.Namespace(**{**vars(args), "fold": None}), rows, folds)
 
 
