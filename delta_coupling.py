@@ -2245,7 +2245,8 @@ def train(run, model, optimizer, scheduler, scaler, resume=None):
                    args.quiet, desc="training", unit="epoch", initial=state.epoch,
                    total=args.epochs)
     try:
-        for state.epoch in bar:
+        for epoch in bar:
+            state.epoch = epoch
             train_result = run_epoch(model, run.train_loader, run.device, optimizer, scheduler,
                                      scaler, run.amp_dtype,
                                      skip_failed_batches=args.skip_failed_batches, log=log_line)
