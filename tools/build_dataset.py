@@ -549,9 +549,12 @@ def _run_one(dimer, level):
 
 
 def _init_worker(threads):
+    """Set PySCF's thread count (None: leave it); returns the previous count."""
     from pyscf import lib
+    previous = lib.num_threads()
     if threads:
         lib.num_threads(threads)
+    return previous
 
 
 def _pool_task(task):
@@ -690,7 +693,7 @@ def build_dataset(csv_path, out, method=DEFAULT_METHOD, basis=DEFAULT_BASIS, den
         f"{describe_level(level)}, basis {level['basis']}, {processes} process(es)")
     by_id = {d.id: d for d in dimers}
     computed = []
-    pool = None
+    pool, threads_before = None, None
     try:
         if processes > 1 and len(todo) > 1:
             pool = multiprocessing.get_context("spawn").Pool(
@@ -698,7 +701,7 @@ def build_dataset(csv_path, out, method=DEFAULT_METHOD, basis=DEFAULT_BASIS, den
                 initargs=(threads or max(1, (os.cpu_count() or 1) // processes),))
             results = pool.imap_unordered(_pool_task, [(d, level) for d in todo])
         else:
-            _init_worker(threads)
+            threads_before = _init_worker(threads)  # restored below: this process goes on
             results = (_run_one(d, level) for d in todo)
         for rid, result, reason in dc.progress(results, quiet, total=len(todo), unit="dimer",
                                                desc="SCF"):
@@ -716,6 +719,8 @@ def build_dataset(csv_path, out, method=DEFAULT_METHOD, basis=DEFAULT_BASIS, den
         if pool is not None:
             pool.terminate()
             pool.join()
+        if threads_before is not None:
+            _init_worker(threads_before)
         done, rows = [], []
         for d in dimers:
             record = finished_record(out, d)
