@@ -762,30 +762,48 @@ def report(summary, out):
 
 def build_arg_parser():
     p = argparse.ArgumentParser(
-        description="Build a DeltaCoupling data folder (meta.xlsx, A.pdb, B.pdb, dimer.npz per "
-                    "dimer) from a CSV of dimer geometries, with a PySCF baseline V0.",
-        epilog="CSV columns: id; xyz (+ n_atoms_a) or geom_a + geom_b; optional Vref "
-               "(kcal/mol), charge_a, charge_b, spin_a, spin_b (2S, default 0), group, PR. "
-               "PR, when empty: min over atom pairs of d_ab / (r_vdW(a) + r_vdW(b)). Writes "
-               f"{LEVEL_FILE}; refuses a folder built at another level. Exit status: 0 all "
-               "done, 1 some dimer failed (reasons in failed.json), 2 bad input, 130 "
-               "interrupted. See README.md, 'Your own dimers'.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("csv", help="input CSV, one row per dimer (paths relative to its folder)")
-    p.add_argument("--out", required=True, help="output data folder (created; resumable)")
+        description="Build a DeltaCoupling data folder (meta.xlsx; A.pdb, B.pdb, dimer.npz per "
+                    "dimer)\nfrom a CSV of dimer geometries, with a PySCF baseline V0 = E_AB - "
+                    "E_A - E_B (kcal/mol).",
+        epilog="""CSV columns (case-insensitive; paths relative to the CSV's folder):
+  id                 the dimer's name (its folder in --out)
+  xyz, n_atoms_a     one XYZ file per dimer, A's atoms first; the split in n_atoms_a or in
+                     the XYZ comment line as n_atoms_a=K
+  geom_a, geom_b     or one file per monomer (XYZ, PDB, anything ASE reads)
+  Vref               optional, kcal/mol: in every row (to train) or in none (to --predict)
+  charge_a, charge_b optional, default 0
+  spin_a, spin_b     optional 2S (0 singlet, 1 doublet, ...), default 0; the dimer has
+                     charge_a + charge_b and spin_a + spin_b; spin > 0: UHF/UKS
+  group              optional: rows of a group stay in one split
+  PR                 optional; when empty, the contact ratio: min over atoms a of A, b of B
+                     of d_ab / (r_vdW(a) + r_vdW(b)) (Bondi radii)
+Frame: A's centroid at the origin, B's on +z (R_nm = centroid distance, theta_deg = acute
+angle of the monomers' first principal axes). Writes level_of_theory.json and refuses a
+folder built at another level. Exit status: 0 all done, 1 some dimer failed (reasons in
+failed.json), 2 bad input (every bad row listed, nothing computed), 130 interrupted.
+See README.md, "Your own dimers".""",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("csv", help="input CSV, one row per dimer")
+    p.add_argument("--out", required=True,
+                   help="output data folder (created; run again to continue it)")
     p.add_argument("--method", default=DEFAULT_METHOD,
-                   help="hf, or a DFT functional PySCF knows (b3lyp, pbe0, ...)")
-    p.add_argument("--basis", default=DEFAULT_BASIS, help="AO basis (s, p, d functions only)")
+                   help=f"hf, or a DFT functional PySCF knows, e.g. b3lyp, pbe0 "
+                        f"(default: {DEFAULT_METHOD})")
+    p.add_argument("--basis", default=DEFAULT_BASIS,
+                   help=f"AO basis with s, p, d functions only (default: {DEFAULT_BASIS})")
     p.add_argument("--density-fit", dest="density_fit", action=argparse.BooleanOptionalAction,
-                   default=True, help="density fitting of the two-electron integrals")
-    p.add_argument("--auxbasis", default=DEFAULT_AUXBASIS, help="density-fitting basis")
+                   default=True, help="density fitting of the two-electron integrals "
+                                      "(default: on)")
+    p.add_argument("--auxbasis", default=DEFAULT_AUXBASIS,
+                   help=f"density-fitting basis (default: {DEFAULT_AUXBASIS})")
     p.add_argument("--counterpoise", action="store_true",
-                   help="monomers in the dimer basis (ghost atoms): no basis-set superposition "
-                        "error in V0")
+                   help="E_A and E_B in the dimer basis (the partner as ghost atoms): no "
+                        "basis-set superposition error in V0 (default: off)")
     p.add_argument("--threads", type=dc.positive_int, default=None,
-                   help="PySCF threads per process (default: all cores / processes)")
+                   help="PySCF threads per process (default: PySCF's, all cores; with "
+                        "--processes N: cores / N)")
     p.add_argument("--processes", type=dc.positive_int, default=1,
-                   help="dimers computed at the same time")
+                   help="dimers computed at the same time (default: 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-dimer lines")
     return p
 
