@@ -185,8 +185,9 @@ def main(argv=None):
             rows.append({"id": dimer_id, "xyz": rel, "n_atoms_a": len(sa),
                          "Vref": f"{bind[key]:.4f}", "charge_a": qa, "charge_b": qb,
                          "spin_a": ma - 1, "spin_b": mb - 1,
-                         "group": f"{dbname}-{system}", "subset": dbname,
-                         "reference": f"{dbname}:{bind_name}", "n_atoms": len(sa) + len(sb)})
+                         "group": f"{dbname}-{system}"})
+    # smallest dimers first: a partial (resumed) build then holds as many dimers as possible
+    rows.sort(key=lambda r: (sum(1 for _ in open(os.path.join(args.out, r["xyz"]))), r["id"]))
     for name, records in (("dimers.csv", rows), ("excluded.csv", excluded)):
         with open(os.path.join(args.out, name), "w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(records[0]))
@@ -194,7 +195,7 @@ def main(argv=None):
             writer.writerows(records)
     print(f"{len(rows)} dimers written, {len(excluded)} excluded")
     for dbname in DATABASES:
-        n = sum(r["subset"] == dbname for r in rows)
+        n = sum(r["id"].startswith(dbname + "-") for r in rows)
         reasons = {}
         for e in excluded:
             if e["database"] == dbname:
