@@ -1542,6 +1542,61 @@ def test_predict_without_vref(trained_run, tmp_path):
                                                                     "predictions_metrics.json"))
 
 
+LEVEL = {"method": "hf", "basis": "def2-svp", "density_fit": True,
+         "auxbasis": "def2-universal-jkfit", "counterpoise": False, "program": "pyscf"}
+
+
+def test_level_of_theory_travels_from_folder_to_checkpoint_and_predict_checks_it(
+        trained_run, tmp_path, capsys):
+    root = write_dataset(str(tmp_path / "data"), 8, seed=3)
+    with open(os.path.join(root, "level_of_theory.json"), "w") as fh:
+        json.dump(LEVEL, fh)
+    out = dc.main(["--root_dir", root, "--epochs", "1", "--quiet", "--device", "cpu",
+                   *SMALL_MODEL_ARGS])
+    assert "baseline level of theory: hf/def2-svp, density fitting" in capsys.readouterr().out
+    ckpt = torch.load(out["best_path"], weights_only=True)
+    assert ckpt["level_of_theory"] == LEVEL  # the record round-trips into the checkpoint
+    with open(os.path.join(root, "models", "run_config.json")) as fh:
+        assert json.load(fh)["level_of_theory"] == LEVEL
+
+    def predict_on(level, checkpoint=out["best_path"]):
+        folder = write_dataset(str(tmp_path / f"new{len(os.listdir(tmp_path))}"), 3, seed=9)
+        if level is not None:
+            with open(os.path.join(folder, "level_of_theory.json"), "w") as fh:
+                json.dump(level, fh)
+        result = dc.main(["--predict", "--checkpoint", checkpoint, "--root_dir", folder,
+                          "--quiet", "--device", "cpu"])
+        captured = capsys.readouterr()
+        return result, captured.out + captured.err
+
+    result, text = predict_on(dict(LEVEL, program_version="other"))  # same level: no word
+    assert os.path.isfile(result["predictions_path"]) and "warning" not in text
+    with pytest.raises(SystemExit) as stop:
+        predict_on(dict(LEVEL, basis="sto-3g", counterpoise=True))
+    text = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert "basis: 'def2-svp' for the model, 'sto-3g' in the folder" in text
+    assert "counterpoise: False for the model, True in the folder" in text
+    assert "corrects hf/def2-svp, density fitting" in text
+    result, text = predict_on(None)  # an older folder: a warning, not a refusal
+    assert os.path.isfile(result["predictions_path"])
+    assert "has no level_of_theory.json, so it cannot be checked" in text
+    result, text = predict_on(LEVEL, checkpoint=trained_run["result"]["best_path"])
+    assert os.path.isfile(result["predictions_path"])  # an older checkpoint: a warning too
+    assert "does not record the level of theory it was trained on" in text
+
+
+def test_read_level_of_theory_names_a_broken_record(tmp_path):
+    assert dc.read_level_of_theory(str(tmp_path)) is None
+    path = tmp_path / "level_of_theory.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=r"level_of_theory.json: unreadable level-of-theory"):
+        dc.read_level_of_theory(str(tmp_path))
+    path.write_text(json.dumps({"method": "hf", "basis": "def2-svp"}))
+    with pytest.raises(ValueError, match=r"lacks density_fit, auxbasis, counterpoise"):
+        dc.read_level_of_theory(str(tmp_path))
+
+
 def test_predict_refuses_foreign_or_tampered_checkpoints(trained_run, tmp_path, capsys):
     best = trained_run["result"]["best_path"]
     root = trained_run["root"]

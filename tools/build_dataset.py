@@ -78,10 +78,10 @@ DEFAULT_AUXBASIS = "def2-universal-jkfit"  # density-fitting basis, H to Rn
 SCF_CONV_TOL = 1e-9  # Hartree: SCF energy convergence
 ANGULAR_LETTERS = "spd"  # Mulliken populations kept per atom: l = 0, 1, 2
 PDB_DECIMALS_ANGSTROM = 1.5e-3  # a finished dimer's PDB must match its input this well
-LEVEL_FILE = "level_of_theory.json"  # <out>/: the level every dimer of the folder has
+LEVEL_FILE = dc.LEVEL_OF_THEORY_FILE  # <out>/: the level every dimer of the folder has
 FAILED_FILE = "failed.json"  # <out>/: id -> reason, of the dimers that failed in the last run
 FINISHED_FILE = "energies.json"  # <out>/<id>/: raw energies; written last, marks it finished
-LEVEL_KEYS = ("method", "basis", "density_fit", "auxbasis", "counterpoise")  # must agree
+LEVEL_KEYS = dc.LEVEL_OF_THEORY_KEYS  # must agree within a folder
 RESERVED_IDS = ("models", "plots")  # folders training writes into the data folder
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 # van der Waals radii (Angstrom) for the contact ratio (PR): Bondi (1964) and, for Be, B, Al,
@@ -408,11 +408,7 @@ def level_of_theory(method=DEFAULT_METHOD, basis=DEFAULT_BASIS, density_fit=True
 
 def read_level_of_theory(folder):
     """The ``level_of_theory.json`` record of a data folder, or None when it has none."""
-    path = os.path.join(folder, LEVEL_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    return dc.read_level_of_theory(folder)
 
 
 def claim_folder(out, level, dimers):
