@@ -111,6 +111,10 @@ RUN_CONFIG_FILE = "run_config.json"  # in <root_dir>/models: what reproduces the
 LEARNING_CURVES_PLOT = "learning_curves.png"  # in <root_dir>/plots
 PREDICTIONS_FILE = "predictions.csv"  # in the --predict root_dir
 PREDICTION_METRICS_FILE = "predictions_metrics.json"  # next to it, when Vref is given
+# The baseline's level of theory, as tools/build_dataset.py records it in a data folder; a
+# checkpoint carries its training folder's record, and --predict compares them on these keys
+LEVEL_OF_THEORY_FILE = "level_of_theory.json"
+LEVEL_OF_THEORY_KEYS = ("method", "basis", "density_fit", "auxbasis", "counterpoise")
 LOG_AXIS_MIN_RATIO = 10.0  # learning curves: a log y axis when max / min spans a decade
 # columns of the metrics table: (key, header, format); MAPE in %, the others in Vref units
 METRIC_COLUMNS = (("mape", "MAPE %", ".2f"), ("mae", "MAE", ".4f"), ("rmse", "RMSE", ".4f"),
@@ -278,6 +282,39 @@ def parse_pdb(path):
                          f"write the monomer's atoms as ATOM/HETATM records, or fix the path "
                          f"in meta.xlsx")
     return np.asarray(z, dtype=np.int64), np.asarray(pos, dtype=np.float64)
+
+
+def read_level_of_theory(root_dir):
+    """The baseline's level of theory recorded in ``<root_dir>/level_of_theory.json`` (a dict
+    with at least ``LEVEL_OF_THEORY_KEYS``), or None for a folder without the record."""
+    path = os.path.join(root_dir, LEVEL_OF_THEORY_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            level = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable level-of-theory record ({exc}); rewrite it or "
+                         f"rebuild the folder with tools/build_dataset.py") from None
+    missing = [k for k in LEVEL_OF_THEORY_KEYS if not isinstance(level, dict) or k not in level]
+    if missing:
+        raise ValueError(f"{path}: the level-of-theory record lacks {', '.join(missing)}; "
+                         f"rebuild the folder with tools/build_dataset.py")
+    return level
+
+
+def describe_level_of_theory(level):
+    """One line: ``hf/def2-svp, density fitting (def2-universal-jkfit), no counterpoise``."""
+    fit = f"density fitting ({level['auxbasis']})" if level["density_fit"] else "no density fit"
+    cp = "counterpoise" if level["counterpoise"] else "no counterpoise"
+    return f"{level['method']}/{level['basis']}, {fit}, {cp}"
+
+
+def level_of_theory_mismatch(trained, folder):
+    """The differences between a model's level of theory and a folder's, as text; '' when
+    they agree. Both are records as ``read_level_of_theory`` returns them."""
+    return "; ".join(f"{k}: {trained[k]!r} for the model, {folder[k]!r} in the folder"
+                     for k in LEVEL_OF_THEORY_KEYS if trained[k] != folder[k])
 
 
 def data_sha256(root_dir, rows):
@@ -2313,6 +2350,7 @@ class TrainingRun:
     use_scaler: bool = False  # float16 autocast needs a GradScaler
     run_id: str = ""  # tells this run's files from another run's
     versions: dict = field(default_factory=dict)  # package_versions()
+    level_of_theory: dict = None  # the data folder's baseline level (read_level_of_theory)
 
     @property
     def subdir(self):
@@ -2355,7 +2393,8 @@ class TrainingRun:
         return {"model_state": model.state_dict(), "model_config": model.config,
                 "config": dict(vars(self.args)), "metadata": self.metadata, "epoch": epoch,
                 "val_mape": val_mape, "val_mae": val_mae, "split_ids": self.split_ids,
-                "versions": self.versions, "run_id": self.run_id}
+                "versions": self.versions, "run_id": self.run_id,
+                "level_of_theory": self.level_of_theory}
 
 
 @dataclass
@@ -2407,6 +2446,13 @@ def prepare_data(args, resume=None, split=None):
     amp_dtype, use_scaler = amp_settings(device)
     parsed = check_data_or_exit(args)  # --check_data exits here; training stops on any problem
     rows = [dimer.row for dimer in parsed]  # meta.xlsx's rows, read once by the check
+    try:
+        level = read_level_of_theory(args.root_dir)
+    except ValueError as exc:
+        _exit(str(exc))
+    print(f"baseline level of theory: {describe_level_of_theory(level)}" if level else
+          f"note: {args.root_dir} has no {LEVEL_OF_THEORY_FILE}; the model will not know the "
+          f"level of theory of its V0 (tools/build_dataset.py writes the record)")
     payload = prepare_cache(args, rows, parsed)
     train_idx, val_idx, test_idx, rule = split or make_splits(rows, args.seed)
     print(f"{len(rows)} dimers from {args.root_dir}; split {rule}: "
@@ -2430,7 +2476,8 @@ def prepare_data(args, resume=None, split=None):
         train_loader=DataLoader(Subset(train_ds, train_idx), shuffle=True, **loader_kw),
         val_loader=DataLoader(Subset(eval_ds, val_idx), shuffle=False, **loader_kw),
         amp_dtype=amp_dtype, use_scaler=use_scaler,
-        run_id=(resume or {}).get("run_id") or os.urandom(8).hex(), versions=package_versions())
+        run_id=(resume or {}).get("run_id") or os.urandom(8).hex(), versions=package_versions(),
+        level_of_theory=level)
 
 
 def build_model(run):
@@ -2487,7 +2534,8 @@ def write_run_files(run, model):
     atomic_write_json({"args": vars(run.args), "model_config": model.config,
                        "versions": run.versions, "platform": platform.platform(),
                        "device": describe_device(run.device),
-                       "data_sha256": run.payload["metadata"]["data_sha256"], "split": split},
+                       "data_sha256": run.payload["metadata"]["data_sha256"],
+                       "level_of_theory": run.level_of_theory, "split": split},
                       os.path.join(run.models_dir, RUN_CONFIG_FILE))
 
 
@@ -2507,7 +2555,8 @@ def train(run, model, optimizer, scheduler, scaler, resume=None):
                    args.quiet, desc="training", unit="epoch", initial=state.epoch,
                    total=args.epochs)
     try:
-        for state.epoch in bar:
+        for epoch in bar:
+            state.epoch = epoch
             train_result = run_epoch(model, run.train_loader, run.device, optimizer, scheduler,
                                      scaler, run.amp_dtype,
                                      skip_failed_batches=args.skip_failed_batches, log=log_line)
@@ -2806,6 +2855,28 @@ def predictions_table(rows, pred, split_of):
     return table
 
 
+def check_level_of_theory(trained, root_dir, checkpoint_path):
+    """Stop when the model was trained on V0 of another level of theory than the folder's
+    (a model trained on HF/def2-SVP V0 corrects nothing else; docs/DESIGN.md, decision 17);
+    warn when either record is missing (folders and checkpoints made before it existed)."""
+    try:
+        folder = read_level_of_theory(root_dir)
+    except ValueError as exc:
+        _exit(str(exc))
+    if trained is None or folder is None:
+        which = (f"{checkpoint_path} does not record the level of theory it was trained on"
+                 if trained is None else f"{root_dir} has no {LEVEL_OF_THEORY_FILE}")
+        log_line(f"warning: {which}, so it cannot be checked; the predictions are only "
+                 f"meaningful if V0 was computed at the level of the model's training data")
+        return
+    differ = level_of_theory_mismatch(trained, folder)
+    if differ:
+        _exit(f"{root_dir} was built at another level of theory than the model in "
+              f"{checkpoint_path} was trained on ({differ}): the model corrects "
+              f"{describe_level_of_theory(trained)} V0 only; rebuild the folder at that level "
+              f"(tools/build_dataset.py --method/--basis/...) or train a model on this level")
+
+
 def run_predict(args, argv=None):
     """``--predict``: Vref for every row of ``<root_dir>/meta.xlsx`` with a saved model alone.
 
@@ -2831,6 +2902,7 @@ def run_predict(args, argv=None):
         _exit(f"--physical_cutoff {cutoff_given:g} Angstrom differs from the "
               f"{physical_cutoff:g} Angstrom the model in {path} was trained with; a model "
               f"works only at its own cutoff: leave --physical_cutoff out")
+    check_level_of_theory(ckpt.get("level_of_theory"), args.root_dir, path)
     try:
         rows = read_meta(args.root_dir, require_vref=False)
         graphs = [make_graph(parse_dimer(args.root_dir, r), model.config["cutoff"])
@@ -2899,12 +2971,13 @@ def run_ensemble(args, resume=None):
 
 def ensemble_key(ckpt):
     """What an ensemble's members must share: the options except ``ENSEMBLE_FREE_OPTIONS``, the
-    model config, the data's checksum and cutoff, and the split."""
+    model config, the data's checksum, cutoff and level of theory, and the split."""
     return {"options": {k: v for k, v in ckpt["config"].items()
                         if k not in ENSEMBLE_FREE_OPTIONS},
             "model_config": ckpt["model_config"],
-            "data": {k: ckpt["metadata"].get(k) for k in ("data_sha256", "internal_cutoff",
-                                                          "int_angstrom_scale")},
+            "data": {**{k: ckpt["metadata"].get(k) for k in ("data_sha256", "internal_cutoff",
+                                                             "int_angstrom_scale")},
+                     "level_of_theory": ckpt.get("level_of_theory")},
             "split_ids": ckpt["split_ids"]}
 
 
