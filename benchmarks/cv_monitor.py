@@ -12,6 +12,10 @@ would have trained on; the script says so, and that fold's MAE figures are then 
 a ``--monitor mae`` run.
 
     python benchmarks/cv_monitor.py --root_dir /tmp/copy/s22x5 --mae_root /tmp/copy_mae/s22x5
+
+``--parallel`` trains the folds in separate processes at the same time (each the same
+``train_one`` run that ``--cv`` makes of that fold, its log in ``<root_dir>/fold_f.log``), for a
+machine with more cores than one run uses; the reports are the same.
 """
 import argparse
 import math
@@ -30,10 +34,65 @@ def main():
     p.add_argument("--root_dir", required=True, help="data folder (a copy: outputs land there)")
     p.add_argument("--mae_root", required=True, help="new folder for the --monitor mae report")
     p.add_argument("--cv", type=int, default=5)
+    p.add_argument("--parallel", action="store_true", help="one process per fold")
+    p.add_argument("--only_fold", type=int, default=None, help=argparse.SUPPRESS)
     args, extra = p.parse_known_args()
+    if args.parallel or args.only_fold is not None:
+        return parallel(args, extra)
 
-    best_mae = {}  # fold -> {"mae", "epoch", "state"}
-    stopped_early = {}
+    best_mae, stopped_early = track_lowest_mae()
+    argv = ["--root_dir", args.root_dir, "--cv", str(args.cv), "--monitor", "mape", *extra]
+    print(f"=== python delta_coupling.py {' '.join(argv)}", flush=True)
+    dc.main(argv)
+    mae_report(args, extra, best_mae, stopped_early)
+
+
+def parallel(args, extra):
+    """``--parallel``: the cache first, then one process per fold (``--only_fold f``: train
+    fold f as ``--cv`` would, keep its lowest-val-MAE weights in a file); then both reports."""
+    import subprocess
+
+    argv = ["--root_dir", args.root_dir, "--cv", str(args.cv), "--monitor", "mape", *extra]
+    cv_args, _ = dc.parse_main_args(argv)
+    rows = dc.read_meta(args.root_dir)
+    folds = dc.make_cv_folds(rows, args.cv, cv_args.seed)
+    mae_file = os.path.join(args.root_dir, "models", "cv", "fold_{}", "lowest_val_mae.pt")
+    if args.only_fold is not None:
+        f = args.only_fold
+        best_mae, stopped_early = track_lowest_mae()
+        dc.train_one(argparse.Namespace(**{**vars(cv_args), "fold": f}), None, folds[f])
+        dc.atomic_torch_save({"best": best_mae[f], "stopped_early": stopped_early.get(f)},
+                             mae_file.format(f))
+        return
+    dc.prepare_cache(cv_args, rows, dc.check_data_or_exit(cv_args))  # once, before the folds
+    print(f"=== python delta_coupling.py {' '.join(argv)}, each fold in its own process",
+          flush=True)
+    procs = []
+    for f in range(args.cv):
+        log = open(os.path.join(args.root_dir, f"fold_{f}.log"), "w")
+        procs.append((subprocess.Popen([sys.executable, os.path.abspath(__file__),
+                                        "--root_dir", args.root_dir, "--mae_root",
+                                        args.mae_root, "--cv", str(args.cv), "--only_fold",
+                                        str(f), *extra], stdout=log, stderr=subprocess.STDOUT),
+                      log))
+    for proc, log in procs:
+        if proc.wait() != 0:
+            raise SystemExit(f"a fold failed; see {log.name}")
+        log.close()
+    for f in range(args.cv):
+        with open(os.path.join(args.root_dir, f"fold_{f}.log")) as fh:
+            print(f"--- fold {f}'s log\n{fh.read()}", flush=True)
+    dc.cv_report(cv_args, rows, folds)
+    saved = [torch.load(mae_file.format(f), weights_only=True) for f in range(args.cv)]
+    mae_report(args, extra, {f: s["best"] for f, s in enumerate(saved)},
+               {f: s["stopped_early"] for f, s in enumerate(saved) if s["stopped_early"]})
+
+
+def track_lowest_mae():
+    """Patch ``dc.end_of_epoch`` to also keep each fold's lowest-val-MAE weights, by the rule of
+    ``--monitor mae``; returns the dicts it fills: ({fold: {"mae", "epoch", "state"}},
+    {fold: epoch it stopped early at})."""
+    best_mae, stopped_early = {}, {}
     real_end_of_epoch = dc.end_of_epoch
 
     def end_of_epoch(run, model, optimizer, scheduler, scaler, state, train_result, val_result,
@@ -48,11 +107,11 @@ def main():
             stopped_early[run.args.fold] = state.epoch
 
     dc.end_of_epoch = end_of_epoch
-    argv = ["--root_dir", args.root_dir, "--cv", str(args.cv), "--monitor", "mape", *extra]
-    print(f"=== python delta_coupling.py {' '.join(argv)}", flush=True)
-    dc.main(argv)
-    dc.end_of_epoch = real_end_of_epoch
+    return best_mae, stopped_early
 
+
+def mae_report(args, extra, best_mae, stopped_early):
+    """The --monitor mae cross-validation of the same folds, in ``args.mae_root``."""
     print(f"\n=== the same folds with --monitor mae (weights of each fold's lowest val MAE)",
           flush=True)
     if stopped_early:
