@@ -129,6 +129,10 @@ PREDICTION_METRICS_FILE = "predictions_metrics.json"  # next to it, when Vref is
 # next to predictions.csv
 FAILED_BATCHES_LOG = "failed_batches.log"
 PREDICTION_FAILED_BATCHES_LOG = "predictions_failed_batches.log"
+# The baseline's level of theory, as tools/build_dataset.py records it in a data folder; a
+# checkpoint carries its training folder's record, and --predict compares them on these keys
+LEVEL_OF_THEORY_FILE = "level_of_theory.json"
+LEVEL_OF_THEORY_KEYS = ("method", "basis", "density_fit", "auxbasis", "counterpoise")
 LOG_AXIS_MIN_RATIO = 10.0  # learning curves: a log y axis when max / min spans a decade
 # columns of the metrics table: (key, header, format); MAPE in %, the others in Vref units
 METRIC_COLUMNS = (("mape", "MAPE %", ".2f"), ("mae", "MAE", ".4f"), ("rmse", "RMSE", ".4f"),
@@ -321,6 +325,39 @@ def closest_pair(pos_a, pos_b=None, chunk=512):
             i, j = np.unravel_index(np.argmin(dist2), dist2.shape)
             best = (math.sqrt(dist2[i, j]), start + int(i), offset + int(j))
     return best
+
+
+def read_level_of_theory(root_dir):
+    """The baseline's level of theory recorded in ``<root_dir>/level_of_theory.json`` (a dict
+    with at least ``LEVEL_OF_THEORY_KEYS``), or None for a folder without the record."""
+    path = os.path.join(root_dir, LEVEL_OF_THEORY_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            level = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable level-of-theory record ({exc}); rewrite it or "
+                         f"rebuild the folder with tools/build_dataset.py") from None
+    missing = [k for k in LEVEL_OF_THEORY_KEYS if not isinstance(level, dict) or k not in level]
+    if missing:
+        raise ValueError(f"{path}: the level-of-theory record lacks {', '.join(missing)}; "
+                         f"rebuild the folder with tools/build_dataset.py")
+    return level
+
+
+def describe_level_of_theory(level):
+    """One line: ``hf/def2-svp, density fitting (def2-universal-jkfit), no counterpoise``."""
+    fit = f"density fitting ({level['auxbasis']})" if level["density_fit"] else "no density fit"
+    cp = "counterpoise" if level["counterpoise"] else "no counterpoise"
+    return f"{level['method']}/{level['basis']}, {fit}, {cp}"
+
+
+def level_of_theory_mismatch(trained, folder):
+    """The differences between a model's level of theory and a folder's, as text; '' when
+    they agree. Both are records as ``read_level_of_theory`` returns them."""
+    return "; ".join(f"{k}: {trained[k]!r} for the model, {folder[k]!r} in the folder"
+                     for k in LEVEL_OF_THEORY_KEYS if trained[k] != folder[k])
 
 
 def data_sha256(root_dir, rows):
@@ -2294,6 +2331,7 @@ class TrainingRun:
     run_id: str = ""  # tells this run's files from another run's
     versions: dict = field(default_factory=dict)  # package_versions()
     resumed: bool = False  # continues a saved run (--resume)
+    level_of_theory: dict = None  # the data folder's baseline level (read_level_of_theory)
 
     @property
     def models_dir(self):
@@ -2336,7 +2374,8 @@ class TrainingRun:
         return {"model_state": model.state_dict(), "model_config": model.config,
                 "config": dict(vars(self.args)), "metadata": self.metadata, "epoch": epoch,
                 "val_mape": val_mape, "val_mae": val_mae, "split_ids": self.split_ids,
-                "versions": self.versions, "run_id": self.run_id}
+                "versions": self.versions, "run_id": self.run_id,
+                "level_of_theory": self.level_of_theory}
 
 
 @dataclass
@@ -2358,6 +2397,13 @@ def prepare_data(args, resume=None):
     amp_dtype, use_scaler = amp_settings(device)
     parsed = check_data_or_exit(args)  # --check_data exits here; training stops on any problem
     rows = [dimer.row for dimer in parsed]  # meta.xlsx's rows, read once by the check
+    try:
+        level = read_level_of_theory(args.root_dir)
+    except ValueError as exc:
+        _exit(str(exc))
+    print(f"baseline level of theory: {describe_level_of_theory(level)}" if level else
+          f"note: {args.root_dir} has no {LEVEL_OF_THEORY_FILE}; the model will not know the "
+          f"level of theory of its V0 (tools/build_dataset.py writes the record)")
     payload = prepare_cache(args, rows, parsed)
     train_idx, val_idx, test_idx, rule = make_splits(rows, args.seed)
     print(f"{len(rows)} dimers from {args.root_dir}; split {rule}: "
@@ -2382,7 +2428,7 @@ def prepare_data(args, resume=None):
         val_loader=DataLoader(Subset(eval_ds, val_idx), shuffle=False, **loader_kw),
         amp_dtype=amp_dtype, use_scaler=use_scaler,
         run_id=(resume or {}).get("run_id") or os.urandom(8).hex(), versions=package_versions(),
-        resumed=resume is not None)
+        resumed=resume is not None, level_of_theory=level)
 
 
 def build_model(run):
@@ -2447,7 +2493,8 @@ def write_run_files(run, model):
     atomic_write_json({"args": vars(run.args), "model_config": model.config,
                        "versions": run.versions, "platform": platform.platform(),
                        "device": describe_device(run.device),
-                       "data_sha256": run.payload["metadata"]["data_sha256"], "split": split},
+                       "data_sha256": run.payload["metadata"]["data_sha256"],
+                       "level_of_theory": run.level_of_theory, "split": split},
                       os.path.join(run.models_dir, RUN_CONFIG_FILE))
 
 
@@ -2467,7 +2514,8 @@ def train(run, model, optimizer, scheduler, scaler, resume=None):
                    args.quiet, desc="training", unit="epoch", initial=state.epoch,
                    total=args.epochs)
     try:
-        for state.epoch in bar:
+        for epoch in bar:
+            state.epoch = epoch
             train_result = run_epoch(model, run.train_loader, run.device, optimizer, scheduler,
                                      scaler, run.amp_dtype, **run.failed_batches)
             with torch.no_grad():
@@ -2730,6 +2778,28 @@ def predictions_table(rows, pred, split_of):
     return table
 
 
+def check_level_of_theory(trained, root_dir, checkpoint_path):
+    """Stop when the model was trained on V0 of another level of theory than the folder's
+    (a model trained on HF/def2-SVP V0 corrects nothing else; docs/DESIGN.md, decision 17);
+    warn when either record is missing (folders and checkpoints made before it existed)."""
+    try:
+        folder = read_level_of_theory(root_dir)
+    except ValueError as exc:
+        _exit(str(exc))
+    if trained is None or folder is None:
+        which = (f"{checkpoint_path} does not record the level of theory it was trained on"
+                 if trained is None else f"{root_dir} has no {LEVEL_OF_THEORY_FILE}")
+        log_line(f"warning: {which}, so it cannot be checked; the predictions are only "
+                 f"meaningful if V0 was computed at the level of the model's training data")
+        return
+    differ = level_of_theory_mismatch(trained, folder)
+    if differ:
+        _exit(f"{root_dir} was built at another level of theory than the model in "
+              f"{checkpoint_path} was trained on ({differ}): the model corrects "
+              f"{describe_level_of_theory(trained)} V0 only; rebuild the folder at that level "
+              f"(tools/build_dataset.py --method/--basis/...) or train a model on this level")
+
+
 def run_predict(args, argv=None):
     """``--predict``: Vref for every row of ``<root_dir>/meta.xlsx`` with a saved model alone.
 
@@ -2757,6 +2827,7 @@ def run_predict(args, argv=None):
         _exit(f"--physical_cutoff {cutoff_given:g} Angstrom differs from the "
               f"{physical_cutoff:g} Angstrom the model in {path} was trained with; a model "
               f"works only at its own cutoff: leave --physical_cutoff out")
+    check_level_of_theory(ckpt.get("level_of_theory"), args.root_dir, path)
     rows = [dimer.row for dimer in parsed]
     graphs = [make_graph(dimer, model.config["cutoff"])
               for dimer in progress(parsed, args.quiet, desc="building graphs", unit="dimer")]

@@ -2115,6 +2115,61 @@ def test_predict_without_vref(trained_run, tmp_path):
                                                                     "predictions_metrics.json"))
 
 
+LEVEL = {"method": "hf", "basis": "def2-svp", "density_fit": True,
+         "auxbasis": "def2-universal-jkfit", "counterpoise": False, "program": "pyscf"}
+
+
+def test_level_of_theory_travels_from_folder_to_checkpoint_and_predict_checks_it(
+        trained_run, tmp_path, capsys):
+    root = write_dataset(str(tmp_path / "data"), 8, seed=3)
+    with open(os.path.join(root, "level_of_theory.json"), "w") as fh:
+        json.dump(LEVEL, fh)
+    out = dc.main(["--root_dir", root, "--epochs", "1", "--quiet", "--device", "cpu",
+                   *SMALL_MODEL_ARGS])
+    assert "baseline level of theory: hf/def2-svp, density fitting" in capsys.readouterr().out
+    ckpt = torch.load(out["best_path"], weights_only=True)
+    assert ckpt["level_of_theory"] == LEVEL  # the record round-trips into the checkpoint
+    with open(os.path.join(root, "models", "run_config.json")) as fh:
+        assert json.load(fh)["level_of_theory"] == LEVEL
+
+    def predict_on(level, checkpoint=out["best_path"]):
+        folder = write_dataset(str(tmp_path / f"new{len(os.listdir(tmp_path))}"), 3, seed=9)
+        if level is not None:
+            with open(os.path.join(folder, "level_of_theory.json"), "w") as fh:
+                json.dump(level, fh)
+        result = dc.main(["--predict", "--checkpoint", checkpoint, "--root_dir", folder,
+                          "--quiet", "--device", "cpu"])
+        captured = capsys.readouterr()
+        return result, captured.out + captured.err
+
+    result, text = predict_on(dict(LEVEL, program_version="other"))  # same level: no word
+    assert os.path.isfile(result["predictions_path"]) and "warning" not in text
+    with pytest.raises(SystemExit) as stop:
+        predict_on(dict(LEVEL, basis="sto-3g", counterpoise=True))
+    text = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert "basis: 'def2-svp' for the model, 'sto-3g' in the folder" in text
+    assert "counterpoise: False for the model, True in the folder" in text
+    assert "corrects hf/def2-svp, density fitting" in text
+    result, text = predict_on(None)  # an older folder: a warning, not a refusal
+    assert os.path.isfile(result["predictions_path"])
+    assert "has no level_of_theory.json, so it cannot be checked" in text
+    result, text = predict_on(LEVEL, checkpoint=trained_run["result"]["best_path"])
+    assert os.path.isfile(result["predictions_path"])  # an older checkpoint: a warning too
+    assert "does not record the level of theory it was trained on" in text
+
+
+def test_read_level_of_theory_names_a_broken_record(tmp_path):
+    assert dc.read_level_of_theory(str(tmp_path)) is None
+    path = tmp_path / "level_of_theory.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=r"level_of_theory.json: unreadable level-of-theory"):
+        dc.read_level_of_theory(str(tmp_path))
+    path.write_text(json.dumps({"method": "hf", "basis": "def2-svp"}))
+    with pytest.raises(ValueError, match=r"lacks density_fit, auxbasis, counterpoise"):
+        dc.read_level_of_theory(str(tmp_path))
+
+
 def test_predict_refuses_foreign_or_tampered_checkpoints(trained_run, tmp_path, capsys):
     best = trained_run["result"]["best_path"]
     root = trained_run["root"]
@@ -2161,3 +2216,327 @@ def test_install_instructions_name_the_pinned_torch_and_its_cpu_wheel():
     for text in (readme, requirements):
         assert cpu_wheel in text and "pip install -r requirements.txt" in text
     assert SpecifierSet(f"=={spec.version}").contains(f"{spec.version}+cpu")
+
+
+# ============================================================================= your own dimers
+# tools/build_dataset.py specified: a CSV of dimer geometries (+ Vref) becomes a data folder that
+# delta_coupling.py trains and predicts on; PySCF with a minimal basis keeps these fast.
+@pytest.fixture(scope="module")
+def builder():
+    """The builder module (skips only when PySCF or ASE is not installed)."""
+    pytest.importorskip("pyscf")
+    pytest.importorskip("ase")
+    sys.path.insert(0, os.path.join(HERE, "tools"))
+    import build_dataset
+    return build_dataset
+
+
+MINIMAL = ["--basis", "sto-3g", "--threads", "1", "--quiet"]  # a water dimer in about 1 s
+WATER_B_SHIFT = np.array([0.3, 3.2, -0.2])  # Angstrom: B = WATER + shift, head to tail along y
+# (A's H atoms point at B's O; 3 decimals, so a PDB holds the positions exactly)
+
+
+def water_dimer(shift=WATER_B_SHIFT):
+    """(symbols, pos (6, 3) Angstrom) of a water dimer, A's atoms first."""
+    symbols, pos = WATER
+    pos = np.asarray(pos, float)
+    return symbols + symbols, np.concatenate([pos, pos + shift])
+
+
+def write_xyz(path, symbols, pos, comment=""):
+    lines = [str(len(symbols)), comment] + [f"{s} {x:.3f} {y:.3f} {z:.3f}"
+                                            for s, (x, y, z) in zip(symbols, pos)]
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def write_csv(path, rows):
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return str(path)
+
+
+def water_csv(folder, shifts_y=(3.2, 3.8, 5.0), vref=(-5.0, -3.0, -1.0)):
+    """A CSV of water dimers at several separations (one XYZ each, n_atoms_a column)."""
+    rows = []
+    for i, dy in enumerate(shifts_y):
+        symbols, pos = water_dimer(WATER_B_SHIFT + [0.0, dy - WATER_B_SHIFT[1], 0.0])
+        write_xyz(folder / f"w{i}.xyz", symbols, pos)
+        rows.append({"id": f"w{i}", "xyz": f"w{i}.xyz", "n_atoms_a": 3,
+                     **({"Vref": vref[i]} if vref else {})})
+    return write_csv(folder / "dimers.csv", rows)
+
+
+def meta_of(out):
+    return pd.read_excel(os.path.join(out, "meta.xlsx")).set_index("id")
+
+
+def npz_of(out, rid):
+    with np.load(os.path.join(out, rid, "dimer.npz")) as npz:
+        return {key: npz[key] for key in npz.files}
+
+
+def energies_of(out, rid):
+    with open(os.path.join(out, rid, "energies.json")) as fh:
+        return json.load(fh)
+
+
+@pytest.fixture(scope="module")
+def water_built(builder, tmp_path_factory):
+    """Three water dimers with Vref, built at HF/STO-3G without counterpoise."""
+    folder = tmp_path_factory.mktemp("water_in")
+    csv_path = water_csv(folder)
+    out = str(tmp_path_factory.mktemp("water_out") / "data")
+    assert builder.main([csv_path, "--out", out, *MINIMAL]) == 0
+    return {"csv": csv_path, "out": out, "folder": folder}
+
+
+def test_builder_output_trains_predicts_and_follows_the_frame(builder, water_built, tmp_path):
+    from ase.data import vdw_radii, atomic_numbers
+    out = water_built["out"]
+    with pytest.raises(SystemExit) as exc:
+        dc.main(["--root_dir", out, "--check_data"])
+    assert exc.value.code == 0
+    meta = meta_of(out)
+    assert list(meta.index) == ["w0", "w1", "w2"] and meta["Vref"].tolist() == [-5.0, -3.0, -1.0]
+    assert builder.read_level_of_theory(out) == {
+        "method": "hf", "basis": "sto-3g", "density_fit": True,
+        "auxbasis": "def2-universal-jkfit", "counterpoise": False, "program": "pyscf",
+        "program_version": builder.read_level_of_theory(out)["program_version"],
+        "builder_version": builder.BUILDER_VERSION}
+    symbols, pos = water_dimer()
+    c_a, c_b = pos[:3].mean(0), pos[3:].mean(0)
+    z_a, pos_a = dc.parse_pdb(os.path.join(out, "w0", "A.pdb"))
+    z_b, pos_b = dc.parse_pdb(os.path.join(out, "w0", "B.pdb"))
+    assert z_a.tolist() == [8, 1, 1] and z_b.tolist() == [8, 1, 1]
+    np.testing.assert_allclose(pos_a.mean(0), 0.0, atol=1e-3)  # A's centroid at the origin
+    np.testing.assert_allclose(pos_b.mean(0), [0, 0, np.linalg.norm(c_b - c_a)], atol=1e-3)
+    assert meta.loc["w0", "R_nm"] == pytest.approx(np.linalg.norm(c_b - c_a) / 10, abs=1e-12)
+    # the frame is a rigid motion: every A-B distance as in the input
+    np.testing.assert_allclose(np.linalg.norm(pos_a[:, None] - pos_b[None], axis=-1),
+                               np.linalg.norm(pos[:3, None] - pos[None, 3:], axis=-1), atol=3e-3)
+    radii = np.array([vdw_radii[atomic_numbers[s]] for s in symbols])  # ASE's table
+    ratio = min(np.linalg.norm(pos[i] - pos[j]) / (radii[i] + radii[j])
+                for i in range(3) for j in range(3, 6))
+    assert meta.loc["w0", "PR"] == pytest.approx(ratio, abs=1e-9)  # PR: the contact ratio
+    # B is A translated: parallel principal axes (arccos near 1 amplifies rounding to ~1e-6)
+    assert meta.loc["w0", "theta_deg"] == pytest.approx(0.0, abs=1e-5)
+    npz = npz_of(out, "w0")
+    assert npz["mulliken_spd"].shape == (6, 3) and npz["mulliken_spd"].sum() == pytest.approx(20)
+    assert np.trace(npz["quadrupole"]) == pytest.approx(0.0, abs=1e-9)
+    e = energies_of(out, "w0")
+    assert meta.loc["w0", "V0"] == pytest.approx((e["E_AB"] - e["E_A"] - e["E_B"]) * 627.5094740631)
+    assert meta["V0"].is_monotonic_increasing and meta.loc["w0", "V0"] < 0  # weaker when apart
+
+    result = dc.main(["--root_dir", out, "--epochs", "2", "--device", "cpu", "--compile", "off",
+                      "--quiet", *SMALL_RUN])
+    assert os.path.isfile(result["best_path"])
+    # a prediction folder: the same geometries, no Vref
+    predict_in = tmp_path / "in"
+    predict_in.mkdir()
+    predict_out = str(tmp_path / "predict")
+    assert builder.main([water_csv(predict_in, vref=None), "--out", predict_out, *MINIMAL]) == 0
+    assert "Vref" not in pd.read_excel(os.path.join(predict_out, "meta.xlsx")).columns
+    out_pred = dc.main(["--predict", "--checkpoint", result["best_path"], "--root_dir",
+                        predict_out, "--quiet", *ON_CPU])
+    table = pd.read_csv(out_pred["predictions_path"])
+    assert len(table) == 3 and np.isfinite(table["Vref_pred"]).all()
+    np.testing.assert_allclose(table["V0"], meta["V0"].to_numpy(), atol=1e-9)
+
+
+def test_counterpoise_makes_the_interaction_less_attractive(builder, water_built, tmp_path):
+    out = str(tmp_path / "cp")
+    assert builder.main([water_built["csv"], "--out", out, "--counterpoise", *MINIMAL]) == 0
+    cp, plain = meta_of(out), meta_of(water_built["out"])
+    # BSSE over-binds and counterpoise removes it: large in STO-3G at contact. At 5 Angstrom
+    # it is below the density-fitting error (~1e-4 kcal/mol: the ghosts' fitting functions)
+    bsse = cp["V0"] - plain["V0"]  # kcal/mol
+    assert bsse["w0"] > bsse["w1"] > 0.01  # less attractive, and more so at contact
+    assert cp.loc["w2", "V0"] == pytest.approx(plain.loc["w2", "V0"], abs=1e-3)
+    e_cp, e_plain = energies_of(out, "w0"), energies_of(water_built["out"], "w0")
+    assert e_cp["E_AB"] == pytest.approx(e_plain["E_AB"], abs=1e-8)  # the dimer is the same
+    assert e_cp["E_A"] < e_plain["E_A"] and e_cp["E_B"] < e_plain["E_B"]  # more basis: lower
+    assert builder.read_level_of_theory(out)["counterpoise"] is True
+
+
+def test_the_input_layouts_give_identical_folders(builder, tmp_path):
+    symbols, pos = water_dimer()
+    write_xyz(tmp_path / "d.xyz", symbols, pos)
+    write_xyz(tmp_path / "e.xyz", symbols, pos, comment="n_atoms_a=3 source=hand")
+    write_xyz(tmp_path / "a.xyz", symbols[:3], pos[:3])
+    (tmp_path / "b.pdb").write_text(pdb_text(symbols[3:], pos[3:], chain="B"))
+    layouts = {"column": [{"id": "w", "xyz": "d.xyz", "n_atoms_a": 3, "Vref": -4.0}],
+               "comment": [{"id": "w", "xyz": "e.xyz", "Vref": -4.0}],
+               "two_files": [{"id": "w", "geom_a": "a.xyz", "geom_b": "b.pdb", "Vref": -4.0}]}
+    outs = {}
+    for name, rows in layouts.items():
+        outs[name] = str(tmp_path / name)
+        assert builder.main([write_csv(tmp_path / f"{name}.csv", rows), "--out", outs[name],
+                             *MINIMAL]) == 0
+    ref_meta, ref_npz = meta_of(outs["column"]), npz_of(outs["column"], "w")
+    for name in ("comment", "two_files"):
+        meta = meta_of(outs[name])
+        assert list(meta.columns) == list(ref_meta.columns)
+        for col in ("R_nm", "theta_deg", "V0", "Vref", "PR"):
+            assert meta.loc["w", col] == pytest.approx(ref_meta.loc["w", col], abs=1e-9), col
+        for key, arr in npz_of(outs[name], "w").items():
+            np.testing.assert_allclose(arr, ref_npz[key], atol=1e-9, err_msg=key)
+        for pdb in ("A.pdb", "B.pdb"):
+            with open(os.path.join(outs[name], "w", pdb)) as a, \
+                    open(os.path.join(outs["column"], "w", pdb)) as b:
+                assert a.read() == b.read()
+
+
+def test_charged_open_shell_and_impossible_dimers(builder, tmp_path, capsys):
+    symbols, pos = WATER
+    pos = np.asarray(pos, float)
+    write_xyz(tmp_path / "water.xyz", symbols, pos)
+    write_xyz(tmp_path / "na.xyz", ["Na"], [[0.0, -2.3, 0.0]])  # Na+ facing water's O
+    write_xyz(tmp_path / "oh.xyz", ["O", "H"], [[0.0, 0.0, 3.0], [0.0, 0.0, 3.97]])
+    write_xyz(tmp_path / "clash.xyz", ["Na"], [[0.1, 0.1, 0.0]])  # on top of water's O
+    rows = [{"id": "na", "geom_a": "water.xyz", "geom_b": "na.xyz", "charge_b": 1, "Vref": -20},
+            {"id": "oh", "geom_a": "water.xyz", "geom_b": "oh.xyz", "spin_b": 1, "Vref": -2},
+            {"id": "oh_singlet", "geom_a": "water.xyz", "geom_b": "oh.xyz", "Vref": -2},
+            {"id": "clash", "geom_a": "water.xyz", "geom_b": "clash.xyz", "charge_b": 1,
+             "Vref": 1}]
+    out = str(tmp_path / "out")
+    assert builder.main([write_csv(tmp_path / "ions.csv", rows), "--out", out, *MINIMAL]) == 1
+    text = capsys.readouterr().out
+    assert "2 dimers done (2 computed now), 2 failed" in text
+    with open(os.path.join(out, "failed.json")) as fh:
+        failed = json.load(fh)
+    assert sorted(failed) == ["clash", "oh_singlet"]
+    assert failed["oh_singlet"].startswith("impossible charge/spin: monomer B has 9 electrons")
+    assert failed["clash"].startswith("overlapping monomers: atoms of A and B are 0.141 Angstrom")
+    meta = meta_of(out)
+    assert list(meta.index) == ["na", "oh"]  # the finished rows only
+    with pytest.raises(SystemExit) as exc:
+        dc.main(["--root_dir", out, "--check_data"])
+    assert exc.value.code == 0
+    na = npz_of(out, "na")["mulliken_spd"]
+    assert na.sum() == pytest.approx(10 + 10) and na[3].sum() == pytest.approx(10, abs=0.5)
+    assert meta.loc["na", "V0"] < -10 and meta.loc["na", "theta_deg"] == 0.0  # ion-dipole
+    assert [name.removeprefix("DF") for name in energies_of(out, "na")["scf"]] == ["RHF"] * 3
+    assert npz_of(out, "oh")["mulliken_spd"].sum() == pytest.approx(10 + 9)
+    assert [name.removeprefix("DF") for name in energies_of(out, "oh")["scf"]] == [
+        "UHF", "RHF", "UHF"]  # open shell: unrestricted (the dimer has spin 0 + 1)
+
+
+def test_resume_after_a_failure_recomputes_nothing_that_finished(builder, tmp_path,
+                                                                 monkeypatch, capsys):
+    csv_path = water_csv(tmp_path)
+    out = str(tmp_path / "out")
+    real, calls = builder.compute_dimer, []
+
+    def failing_once(dimer, level):
+        calls.append(dimer.id)
+        if dimer.id == "w1":
+            raise builder.DimerFailure("SCF not converged: simulated")
+        return real(dimer, level)
+
+    monkeypatch.setattr(builder, "compute_dimer", failing_once)
+    assert builder.main([csv_path, "--out", out, *MINIMAL]) == 1
+    assert calls == ["w0", "w1", "w2"] and list(meta_of(out).index) == ["w0", "w2"]
+    assert "1 x SCF not converged: w1" in capsys.readouterr().out
+    with open(os.path.join(out, "failed.json")) as fh:
+        assert json.load(fh) == {"w1": "SCF not converged: simulated"}
+    assert not os.path.exists(os.path.join(out, "w1", "energies.json"))
+    (tmp_path / "out" / "w1").mkdir()
+    (tmp_path / "out" / "w1" / "A.pdb").write_text("half-written by a crash\n")
+    finished = {rid: os.path.getmtime(os.path.join(out, rid, "dimer.npz")) for rid in ("w0", "w2")}
+
+    calls.clear()
+    monkeypatch.setattr(builder, "compute_dimer",
+                        lambda dimer, level: calls.append(dimer.id) or real(dimer, level))
+    assert builder.main([csv_path, "--out", out, *MINIMAL]) == 0
+    assert calls == ["w1"]  # only the failed dimer
+    assert {rid: os.path.getmtime(os.path.join(out, rid, "dimer.npz"))
+            for rid in ("w0", "w2")} == finished
+    assert list(meta_of(out).index) == ["w0", "w1", "w2"]
+    assert not os.path.exists(os.path.join(out, "failed.json"))
+    assert not [f for _, _, files in os.walk(out) for f in files if ".tmp" in f]
+
+
+def test_bad_csv_rows_are_all_reported_before_any_calculation(builder, tmp_path, monkeypatch,
+                                                              capsys):
+    symbols, pos = water_dimer()
+    write_xyz(tmp_path / "d.xyz", symbols, pos)
+    write_xyz(tmp_path / "fe.xyz", ["Fe", "O"], [[0, 0, 0], [0, 0, 3]])
+    (tmp_path / "bad.csv").write_text(
+        "id,xyz,n_atoms_a,Vref,spin_a,colour\n"
+        "ok,d.xyz,3,-1.0,0,red\n"
+        "missing,nowhere.xyz,3,-1.0,0,red\n"
+        "vref,d.xyz,3,strong,0,red\n"
+        "split,d.xyz,6,-1.0,0,red\n"
+        "ok,d.xyz,3,-1.0,0,red\n"
+        "iron,fe.xyz,1,-1.0,0,red\n"
+        "spin,d.xyz,3,-1.0,-1,red\n"
+        ",d.xyz,3,-1.0,0,red\n"
+        "nosplit,d.xyz,,-1.0,0,red\n")
+    monkeypatch.setattr(builder, "compute_dimer", lambda *a: pytest.fail("computed"))
+    out = tmp_path / "out"
+    assert builder.main([str(tmp_path / "bad.csv"), "--out", str(out), *MINIMAL]) == 2
+    err = capsys.readouterr().err
+    csv_name = str(tmp_path / "bad.csv")
+    expected = [
+        "line 1: unknown column 'colour'",
+        "line 3 (id missing): xyz file", "nowhere.xyz not found",
+        "line 4 (id vref): Vref = 'strong' is not a number",
+        "line 5 (id split): n_atoms_a = 6 must be an integer from 1 to 5",
+        "line 6 (id ok): duplicate id (also line 2)",
+        "line 7 (id iron): xyz file", "element(s) ['Fe'] not supported",
+        "line 8 (id spin): spin_a = '-1' is not an integer >= 0",
+        "line 9 (id ?): empty id",
+        "line 10 (id nosplit): no n_atoms_a"]
+    for piece in expected:
+        assert piece in err, piece
+    assert err.count(csv_name) >= 9 and "nothing computed" in err
+    assert not out.exists()  # nothing written either
+
+
+def test_another_level_of_theory_or_changed_input_is_refused(builder, water_built, tmp_path,
+                                                             monkeypatch, capsys):
+    out = str(tmp_path / "copy")
+    shutil.copytree(water_built["out"], out)
+    monkeypatch.setattr(builder, "compute_dimer", lambda *a: pytest.fail("computed"))
+    for extra, says in ((["--basis", "3-21g"], "basis: 'sto-3g' in the folder, '3-21g' asked"),
+                        (["--counterpoise"], "counterpoise: False in the folder, True asked"),
+                        (["--method", "b3lyp"], "method: 'hf' in the folder, 'b3lyp' asked"),
+                        (["--no-density-fit"], "density_fit: True in the folder, False asked")):
+        assert builder.main([water_built["csv"], "--out", out, *MINIMAL, *extra]) == 2
+        err = capsys.readouterr().err
+        assert "another level of theory" in err and says in err, extra
+    assert builder.main([water_built["csv"], "--out", out, "--method", "nonsense",
+                         *MINIMAL]) == 2
+    assert "--method 'nonsense'" in capsys.readouterr().err
+    assert builder.main([water_built["csv"], "--out", out, *MINIMAL, "--basis", "cc-pvtz"]) == 2
+    assert "f (or higher) functions" in capsys.readouterr().err
+    # the same level again: everything finished, nothing computed
+    assert builder.main([water_built["csv"], "--out", out, *MINIMAL]) == 0
+    # a finished id whose geometry changed in the CSV is refused, not silently kept
+    symbols, pos = water_dimer(WATER_B_SHIFT + [0.0, 0.5, 0.0])
+    write_xyz(water_built["folder"] / "moved.xyz", symbols, pos)
+    moved = write_csv(water_built["folder"] / "moved.csv",
+                      [{"id": "w0", "xyz": "moved.xyz", "n_atoms_a": 3, "Vref": -5.0}])
+    assert builder.main([moved, "--out", out, *MINIMAL]) == 2
+    assert "(id w0): finished in" in capsys.readouterr().err
+
+
+def test_s22x5_driver_reproduces_the_bundled_water_dimer(builder, tmp_path):
+    sys.path.insert(0, os.path.join(HERE, "examples"))
+    import build_s22x5
+    out = str(tmp_path / "s22")
+    assert build_s22x5.main(["--out", out, "--only", "Water_dimer", "--multipliers", "1.0"]) == 0
+    new, old = meta_of(out), meta_of(S22X5_DIR)
+    for col in ("R_nm", "theta_deg", "V0", "Vref", "PR"):
+        assert new.loc["Water_dimer_1.0", col] == pytest.approx(
+            old.loc["Water_dimer_1.0", col], abs=1e-6), col
+    assert new.loc["Water_dimer_1.0", "group"] == "Water_dimer"
+    for key, arr in npz_of(out, "Water_dimer_1.0").items():
+        np.testing.assert_allclose(arr, npz_of(S22X5_DIR, "Water_dimer_1.0")[key], atol=1e-6)
+    for pdb in ("A.pdb", "B.pdb"):
+        with open(os.path.join(out, "Water_dimer_1.0", pdb)) as a, \
+                open(os.path.join(S22X5_DIR, "Water_dimer_1.0", pdb)) as b:
+            assert a.read() == b.read()
+    assert builder.read_level_of_theory(out) == {
+        **builder.read_level_of_theory(S22X5_DIR),
+        "program_version": builder.read_level_of_theory(out)["program_version"]}
