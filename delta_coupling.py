@@ -21,6 +21,7 @@ data.
 """
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -28,10 +29,12 @@ import os
 import pickle
 import platform
 import random
+import re
 import shlex
 import shutil
 import sys
 import time
+import traceback
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -62,6 +65,19 @@ DEBYE_TO_E_ANGSTROM = 0.20819434  # e*Angstrom per Debye
 DEBYE_ANGSTROM_TO_E_ANGSTROM2 = DEBYE_TO_E_ANGSTROM  # e*Angstrom^2 per Debye*Angstrom
 DEG_TO_RAD = math.pi / 180.0
 MIN_INTERMONOMER_DISTANCE_ANGSTROM = 0.5  # closer atoms of A and B: the dimer is refused
+# plausibility bounds of the numbers read from the data (docs/DATA_FORMAT.md, "Plausible
+# values"): a value outside them is a unit mistake, a sentinel or a damaged file, refused by the
+# data check before anything trains
+MIN_ATOM_DISTANCE_ANGSTROM = 0.5  # two atoms of one monomer closer: a duplicated record (H-H 0.74)
+MAX_ABS_COORDINATE_ANGSTROM = 1.0e4  # |x|, |y|, |z|: a PDB's 8-column field holds < 10000
+MIN_SHELL_POPULATION = -0.5  # electrons; Mulliken shells may dip a little below 0 (diffuse bases)
+MAX_SHELL_POPULATION = 20.0  # electrons: all of Ca's, the heaviest supported element
+MAX_ABS_DIPOLE_DEBYE = 1.0e3  # Debye per component; an ion pair 20 Angstrom apart has ~100 D
+MAX_ABS_QUADRUPOLE_DEBYE_ANGSTROM = 1.0e4  # Debye*Angstrom per component; benzene's is ~9
+MAX_R_NM = 100.0  # nm: 1000 Angstrom, far beyond the cutoff; more is usually a length in pm
+MAX_ABS_THETA_DEG = 360.0  # degrees: more than a full turn
+MAX_ABS_ENERGY = 1.0e6  # |V0|, |Vref| in their own unit (kcal/mol, kJ/mol, meV and cm^-1 fit)
+MAX_ABS_PR = 1.0e6  # |PR| in its own unit: it enters the readout unscaled
 
 IRREPS_EDGE_SH = o3.Irreps("4x0e+4x1o+4x2e+4x3o")  # edge spherical harmonics, l <= 3
 # e3nn returns IRREPS_EDGE_SH as four identical copies of each l; one copy of each:
@@ -111,6 +127,10 @@ RUN_CONFIG_FILE = "run_config.json"  # in <root_dir>/models: what reproduces the
 LEARNING_CURVES_PLOT = "learning_curves.png"  # in <root_dir>/plots
 PREDICTIONS_FILE = "predictions.csv"  # in the --predict root_dir
 PREDICTION_METRICS_FILE = "predictions_metrics.json"  # next to it, when Vref is given
+# the full traceback of a run's first failed batch: in <root_dir>/models, and for --predict
+# next to predictions.csv
+FAILED_BATCHES_LOG = "failed_batches.log"
+PREDICTION_FAILED_BATCHES_LOG = "predictions_failed_batches.log"
 # The baseline's level of theory, as tools/build_dataset.py records it in a data folder; a
 # checkpoint carries its training folder's record, and --predict compares them on these keys
 LEVEL_OF_THEORY_FILE = "level_of_theory.json"
@@ -172,6 +192,17 @@ META_REQUIRED_COLUMNS = ("pdb_a", "pdb_b", "npz", "R_nm", "theta_deg", "V0", "Vr
 META_COLUMN_UNITS = {"R_nm": "nm", "theta_deg": "degrees", "V0": "the unit of Vref",
                      "Vref": "the unit of V0", "PR": "any"}
 META_FILE_COLUMNS = ("pdb_a", "pdb_b", "npz")  # + R_nm: what parse_dimer needs of a row
+# the numeric columns: |value| <= bound (in the unit), and what to do about a value beyond it
+_CHECK_ENERGY = ("check the cell and its unit (a placeholder such as 1e10, or a value of "
+                 "another column?)")
+META_NUMBER_BOUNDS = {
+    "R_nm": (MAX_R_NM, " nm", "write the distance of the monomer centroids in nm (0.35 nm = "
+                              "3.5 Angstrom)"),
+    "theta_deg": (MAX_ABS_THETA_DEG, " degrees", "write the angle in degrees"),
+    "V0": (MAX_ABS_ENERGY, "", _CHECK_ENERGY),
+    "Vref": (MAX_ABS_ENERGY, "", _CHECK_ENERGY),
+    "PR": (MAX_ABS_PR, "", "check the cell, or rescale PR to a moderate range"),
+}
 NPZ_KEYS = ("mulliken_spd", "dipole", "quadrupole")
 QUADRUPOLE_SYMMETRY_RTOL = 1e-5  # max |Q - Q^T| / max(|Q|, 1 D*A) symmetrised as rounding
 
@@ -242,7 +273,7 @@ def parse_pdb(path):
     Raises ``ValueError`` naming the file and line for an unparsable or unsupported record, and
     saying what to fix.
     """
-    z, pos = [], []
+    z, pos, line_nos = [], [], []
     try:
         fh = open(path, encoding="latin-1")  # every byte decodes: a binary file has no atoms
     except (PermissionError, IsADirectoryError) as exc:
@@ -264,6 +295,13 @@ def parse_pdb(path):
                     f"{path}, line {line_no}: cannot read x/y/z from columns 31-54 "
                     f"(truncated or misaligned record?): {line!r}; fix this record: x, y, z "
                     f"in Angstrom in columns 31-38, 39-46, 47-54") from None
+            finite = all(map(math.isfinite, xyz))
+            if not (finite and max(map(abs, xyz)) < MAX_ABS_COORDINATE_ANGSTROM):
+                raise ValueError(
+                    f"{path}, line {line_no}: x, y, z = {', '.join(map(str, xyz))} is not "
+                    f"{'plausible' if finite else 'finite'} (|coordinate| < "
+                    f"{MAX_ABS_COORDINATE_ANGSTROM:g} Angstrom); fix this record: x, y, z in "
+                    f"Angstrom in columns 31-38, 39-46, 47-54")
             element = line[76:78].strip() if len(line) > 76 else ""
             if not element:
                 element = _element_from_atom_name(line[12:16].ljust(4), line[17:20])
@@ -277,11 +315,36 @@ def parse_pdb(path):
                     f"another one, write it in columns 77-78 of this record")
             z.append(ELEMENT_TO_Z[key])
             pos.append(xyz)
+            line_nos.append(line_no)
     if not z:
         raise ValueError(f"{path}: no ATOM/HETATM records found (empty or not a PDB file?); "
                          f"write the monomer's atoms as ATOM/HETATM records, or fix the path "
                          f"in meta.xlsx")
-    return np.asarray(z, dtype=np.int64), np.asarray(pos, dtype=np.float64)
+    pos = np.asarray(pos, dtype=np.float64)
+    dist, i, j = closest_pair(pos)
+    if dist < MIN_ATOM_DISTANCE_ANGSTROM:
+        raise ValueError(f"{path}, lines {line_nos[i]} and {line_nos[j]}: two atoms {dist:.3f} "
+                         f"Angstrom apart (< {MIN_ATOM_DISTANCE_ANGSTROM}): a duplicated record "
+                         f"or a second alternate location?; keep one record per atom")
+    return np.asarray(z, dtype=np.int64), pos
+
+
+def closest_pair(pos_a, pos_b=None, chunk=512):
+    """The closest two atoms: ``(distance, i, j)`` with i in ``pos_a`` (N, 3) and j in
+    ``pos_b`` (M, 3), or i < j both in ``pos_a`` when ``pos_b`` is None; ``(inf, -1, -1)``
+    without a pair. Rows go in chunks, so memory stays O(chunk * M)."""
+    best = (math.inf, -1, -1)
+    for start in range(0, len(pos_a), chunk):
+        block = pos_a[start:start + chunk]  # (C, 3)
+        offset = start if pos_b is None else 0  # within pos_a: the pairs (i, j > i) only
+        other = pos_a[start:] if pos_b is None else pos_b  # (M', 3)
+        dist2 = ((block[:, None, :] - other[None, :, :]) ** 2).sum(axis=-1)  # (C, M')
+        if pos_b is None:
+            dist2[np.tril_indices(len(block), m=dist2.shape[1])] = np.inf  # j <= i
+        if dist2.size and math.sqrt(dist2.min()) < best[0]:
+            i, j = np.unravel_index(np.argmin(dist2), dist2.shape)
+            best = (math.sqrt(dist2[i, j]), start + int(i), offset + int(j))
+    return best
 
 
 def read_level_of_theory(root_dir):
@@ -355,6 +418,10 @@ def _meta_cell(col, value, where):
     if col == "R_nm" and number <= 0:
         raise ValueError(f"{where}: R_nm = {number} must be > 0; write the distance of the "
                          f"monomer centroids in nm")
+    bound, unit, todo = META_NUMBER_BOUNDS[col]
+    if abs(number) > bound:
+        raise ValueError(f"{where}: {col} = {number:g} is not plausible (|{col}| <= {bound:g}"
+                         f"{unit}, docs/DATA_FORMAT.md); {todo}")
     return number
 
 
@@ -463,9 +530,7 @@ def load_npz(path, n_atoms, where):
     if quad.shape != (3, 3):
         raise ValueError(f"{where}: {path}: quadrupole has shape {quad.shape}, expected (3, 3)"
                          f"{fix}")
-    for key, arr in zip(NPZ_KEYS, (mulliken, dipole, quad)):
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"{where}: {path}: {key} contains NaN or Inf{fix}")
+    _check_npz_values(path, where, fix, mulliken, dipole, quad)
     asym = np.abs(quad - quad.T).max()
     scale = max(1.0, np.abs(quad).max())  # D*A
     if asym > QUADRUPOLE_SYMMETRY_RTOL * scale:
@@ -475,6 +540,31 @@ def load_npz(path, n_atoms, where):
                          f"tensor means a wrong export or layout, which symmetrising would "
                          f"hide; write the full symmetric 3x3 Cartesian tensor{fix}")
     return mulliken, dipole, 0.5 * (quad + quad.T)
+
+
+def _check_npz_values(path, where, fix, mulliken, dipole, quad):
+    """Every NPZ number finite and within its plausible range (docs/DATA_FORMAT.md,
+    "Plausible values"); raises ``ValueError`` naming the array entry."""
+    checks = (("mulliken_spd", mulliken, MIN_SHELL_POPULATION, MAX_SHELL_POPULATION,
+               "electrons", "populations of the atom's s, p, d shells in electrons"),
+              ("dipole", dipole, -MAX_ABS_DIPOLE_DEBYE, MAX_ABS_DIPOLE_DEBYE, "D",
+               "the dipole in Debye (not atomic units or C*m)"),
+              ("quadrupole", quad, -MAX_ABS_QUADRUPOLE_DEBYE_ANGSTROM,
+               MAX_ABS_QUADRUPOLE_DEBYE_ANGSTROM, "D*Angstrom",
+               "the quadrupole in Debye*Angstrom (not atomic units)"))
+    for key, arr, low, high, unit, todo in checks:
+        finite = np.isfinite(arr)
+        bad = ~finite | (np.where(finite, arr, 0.0) < low) | (np.where(finite, arr, 0.0) > high)
+        if not bad.any():
+            continue
+        index = tuple(int(k) for k in np.argwhere(bad)[0])
+        entry = f"{key}[{', '.join(map(str, index))}] = {arr[index]:g}"
+        if key == "mulliken_spd":
+            entry += f" (atom {index[0] + 1}, A's atoms first, {'spd'[index[1]]} shell)"
+        if not finite[index]:
+            raise ValueError(f"{where}: {path}: {key} contains NaN or Inf: {entry}{fix}")
+        raise ValueError(f"{where}: {path}: {entry} {unit} is not plausible (between {low:g} "
+                         f"and {high:g} {unit}, docs/DATA_FORMAT.md); write {todo}{fix}")
 
 
 @dataclass
@@ -504,7 +594,7 @@ def parse_dimer(root_dir, row):
     r_angstrom = row["R_nm"] * NM_TO_ANGSTROM
     pos_a = pos_a - pos_a.mean(axis=0)  # (N_A, 3) Angstrom, centred on A's centroid
     pos_b = pos_b - pos_b.mean(axis=0) + np.array([0.0, 0.0, r_angstrom])  # (N_B, 3)
-    closest = np.linalg.norm(pos_a[:, None, :] - pos_b[None, :, :], axis=-1).min()
+    closest = closest_pair(pos_a, pos_b)[0]
     if closest < MIN_INTERMONOMER_DISTANCE_ANGSTROM:
         raise ValueError(f"{where}: atoms of A and B are {closest:.3f} Angstrom apart at "
                          f"R_nm = {row['R_nm']} (< {MIN_INTERMONOMER_DISTANCE_ANGSTROM}); "
@@ -519,17 +609,19 @@ def parse_dimer(root_dir, row):
                        mulliken=mulliken, field=field)
 
 
-def check_dataset(root_dir, parsed=None):
+def check_dataset(root_dir, parsed=None, require_vref=True):
     """Validate every row of a data folder with the rules used in training; raise nothing.
 
     Returns ``(n_rows, problems)``: the number of data rows in meta.xlsx and one message per
     problem found: meta.xlsx-level ones and every bad cell (``read_meta``), then for each row
-    with usable paths and R_nm the first problem of its PDBs and NPZ (``parse_dimer``).
+    with usable paths and R_nm the first problem of its PDBs and NPZ (``parse_dimer``): every
+    number unreadable, non-finite or beyond its plausible range (docs/DATA_FORMAT.md).
     ``parsed``: a list that receives the ``ParsedDimer`` of every row read without a problem,
-    so that training does not read the files again.
+    so that training does not read the files again. ``require_vref=False``: as prediction
+    reads meta.xlsx (``read_meta``).
     """
     problems = []
-    rows = read_meta(root_dir, problems=problems)
+    rows = read_meta(root_dir, require_vref, problems=problems)
     for row in rows:
         if all(col in row for col in META_FILE_COLUMNS + ("R_nm",)):
             try:
@@ -1607,6 +1699,14 @@ class NonFiniteLossError(FloatingPointError):
     """The loss of a batch was NaN or Inf."""
 
 
+class NonFiniteGradientError(FloatingPointError):
+    """The loss of a batch was finite but a gradient was NaN or Inf (no step was taken)."""
+
+
+class NonFinitePredictionError(FloatingPointError):
+    """A prediction of a batch was NaN or Inf."""
+
+
 class TooManyFailedBatchesError(RuntimeError):
     """Too many batches of a pass failed: the run stops instead of skipping on."""
 
@@ -1615,15 +1715,21 @@ class FailedBatches:
     """The failed-batch rule of training, evaluation and prediction, in one place
     (docs/DESIGN.md, decision 11).
 
-    ``record`` logs a batch that raised (or whose loss was NaN/Inf) with its dimer ids and
-    counts it, or re-raises at once when ``skip`` is False. ``check`` stops the pass with
-    ``TooManyFailedBatchesError`` when too many failed: more than half of an epoch's batches,
-    or in a prediction (``prediction=True``) every batch.
+    A batch fails when it raises one of ``ERRORS``: a NaN or Inf loss, gradient or prediction
+    (the ``NonFinite*Error``s) or running out of GPU memory, what a batch of valid data can
+    legitimately run into. Any other exception is a bug or a broken environment and propagates
+    at once, never hidden as a skipped batch. ``record`` logs a failed batch (exception type and
+    message, the batch's dimer ids) and counts it, or re-raises at once when ``skip`` is False;
+    the first failed batch of a run also writes its full traceback to ``traceback_path`` (when
+    given and not written yet: a run removes an older one at its start). ``check`` stops the
+    pass with ``TooManyFailedBatchesError`` naming the first failed batch when more than half
+    of its batches failed.
     """
-    ERRORS = (RuntimeError, ValueError, FloatingPointError)  # what a failing batch raises
+    ERRORS = (FloatingPointError, torch.OutOfMemoryError)
 
-    def __init__(self, skip=True, log=print, prediction=False):
-        self.skip, self.log, self.prediction = skip, log, prediction
+    def __init__(self, skip=True, log=print, what="epoch", traceback_path=None):
+        self.skip, self.log, self.what = skip, log, what  # what: the pass, in messages
+        self.traceback_path = traceback_path
         self.n_batches = 0  # batches seen
         self.failed = []  # (batch ids, reason) of each failed batch
         self.first_error = None
@@ -1632,24 +1738,30 @@ class FailedBatches:
         if not self.skip:
             raise exc
         self.first_error = self.first_error or exc
+        ids = list(data.id)
         reason = f"{type(exc).__name__}: {exc}"
-        self.failed.append((list(data.id), reason))
-        self.log(f"skipped batch ids {list(data.id)}{' in prediction' if self.prediction else ''}"
-                 f": {reason}")
+        self.failed.append((ids, reason))
+        where = ""
+        if self.traceback_path and not os.path.exists(self.traceback_path):
+            atomic_write_text(
+                f"the first failed batch of this run ({self.what}): dimer ids {ids}\n"
+                + "".join(traceback.format_exception(exc)), self.traceback_path)
+            where = f" (full traceback in {self.traceback_path})"
+        traceback.clear_frames(exc.__traceback__)  # free the batch's tensors (GPU memory)
+        self.log(f"skipped batch ids {ids} in this {self.what}: {reason}{where}")
 
     def check(self):
         n_failed = len(self.failed)
-        if self.prediction and self.n_batches and n_failed == self.n_batches:
-            raise TooManyFailedBatchesError(
-                f"every batch failed in prediction; first error: {self.failed[0][1]}") \
-                from self.first_error
-        if not self.prediction and 2 * n_failed > self.n_batches:
+        if 2 * n_failed > self.n_batches:
             first_ids, first_reason = self.failed[0]
+            todo = "check these dimers (python delta_coupling.py --check_data)" + (
+                " or lower --lr" if self.what == "epoch" else "")
+            if self.traceback_path:
+                todo += f"; the first traceback of this run is in {self.traceback_path}"
             raise TooManyFailedBatchesError(
-                f"{n_failed} of {self.n_batches} batches of this epoch failed (more than half); "
-                f"the first failed batch holds dimer ids {first_ids}: {first_reason}; check "
-                f"these dimers (python delta_coupling.py --check_data) or lower --lr") \
-                from self.first_error
+                f"{n_failed} of {self.n_batches} batches of this {self.what} failed (more than "
+                f"half); the first failed batch holds dimer ids {first_ids}: {first_reason}; "
+                f"{todo}") from self.first_error
 
 
 def _graph_u(data):
@@ -1674,17 +1786,21 @@ def predict_batch(model, data, amp_dtype=None):
 
 
 def run_epoch(model, loader, device, optimizer=None, scheduler=None, scaler=None,
-              amp_dtype=None, skip_failed_batches=True, log=print):
+              amp_dtype=None, skip_failed_batches=True, log=print, traceback_path=None):
     """One pass over ``loader``: trains when ``optimizer`` is given, else evaluates.
 
-    Returns an ``EpochResult``. A batch that raises (or whose loss is NaN/Inf) is logged with
-    its ids and reason, counted and skipped when ``skip_failed_batches``; if more than half of
-    the batches fail, ``TooManyFailedBatchesError`` names the first failed batch's ids and
-    reason (``FailedBatches``). With ``skip_failed_batches=False`` errors propagate at once.
+    Returns an ``EpochResult``. A batch that fails (its loss or a gradient is NaN/Inf, or the
+    GPU runs out of memory) is logged with its ids and reason, counted and skipped when
+    ``skip_failed_batches``, the first of a run with its traceback in ``traceback_path``; if
+    more than half of the batches fail, ``TooManyFailedBatchesError`` names the first failed
+    batch's ids and reason (``FailedBatches``). With ``skip_failed_batches=False`` errors
+    propagate at once; any other exception always does.
     """
     training = optimizer is not None
     model.train(training)
-    failures = FailedBatches(skip=skip_failed_batches, log=log)
+    failures = FailedBatches(skip=skip_failed_batches, log=log,
+                             what="epoch" if training else "evaluation",
+                             traceback_path=traceback_path)
     loss_sum, model_errors, baseline_errors = 0.0, ErrorSums(), ErrorSums()
     for data in loader:
         data = data.to(device)
@@ -1718,7 +1834,13 @@ def run_epoch(model, loader, device, optimizer=None, scheduler=None, scaler=None
 
 
 def optimizer_step(loss, optimizer, scheduler=None, scaler=None):
-    """Backward and one optimizer (and scheduler) step; through ``scaler`` when given."""
+    """Backward and one optimizer (and scheduler) step; through ``scaler`` when given.
+
+    Without a scaler a NaN or Inf gradient raises ``NonFiniteGradientError`` before any
+    parameter changes (the failed-batch rule counts it as a failed batch). With one (float16
+    autocast) the scaler finds such gradients itself: it skips that step and lowers its scale,
+    which is how it finds its scale, not a failure.
+    """
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -1728,27 +1850,41 @@ def optimizer_step(loss, optimizer, scheduler=None, scaler=None):
             scaler.update()
     else:
         loss.backward()
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
+        largest = torch.nn.utils.get_total_norm(grads, norm_type=math.inf) if grads else None
+        if largest is not None and not torch.isfinite(largest):  # max |grad|: NaN or Inf
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteGradientError(f"loss is {loss.item():.6g} but its gradient has NaN "
+                                         f"or Inf (largest |gradient| {largest.item()})")
         optimizer.step()
     if scheduler is not None:
         scheduler.step()
 
 
 @torch.no_grad()
-def predict_rows(model, loader, device, amp_dtype=None, skip_failed_batches=True, log=print):
+def predict_rows(model, loader, device, amp_dtype=None, skip_failed_batches=True, log=print,
+                 traceback_path=None, what="prediction"):
     """Per-dimer predictions over a loader, in its order.
 
     Returns ``{"id": [str], "pred": V0 + dV, "true": Vref (NaN where unknown), "v0": V0}``,
-    the arrays (n,) float64 numpy. Failed batches are logged and skipped as in ``run_epoch``
-    (``FailedBatches``; it stops when every batch fails): their rows are absent.
+    the arrays (n,) float64 numpy. A batch that fails (a NaN or Inf prediction, out of GPU
+    memory) is logged and skipped as in ``run_epoch``, by the same rule (``FailedBatches``;
+    more than half failing stops): its rows are absent.
     """
     model.eval()
     ids, preds, trues, v0s = [], [], [], []
-    failures = FailedBatches(skip=skip_failed_batches, log=log, prediction=True)
+    failures = FailedBatches(skip=skip_failed_batches, log=log, what=what,
+                             traceback_path=traceback_path)
     for data in loader:
         data = data.to(device)
         failures.n_batches += 1
         try:
             pred_vref, v0 = predict_batch(model, data, amp_dtype)  # (B,), (B,)
+            finite = torch.isfinite(pred_vref)  # (B,)
+            if not finite.all():
+                bad = [i for i, ok in zip(data.id, finite.tolist()) if not ok]
+                raise NonFinitePredictionError(f"the prediction is NaN or Inf for dimer ids {bad}")
         except FailedBatches.ERRORS as exc:
             failures.record(data, exc)
             continue
@@ -1851,11 +1987,11 @@ def plot_uncertainty(error, std, save_path, title=""):
 
 
 def plot_regression(model, loader, device, save_path=None, title="", amp_dtype=None,
-                    skip_failed_batches=True, log=print):
-    """Predict over ``loader`` (``predict_rows``) and draw ``save_regression_plot``
-    (docs/DESIGN.md, section 7). Returns the ``predict_rows`` dict."""
-    rows = predict_rows(model, loader, device, amp_dtype,
-                        skip_failed_batches=skip_failed_batches, log=log)
+                    **failed_batches):
+    """Predict over ``loader`` (``predict_rows``, which takes ``failed_batches``: the options
+    of the failed-batch rule) and draw ``save_regression_plot`` (docs/DESIGN.md, section 7).
+    Returns the ``predict_rows`` dict."""
+    rows = predict_rows(model, loader, device, amp_dtype, **failed_batches)
     save_regression_plot(rows["pred"], rows["true"], rows["v0"], save_path, title)
     return rows
 
@@ -1977,21 +2113,72 @@ def make_cv_folds(rows, k, seed=DEFAULT_SEED):
 
 
 # --- files: written atomically, read as tensors and plain types only
+class OutputError(OSError):
+    """An output file or folder cannot be created or written. Its message is one line that
+    names the path, the reason and what to do; main() prints it and exits with status 2."""
+
+
+# what to do about an output that cannot be written, by errno
+_OUTPUT_ADVICE = {
+    errno.ENOSPC: "free disk space or write to another --root_dir",
+    errno.EDQUOT: "free disk space or write to another --root_dir",
+    errno.EACCES: "make the folder writable or use another --root_dir",
+    errno.EPERM: "make the folder writable or use another --root_dir",
+    errno.EROFS: "the file system is read-only: copy the data to a writable --root_dir",
+    errno.EEXIST: "a file is in the way of the folder: move it away",
+    errno.ENOTDIR: "a file is in the way of a folder on this path: move it away",
+    errno.EISDIR: "a folder is in the way of the file: move it away",
+}
+
+
+def output_error(path, exc, what="write"):
+    """The ``OutputError`` for ``exc`` (an ``OSError``) raised when writing ``path``:
+    "cannot <what> <path>: <reason>; <what to do>", one line."""
+    advice = _OUTPUT_ADVICE.get(exc.errno, "check the path and the disk")
+    error = OutputError(f"cannot {what} {path}: {exc.strerror or exc}; {advice}")
+    error.errno = exc.errno
+    return error
+
+
+def remove_output(path):
+    """Remove an output file of an earlier run if it is there; an ``OutputError`` if it cannot
+    be removed."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise output_error(path, exc, "remove the earlier") from None
+
+
+def make_output_folder(folder):
+    """``os.makedirs(folder, exist_ok=True)``, or an ``OutputError`` naming the folder."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise output_error(folder, exc, "create the folder") from None
+    return folder
+
+
 @contextlib.contextmanager
 def _atomic_target(path):
     """Yield a temp path in ``path``'s folder; flushed to disk and renamed over ``path`` only
     if the block succeeds. A failure or crash mid-write leaves the previous ``path`` intact and
-    removes the temp file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    removes the temp file; an ``OSError`` (disk full, no permission, a folder in the way)
+    becomes an ``OutputError`` naming ``path``."""
+    folder = make_output_folder(os.path.dirname(os.path.abspath(path)))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
     try:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OutputError:
+        raise
+    except OSError as exc:
+        raise output_error(path, exc) from None
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):  # not there after the rename, or never created
             os.remove(tmp)
 
 
@@ -2025,14 +2212,32 @@ def atomic_write_json(obj, path):
     atomic_write_text(json.dumps(_json_ready(obj), indent=1, allow_nan=False) + "\n", path)
 
 
+def _load_error_detail(exc):
+    """What torch's loader says is wrong, without its advice on how to load the file anyway
+    (one line)."""
+    advice = ("weights_only", "Weights only load failed", "Check the documentation",
+              "Please file an issue", "add_safe_globals", "safe_globals")
+    lines = [line.strip() for line in str(exc).splitlines()]
+    return " ".join(line for line in lines if line and not any(a in line for a in advice))
+
+
 def load_tensors_file(path, what, fix="", map_location="cpu"):
     """``torch.load(path, weights_only=True)``: tensors and plain types only (docs/DESIGN.md,
     decision 9). A file that cannot be read so raises ``ValueError``: "``path`` cannot be
-    loaded as ``what`` (the error)``fix``"."""
+    loaded as ``what``: why``fix``". A file holding other pickled objects is refused as such,
+    never with advice to load it some other way: unpickling them could run code."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise ValueError(f"{path} cannot be loaded as {what} ({exc}){fix}") from None
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        held = (f"a pickled Python object ({found.group(1)})" if found else
+                f"pickled data other than tensors ({_load_error_detail(exc) or 'unreadable'})")
+        raise ValueError(f"{path} cannot be loaded as {what}: it holds {held}, not only tensors "
+                         f"and plain types; loading such a file could run code, so it is "
+                         f"refused{fix}") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise ValueError(f"{path} cannot be loaded as {what} ({_load_error_detail(exc)})"
+                         f"{fix}") from None
 
 
 def load_checkpoint(path, device="cpu"):
@@ -2228,9 +2433,9 @@ def build_arg_parser():
     return p
 
 
-def data_check_report(root_dir, parsed=None):
+def data_check_report(root_dir, parsed=None, require_vref=True):
     """Run ``check_dataset``: ("checked N rows of DIR: K problems" + one line each, K)."""
-    n_rows, problems = check_dataset(root_dir, parsed)
+    n_rows, problems = check_dataset(root_dir, parsed, require_vref)
     head = f"checked {n_rows} rows of {root_dir}: {len(problems)} problem" \
            f"{'' if len(problems) == 1 else 's'}"
     return "\n".join([head] + [f"  - {p}" for p in problems]), len(problems)
@@ -2239,11 +2444,12 @@ def data_check_report(root_dir, parsed=None):
 def check_data_or_exit(args):
     """``--check_data``: print the report, exit 1 if any problem, else 0 (nothing trained).
 
-    Otherwise (before training) stop with status 2 and the full report if any problem, or
-    return every row's ``ParsedDimer`` (the files, read once for training too).
+    Otherwise (before training or prediction) stop with status 2 and the full report if any
+    problem, or return every row's ``ParsedDimer`` (the files, read once for training too).
+    With ``--predict`` Vref may be missing (``check_dataset``'s ``require_vref``).
     """
     parsed = []
-    report, n_problems = data_check_report(args.root_dir, parsed)
+    report, n_problems = data_check_report(args.root_dir, parsed, require_vref=not args.predict)
     if args.check_data:
         print(report)
         raise SystemExit(1 if n_problems else 0)
@@ -2350,6 +2556,7 @@ class TrainingRun:
     use_scaler: bool = False  # float16 autocast needs a GradScaler
     run_id: str = ""  # tells this run's files from another run's
     versions: dict = field(default_factory=dict)  # package_versions()
+    resumed: bool = False  # continues a saved run (--resume)
     level_of_theory: dict = None  # the data folder's baseline level (read_level_of_theory)
 
     @property
@@ -2373,6 +2580,12 @@ class TrainingRun:
     @property
     def resume_path(self):
         return os.path.join(self.models_dir, RESUME_CHECKPOINT)
+
+    @property
+    def failed_batches(self):
+        """The failed-batch rule's options of every pass (``run_epoch``, ``predict_rows``)."""
+        return dict(skip_failed_batches=self.args.skip_failed_batches, log=log_line,
+                    traceback_path=os.path.join(self.models_dir, FAILED_BATCHES_LOG))
 
     @property
     def metadata(self):
@@ -2408,11 +2621,12 @@ class TrainingProgress:
     history: list = field(default_factory=list)  # one record per epoch
     saved: tuple = None  # (path, epoch) of the latest resume state
 
-    def update(self, value, patience):
+    def update(self, value, patience, comparable=True):
         """Early stopping's rule for the epoch ``self.epoch`` whose monitored figure is
-        ``value``: a new best when lower than every earlier one, else one more stale epoch;
-        stopped after ``patience`` stale epochs. Returns True on a new best."""
-        improved = value < self.best
+        ``value``: a new best when lower than every earlier one and ``comparable`` (no failed
+        batch, so over every dimer), else one more stale epoch; stopped after ``patience``
+        stale epochs. Returns True on a new best."""
+        improved = comparable and value < self.best
         if improved:
             self.best, self.best_epoch, self.stale = value, self.epoch, 0
         else:
@@ -2477,7 +2691,7 @@ def prepare_data(args, resume=None, split=None):
         val_loader=DataLoader(Subset(eval_ds, val_idx), shuffle=False, **loader_kw),
         amp_dtype=amp_dtype, use_scaler=use_scaler,
         run_id=(resume or {}).get("run_id") or os.urandom(8).hex(), versions=package_versions(),
-        level_of_theory=level)
+        resumed=resume is not None, level_of_theory=level)
 
 
 def build_model(run):
@@ -2528,7 +2742,15 @@ def make_training_tools(run, model):
 
 
 def write_run_files(run, model):
-    """``split_ids.json`` and ``run_config.json``: the split and what reproduces the run."""
+    """``split_ids.json`` and ``run_config.json``: the split and what reproduces the run.
+
+    Creates ``models/`` and ``plots/`` first, so a folder that cannot be created stops the run
+    before its first epoch; a new run removes the failed-batch log of an earlier one.
+    """
+    for folder in (run.models_dir, run.plots_dir):
+        make_output_folder(folder)
+    if not run.resumed:
+        remove_output(run.failed_batches["traceback_path"])
     split = {"rule": run.rule, "seed": run.args.seed, **run.split_ids}
     atomic_write_json(split, os.path.join(run.models_dir, "split_ids.json"))
     atomic_write_json({"args": vars(run.args), "model_config": model.config,
@@ -2558,13 +2780,10 @@ def train(run, model, optimizer, scheduler, scaler, resume=None):
         for epoch in bar:
             state.epoch = epoch
             train_result = run_epoch(model, run.train_loader, run.device, optimizer, scheduler,
-                                     scaler, run.amp_dtype,
-                                     skip_failed_batches=args.skip_failed_batches, log=log_line)
+                                     scaler, run.amp_dtype, **run.failed_batches)
             with torch.no_grad():
                 val_result = (run_epoch(model, run.val_loader, run.device,
-                                        amp_dtype=run.amp_dtype,
-                                        skip_failed_batches=args.skip_failed_batches,
-                                        log=log_line)
+                                        amp_dtype=run.amp_dtype, **run.failed_batches)
                               if len(run.split_idx["val"]) else EpochResult())
             end_of_epoch(run, model, optimizer, scheduler, scaler, state, train_result,
                          val_result, time.time() - t_start)
@@ -2581,6 +2800,10 @@ def train(run, model, optimizer, scheduler, scaler, resume=None):
     except TooManyFailedBatchesError as exc:
         bar.close()
         _exit(f"epoch {state.epoch}: {exc}")
+    except OutputError as exc:
+        bar.close()
+        _exit(f"epoch {state.epoch}: {exc}" + (f" (the state after epoch {state.saved[1]} is in "
+                                                f"{state.saved[0]})" if state.saved else ""))
     bar.close()
     return state
 
@@ -2590,9 +2813,13 @@ def end_of_epoch(run, model, optimizer, scheduler, scaler, state, train_result, 
     """Early stopping's bookkeeping after an epoch: the best checkpoint on improvement, the
     epoch's history record, the resume state and the periodic log line."""
     args = run.args
-    monitor = monitored_value(args.monitor, train_result, val_result,
-                              has_val=len(run.split_idx["val"]) > 0)
-    if state.update(monitor, args.patience):
+    has_val = len(run.split_idx["val"]) > 0
+    monitored = val_result if has_val else train_result
+    monitor = monitored_value(args.monitor, train_result, val_result, has_val)
+    if monitor < state.best and monitored.n_skipped:  # over fewer dimers: not comparable
+        log_line(f"epoch {state.epoch}: {run.monitor_name} {monitor:.4g} is not taken as the "
+                 f"best: {monitored.n_skipped} of its {monitored.n_batches} batches failed")
+    if state.update(monitor, args.patience, comparable=not monitored.n_skipped):
         atomic_torch_save(run.checkpoint(model, state.epoch, val_result.mape, val_result.mae),
                           run.best_path)
     lr = optimizer.param_groups[0]["lr"]
@@ -2645,11 +2872,10 @@ def final_report(run, model):
             path = os.path.join(run.plots_dir, f"{name}_final_delta_learning.png")
             predictions[name] = plot_regression(
                 model, loader, run.device, path, title=f"{name} set", amp_dtype=run.amp_dtype,
-                skip_failed_batches=run.args.skip_failed_batches, log=log_line)
+                what=f"{name} evaluation", **run.failed_batches)
         else:
             predictions[name] = predict_rows(model, loader, run.device, run.amp_dtype,
-                                             skip_failed_batches=run.args.skip_failed_batches,
-                                             log=log_line)
+                                             what=f"{name} evaluation", **run.failed_batches)
     report = metrics_report(predictions, {r["id"]: r["group"] for r in run.rows if "group" in r})
     log_line(format_metrics_table(report))
     atomic_write_json(report, os.path.join(run.models_dir, METRICS_FILE))
@@ -2691,7 +2917,7 @@ def train_one(args, resume=None, split=None):
     run = prepare_data(args, resume, split)  # check every row, cache, split, datasets, loaders
     model = build_model(run)  # DeltaCoupling, compiled where that is faster
     optimizer, scheduler, scaler = make_training_tools(run, model)  # Adam, OneCycle, scaler
-    write_run_files(run, model)  # split_ids.json, run_config.json
+    write_run_files(run, model)  # models/ and plots/, split_ids.json, run_config.json
     state = train(run, model, optimizer, scheduler, scaler, resume)  # the epochs
     return finish(run, model, state)  # best weights, metrics, plots, final checkpoint
 
@@ -2885,6 +3111,7 @@ def run_predict(args, argv=None):
     metrics table (all rows, each group, and train/val/test when root_dir is the checkpoint's
     own training data) and writes ``<root_dir>/predictions_metrics.json``.
     """
+    parsed = check_data_or_exit(args)  # every problem at once; --check_data exits here
     path = args.checkpoint or default_predict_checkpoint(args.root_dir)
     if not os.path.isfile(path):
         _exit(f"checkpoint {path} not found; pass --checkpoint PATH (a {BEST_CHECKPOINT} or "
@@ -2903,19 +3130,19 @@ def run_predict(args, argv=None):
               f"{physical_cutoff:g} Angstrom the model in {path} was trained with; a model "
               f"works only at its own cutoff: leave --physical_cutoff out")
     check_level_of_theory(ckpt.get("level_of_theory"), args.root_dir, path)
-    try:
-        rows = read_meta(args.root_dir, require_vref=False)
-        graphs = [make_graph(parse_dimer(args.root_dir, r), model.config["cutoff"])
-                  for r in progress(rows, args.quiet, desc="reading dimers", unit="dimer")]
-    except (ValueError, FileNotFoundError) as exc:
-        _exit(str(exc))
+    rows = [dimer.row for dimer in parsed]
+    graphs = [make_graph(dimer, model.config["cutoff"])
+              for dimer in progress(parsed, args.quiet, desc="building graphs", unit="dimer")]
     what = f"an ensemble of {len(models)} members" if len(models) > 1 else "model"
     log_line(f"{len(rows)} dimers from {args.root_dir}; {what} from {path} "
              f"(cutoff {physical_cutoff:g} Angstrom)")
     loader = DataLoader(graphs, batch_size=args.batch_size, shuffle=False)
+    failures_log = os.path.join(args.root_dir, PREDICTION_FAILED_BATCHES_LOG)
+    remove_output(failures_log)  # an earlier prediction's
     try:
         pred = predict_models(models, loader, device, amp_settings(device)[0],
-                              skip_failed_batches=args.skip_failed_batches, log=log_line)
+                              skip_failed_batches=args.skip_failed_batches, log=log_line,
+                              traceback_path=failures_log)
     except TooManyFailedBatchesError as exc:
         _exit(f"prediction with {path}: {exc}")
     if len(pred["id"]) < len(rows):
@@ -3090,10 +3317,10 @@ def load_models(path, device="cpu"):
 
 
 def predict_models(models, loader, device, amp_dtype=None, skip_failed_batches=True,
-                   log=print):
+                   log=print, **kwargs):
     """``predict_rows`` of one model, or of an ensemble's members combined by
-    ``ensemble_rows`` (with ``std``)."""
-    rows = [predict_rows(model, loader, device, amp_dtype, skip_failed_batches, log)
+    ``ensemble_rows`` (with ``std``); ``kwargs`` go to ``predict_rows``."""
+    rows = [predict_rows(model, loader, device, amp_dtype, skip_failed_batches, log, **kwargs)
             for model in models]
     return rows[0] if len(rows) == 1 else ensemble_rows(rows)
 
@@ -3245,16 +3472,19 @@ def main(argv=None):
     """Train and evaluate (docs/DESIGN.md, section 8); with ``--predict``, predict. ``argv=None``
     reads sys.argv; every argument has a default."""
     args, resume = parse_main_args(argv)
-    if args.predict:
-        seed_everything(args.seed)
-        return run_predict(args, argv)  # a checkpoint or an ensemble on new dimers
-    if args.combine_ensemble:
-        return combine_ensemble(args)  # members trained with --member k -> ensemble.json
-    if args.cv is not None:
-        return run_cv(args, resume)  # train_one per fold, then the out-of-fold report
-    if args.ensemble is not None:
-        return run_ensemble(args, resume)  # train_one per member, then combine_ensemble
-    return train_one(args, resume)  # data, model, optimiser, epochs, final report
+    try:
+        if args.predict:
+            seed_everything(args.seed)
+            return run_predict(args, argv)  # a checkpoint or an ensemble on new dimers
+        if args.combine_ensemble:
+            return combine_ensemble(args)  # members trained with --member k -> ensemble.json
+        if args.cv is not None:
+            return run_cv(args, resume)  # train_one per fold, then the out-of-fold report
+        if args.ensemble is not None:
+            return run_ensemble(args, resume)  # train_one per member, then combine_ensemble
+        return train_one(args, resume)  # data, model, optimiser, epochs, final report
+    except OutputError as exc:  # an output that cannot be written: one line, no traceback
+        _exit(str(exc))
 
 
 if __name__ == "__main__":

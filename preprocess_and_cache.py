@@ -21,9 +21,9 @@ import os
 import sys
 
 from delta_coupling import (DEFAULT_CACHE_FILE, DEFAULT_PHYSICAL_CUTOFF, DEFAULT_ROOT_DIR,
-                            EXIT_INTERRUPTED, DimerDataset, atomic_torch_save, cache_metadata,
-                            data_check_report, make_graph, parse_dimer, positive_float,
-                            progress)
+                            EXIT_INTERRUPTED, DimerDataset, OutputError, atomic_torch_save,
+                            cache_metadata, data_check_report, make_graph, parse_dimer,
+                            positive_float, progress)
 
 
 def build_cache(root_dir, physical_cutoff=DEFAULT_PHYSICAL_CUTOFF,
@@ -70,4 +70,6 @@ if __name__ == "__main__":
               f"{os.path.join(args.root_dir, args.cache_file_name)} is left as it was)",
               file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    except OutputError as exc:  # cannot write the cache: one line, the previous one is kept
+        sys.exit(f"error: {exc}")
     print(f"wrote {path}")

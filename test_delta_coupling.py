@@ -4,9 +4,13 @@ Tiny synthetic dimers are written in the format of docs/DATA_FORMAT.md by fixtur
 checks run in float64 against independent references (e3nn's D matrices, hand-computed numbers).
 Run with ``pytest`` (the whole suite takes a minute or two on 2 cores).
 """
+import builtins
+import errno
 import json
 import math
 import os
+import pickle
+import shlex
 import shutil
 import sys
 
@@ -31,6 +35,13 @@ AMMONIA = (["N", "H", "H", "H"], [[0.0, 0.0, 0.1], [0.94, 0.0, -0.25], [-0.47, 0
 
 # ----------------------------------------------------------------------------- fixtures
 # Seeded RNGs, eager models, float64 on request, tiny water-ammonia dimers in temp folders.
+# main() runs pinned to the CPU and eager: on a machine with a GPU, --device auto would train
+# under AMP with inductor, where exact comparisons cannot hold (the GPU has its own tests).
+ON_CPU = ["--device", "cpu", "--compile", "off"]
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (torch.cuda.is_available())")
+
+
 @pytest.fixture(autouse=True)
 def seeded():
     torch.manual_seed(0)
@@ -169,10 +180,10 @@ def test_pdb_elements_from_columns_and_names(tmp_path):
         "ATOM      8 1HB  ALA A   1       7.000   0.000   0.000  1.00  0.00",  # hydrogen
         "ATOM      9  N   ALA A   1       8.000   0.000   0.000  1.00  0.00",  # nitrogen
         "HETATM   10 C12  LIG B   3       9.000   1.000  -2.500  1.00  0.00",  # carbon
-        "HETATM   11 NE2  LIG B   3       9.000   1.000  -2.500  1.00  0.00",  # nitrogen
-        "HETATM   12 HE21 LIG B   3       9.000   1.000  -2.500  1.00  0.00",  # hydrogen
-        "HETATM   13 CA   MSE B   3       9.000   1.000  -2.500  1.00  0.00",  # C-alpha
-        "HETATM   14 SI1  LIG B   3       9.000   1.000  -2.500  1.00  0.00",  # sulfur (S + I1)
+        "HETATM   11 NE2  LIG B   3      10.000   1.000  -2.500  1.00  0.00",  # nitrogen
+        "HETATM   12 HE21 LIG B   3      11.000   1.000  -2.500  1.00  0.00",  # hydrogen
+        "HETATM   13 CA   MSE B   3      12.000   1.000  -2.500  1.00  0.00",  # C-alpha
+        "HETATM   14 SI1  LIG B   3      13.000   1.000  -2.500  1.00  0.00",  # sulfur (S + I1)
         "REMARK not an atom",
     ]
     path.write_text("\n".join(records) + "\nEND\n")
@@ -307,6 +318,30 @@ def asymmetric_quadrupole(root):
     rewrite_npz(root, quadrupole=q)
 
 
+def set_coordinate(root, rel, line, text):
+    """Write ``text`` (8 characters) into the x field (columns 31-38) of PDB line ``line``."""
+    path = os.path.join(root, rel)
+    with open(path) as fh:
+        lines = fh.read().splitlines()
+    lines[line - 1] = lines[line - 1][:30] + f"{text:>8s}" + lines[line - 1][38:]
+    write_text(root, rel, "\n".join(lines) + "\n")
+
+
+def duplicate_record(root, rel):
+    """Repeat the first atom of a PDB as its last record (same position)."""
+    path = os.path.join(root, rel)
+    with open(path) as fh:
+        lines = fh.read().splitlines()
+    write_text(root, rel, "\n".join(lines[:-1] + [lines[0], lines[-1]]) + "\n")
+
+
+def mulliken_entry(root, atom, shell, value):
+    with np.load(os.path.join(root, "d1", "dimer.npz")) as npz:
+        mulliken = npz["mulliken_spd"].copy()
+    mulliken[atom, shell] = value
+    rewrite_npz(root, mulliken_spd=mulliken)
+
+
 def overlapping_monomers(root):
     """B = a copy of A, 0.01 Angstrom away: every atom sits on its twin."""
     shutil.copy(os.path.join(root, "d1", "A.pdb"), os.path.join(root, "d1", "B.pdb"))
@@ -383,6 +418,40 @@ ROW_CASES = [  # (name, break row 1, exception, file named, problem keyword, wha
     ("overlap", overlapping_monomers, ValueError, "meta.xlsx",
      "atoms of A and B are 0.010 Angstrom apart at R_nm = 0.001 (< 0.5)",
      "check R_nm (nm, not Angstrom)"),
+    # plausible values (docs/DATA_FORMAT.md): finite numbers within the named bounds
+    ("PDB nan coordinate", lambda r: set_coordinate(r, "d1/A.pdb", 2, "nan"), ValueError,
+     "A.pdb, line 2", "x, y, z = nan, ", "fix this record: x, y, z in Angstrom"),
+    ("PDB inf coordinate", lambda r: set_coordinate(r, "d1/B.pdb", 3, "-inf"), ValueError,
+     "B.pdb, line 3", "is not finite (|coordinate| < 10000 Angstrom)", "fix this record"),
+    ("PDB huge coordinate", lambda r: set_coordinate(r, "d1/A.pdb", 1, "1.0e5"), ValueError,
+     "A.pdb, line 1", "x, y, z = 100000.0, ", "is not plausible (|coordinate| < 10000"),
+    ("PDB duplicated atom", lambda r: duplicate_record(r, "d1/B.pdb"), ValueError,
+     "B.pdb, lines 1 and 5", "two atoms 0.000 Angstrom apart (< 0.5)",
+     "keep one record per atom"),
+    ("R_nm in pm", lambda r: set_cell(r, "R_nm", 290.0), ValueError, "meta.xlsx",
+     "R_nm = 290 is not plausible (|R_nm| <= 100 nm", "write the distance of the monomer "
+     "centroids in nm"),
+    ("theta_deg huge", lambda r: set_cell(r, "theta_deg", 1000.0), ValueError, "meta.xlsx",
+     "theta_deg = 1000 is not plausible (|theta_deg| <= 360 degrees", "in degrees"),
+    ("V0 placeholder", lambda r: set_cell(r, "V0", 1e10), ValueError, "meta.xlsx",
+     "V0 = 1e+10 is not plausible (|V0| <= 1e+06", "check the cell and its unit"),
+    ("Vref huge", lambda r: set_cell(r, "Vref", -3e6), ValueError, "meta.xlsx",
+     "Vref = -3e+06 is not plausible", "check the cell and its unit"),
+    ("PR huge", lambda r: set_cell(r, "PR", 1e9), ValueError, "meta.xlsx",
+     "PR = 1e+09 is not plausible (|PR| <= 1e+06", "rescale PR"),
+    ("mulliken negative", lambda r: mulliken_entry(r, 4, 1, -2.0), ValueError, "dimer.npz",
+     "mulliken_spd[4, 1] = -2 (atom 5, A's atoms first, p shell) electrons is not plausible "
+     "(between -0.5 and 20 electrons", "write populations of the atom's s, p, d shells"),
+    ("mulliken absurd", lambda r: mulliken_entry(r, 0, 2, 55.0), ValueError, "dimer.npz",
+     "mulliken_spd[0, 2] = 55 (atom 1, A's atoms first, d shell)", "re-export"),
+    ("mulliken one NaN", lambda r: mulliken_entry(r, 6, 0, np.nan), ValueError, "dimer.npz",
+     "mulliken_spd contains NaN or Inf: mulliken_spd[6, 0] = nan (atom 7", "re-export"),
+    ("dipole huge", lambda r: rewrite_npz(r, dipole=np.array([0.1, 2.5e4, 0.0])), ValueError,
+     "dimer.npz", "dipole[1] = 25000 D is not plausible (between -1000 and 1000 D",
+     "write the dipole in Debye"),
+    ("quadrupole huge", lambda r: rewrite_npz(r, quadrupole=np.diag([1.0, 1.0, -2e5])),
+     ValueError, "dimer.npz", "quadrupole[2, 2] = -200000 D*Angstrom is not plausible",
+     "write the quadrupole in Debye*Angstrom"),
 ]
 
 
@@ -489,6 +558,48 @@ def test_main_check_data_prints_every_problem_and_exits_nonzero(tmp_path, capsys
     assert "checked 4 rows" in err and "row 2 (id dimer0)" in err and "row 3 (id dimer1)" in err
     assert "--check_data" in err
     assert sorted(os.listdir(root)) == ["d0", "d1", "d2", "d3", "meta.xlsx"]
+
+
+def test_non_finite_and_implausible_numbers_are_refused_by_check_training_and_prediction(
+        tmp_path, capsys, trained_run):
+    """A NaN coordinate and a placeholder V0: --check_data lists both with file, row, id and
+    what to do; training and prediction refuse the data with the same report before anything
+    runs or is written."""
+    root = write_dataset(str(tmp_path / "data"), 4)
+    set_coordinate(root, "d1/A.pdb", 2, "nan")
+    set_cell(root, "V0", 1e10, row=3)
+    files = sorted(os.listdir(root))
+
+    def stopped(argv, code, stream):
+        with pytest.raises(SystemExit) as exc:
+            dc.main(argv)
+        assert exc.value.code == code
+        text = getattr(capsys.readouterr(), stream)
+        assert f"checked 4 rows of {root}: 2 problems" in text, text
+        assert (f"row 5 (id dimer3): V0 = 1e+10 is not plausible" in text
+                and "check the cell and its unit" in text), text
+        assert (f"row 3 (id dimer1): pdb_a: {os.path.join(root, 'd1', 'A.pdb')}, line 2: "
+                f"x, y, z = nan, " in text and "fix this record" in text), text
+        assert sorted(os.listdir(root)) == files  # no cache, model or prediction written
+
+    stopped(["--root_dir", root, "--check_data"], 1, "out")
+    stopped(["--root_dir", root, "--epochs", "1", *ON_CPU], 2, "err")
+    best = trained_run["result"]["best_path"]
+    stopped(["--predict", "--checkpoint", best, "--root_dir", root, *ON_CPU], 2, "err")
+    meta = pd.read_excel(os.path.join(root, "meta.xlsx"))
+    meta.drop(columns=["Vref"]).to_excel(os.path.join(root, "meta.xlsx"), index=False)
+    stopped(["--predict", "--check_data", "--root_dir", root], 1, "out")  # no Vref needed
+
+
+def test_plausibility_bounds_are_documented():
+    """Every bound of the data check is in docs/DATA_FORMAT.md with its value."""
+    with open(os.path.join(HERE, "docs", "DATA_FORMAT.md")) as fh:
+        doc = fh.read()
+    for name in ("MIN_ATOM_DISTANCE_ANGSTROM", "MIN_INTERMONOMER_DISTANCE_ANGSTROM",
+                 "MAX_ABS_COORDINATE_ANGSTROM", "MIN_SHELL_POPULATION", "MAX_SHELL_POPULATION",
+                 "MAX_ABS_DIPOLE_DEBYE", "MAX_ABS_QUADRUPOLE_DEBYE_ANGSTROM", "MAX_R_NM",
+                 "MAX_ABS_THETA_DEG", "MAX_ABS_ENERGY", "MAX_ABS_PR"):
+        assert f"`{name} = {getattr(dc, name):g}`" in doc, name
 
 
 def test_bundled_s22x5_loads_and_matches_ase():
@@ -1001,6 +1112,121 @@ def test_run_epoch_stops_when_more_than_half_the_batches_fail(tiny_root, bad_ids
                          log=lambda msg: None)
 
 
+class PoisonGradient(PoisonIds):
+    """The model, with a finite dV but a NaN gradient for every batch that holds one of
+    ``ids`` (a hook on dV)."""
+
+    def forward(self, data):
+        out = self.inner(data)
+        if self.ids & set(data.id):
+            out.register_hook(lambda grad: grad * float("nan"))
+        return out
+
+
+class FailsWith(PoisonIds):
+    """The model, raising ``error`` for every batch that holds one of ``ids``."""
+
+    def __init__(self, model, ids, error):
+        super().__init__(model, ids)
+        self.error = error
+
+    def forward(self, data):
+        if self.ids & set(data.id):
+            raise self.error
+        return self.inner(data)
+
+
+def test_a_nonfinite_gradient_of_a_finite_loss_is_skipped_without_a_step(tiny_root):
+    """The batch whose gradient is NaN (its loss is finite) is counted and skipped like a NaN
+    loss: the weights end as those of the same epoch without that batch."""
+    items = [dc.DimerDataset(tiny_root)[i] for i in range(4)]
+    model, plain = small_model(), small_model()
+    plain.load_state_dict(model.state_dict())
+    logged = []
+    result = dc.run_epoch(PoisonGradient(model, ["dimer1"]), DataLoader(items, batch_size=1),
+                          torch.device("cpu"), torch.optim.Adam(model.parameters(), lr=1e-2),
+                          log=logged.append)
+    assert (result.n_batches, result.n_skipped, result.n_graphs) == (4, 1, 3)
+    assert result.skipped[0][0] == ["dimer1"] and math.isfinite(result.loss)
+    assert "NonFiniteGradientError: loss is " in logged[0] and "but its gradient has NaN" in \
+        logged[0]
+    dc.run_epoch(plain, DataLoader(items[:1] + items[2:], batch_size=1), torch.device("cpu"),
+                 torch.optim.Adam(plain.parameters(), lr=1e-2), skip_failed_batches=False)
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+    # one step alone: refused before the optimizer touches a weight
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pred = dc.predict_batch(PoisonGradient(model, ["dimer1"]), batch_of(items[1:2]))[0]
+    with pytest.raises(dc.NonFiniteGradientError):
+        dc.optimizer_step(pred.abs().sum(), optimizer)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_first_failed_batch_of_a_run_writes_its_traceback_once(tiny_root, tmp_path):
+    loader = DataLoader(dc.DimerDataset(tiny_root), batch_size=1)
+    model = small_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    log_path = str(tmp_path / "models" / dc.FAILED_BATCHES_LOG)
+    logged = []
+    dc.run_epoch(PoisonIds(model, ["dimer1", "dimer3"]), loader, torch.device("cpu"), optimizer,
+                 log=logged.append, traceback_path=log_path)
+    with open(log_path) as fh:
+        text = fh.read()
+    assert text.startswith("the first failed batch of this run (epoch): dimer ids ['dimer1']")
+    assert "Traceback (most recent call last)" in text and "in run_epoch" in text
+    assert "NonFiniteLossError: loss is nan" in text and "dimer3" not in text
+    assert logged[0].endswith(f"(full traceback in {log_path})")
+    assert "full traceback" not in logged[1]  # the second: its line only
+    with torch.no_grad():  # a later pass of the same run leaves the first traceback
+        dc.run_epoch(PoisonIds(model, ["dimer0"]), loader, torch.device("cpu"),
+                     log=logged.append, traceback_path=log_path)
+    with open(log_path) as fh:
+        assert fh.read() == text
+
+
+@pytest.mark.parametrize("bad_ids, stops", [(["dimer0", "dimer2"], False),
+                                            (["dimer1", "dimer2", "dimer3"], True)])
+def test_prediction_follows_the_same_failed_batch_rule(tiny_root, bad_ids, stops):
+    """A NaN prediction fails its batch; more than half failing stops, as in training."""
+    loader = DataLoader(dc.DimerDataset(tiny_root), batch_size=1)
+    logged = []
+    if stops:
+        with pytest.raises(dc.TooManyFailedBatchesError) as exc:
+            dc.predict_rows(PoisonIds(small_model(), bad_ids), loader, torch.device("cpu"),
+                            log=logged.append)
+        assert (f"3 of 4 batches of this prediction failed (more than half); the first failed "
+                f"batch holds dimer ids ['dimer1']: NonFinitePredictionError") in str(exc.value)
+        return
+    rows = dc.predict_rows(PoisonIds(small_model(), bad_ids), loader, torch.device("cpu"),
+                           log=logged.append)
+    assert rows["id"] == ["dimer1", "dimer3"] and np.isfinite(rows["pred"]).all()
+    assert len(logged) == 2 and "NonFinitePredictionError" in logged[0]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("mat1 and mat2 shapes cannot be multiplied"),
+                                   RuntimeError("CUDA error: an illegal memory access"),
+                                   ValueError("batch u has 3 values")])
+def test_a_bug_in_one_batch_is_not_hidden_as_a_skipped_batch(tiny_root, error):
+    """Only NaN/Inf and out-of-memory failures are skipped; a programming error propagates
+    from training, evaluation and prediction even with skipping on."""
+    loader = DataLoader(dc.DimerDataset(tiny_root), batch_size=1)
+    model = FailsWith(small_model(), ["dimer2"], error)
+    with pytest.raises(type(error), match=str(error)):
+        dc.run_epoch(model, loader, torch.device("cpu"),
+                     torch.optim.Adam(model.parameters(), lr=1e-3), log=lambda msg: None)
+    with torch.no_grad(), pytest.raises(type(error)):
+        dc.run_epoch(model, loader, torch.device("cpu"), log=lambda msg: None)
+    with pytest.raises(type(error)):
+        dc.predict_rows(model, loader, torch.device("cpu"), log=lambda msg: None)
+    oom = FailsWith(small_model(), ["dimer2"], torch.OutOfMemoryError("CUDA out of memory"))
+    result = dc.run_epoch(oom, loader, torch.device("cpu"),
+                          torch.optim.Adam(oom.parameters(), lr=1e-3), log=lambda msg: None)
+    assert result.n_skipped == 1 and "OutOfMemoryError" in result.skipped[0][1]
+
+
 def test_a_failed_scaled_step_is_skipped_and_the_next_batches_train(tiny_root):
     """With a GradScaler (fp16 AMP) an optimizer step that raises skips its batch only: the
     other batches train exactly as a run without that batch and without scaling (SGD, whose
@@ -1016,7 +1242,7 @@ def test_a_failed_scaled_step_is_skipped_and_the_next_batches_train(tiny_root):
     def step_failing_once(*args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
-            raise RuntimeError("optimizer step failed")
+            raise torch.OutOfMemoryError("optimizer step failed: out of memory")
         return real_step(*args, **kwargs)
 
     optimizer.step = step_failing_once
@@ -1051,6 +1277,75 @@ def test_amp_settings(monkeypatch):
     assert dc.amp_settings(torch.device("cuda")) == (torch.bfloat16, False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert dc.amp_settings(torch.device("cuda")) == (torch.float16, True)
+
+
+# On a machine with a GPU: the AMP and compile paths a --device cuda run takes.
+@needs_cuda
+@pytest.mark.skipif(CUDA and not torch.cuda.is_bf16_supported(), reason="no bfloat16 on this GPU")
+def test_cuda_bf16_training_step_is_finite_and_close_to_fp32(tiny_root):
+    cuda = torch.device("cuda")
+    items = [dc.DimerDataset(tiny_root)[i] for i in range(4)]
+    batch = batch_of(items).to(cuda)
+    model = small_model().to(cuda)
+
+    def forward_backward(amp_dtype):
+        model.zero_grad(set_to_none=True)
+        pred, v0 = dc.predict_batch(model, batch.clone(), amp_dtype)  # (4,), (4,) float32
+        loss = dc.distance_weighted_l1_on_vref_loss(pred, batch.y_true_vref, batch.R_internal_val)
+        loss.backward()
+        grad = torch.cat([p.grad.reshape(-1).float() for p in model.parameters()])
+        return (pred - v0).detach(), loss.detach(), grad
+
+    dv32, loss32, grad32 = forward_backward(None)
+    dv16, loss16, grad16 = forward_backward(torch.bfloat16)
+    assert torch.isfinite(dv16).all() and torch.isfinite(loss16) and torch.isfinite(grad16).all()
+    # bfloat16 keeps about 3 significant digits: a few percent after a few layers
+    scale = dv32.abs().max().item()
+    torch.testing.assert_close(dv16, dv32, rtol=0.05, atol=0.05 * scale)
+    assert loss16.item() == pytest.approx(loss32.item(), rel=0.05)
+    assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.9
+    optimizer = dc.make_optimizer(model, 1e-3, cuda)  # and whole training steps
+    result = dc.run_epoch(model, DataLoader(items, batch_size=2), cuda, optimizer,
+                          amp_dtype=torch.bfloat16, skip_failed_batches=False)
+    assert result.n_graphs == 4 and math.isfinite(result.loss)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@needs_cuda
+def test_cuda_fp16_gradscaler_path_trains(tiny_root):
+    """float16 autocast with a GradScaler (GPUs before compute capability 8.0): the scaler
+    skips steps with Inf gradients while it finds its scale; steps are taken, weights finite."""
+    cuda = torch.device("cuda")
+    loader = DataLoader(dc.DimerDataset(tiny_root), batch_size=1)
+    model = small_model().to(cuda)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = dc.make_optimizer(model, 1e-3, cuda)
+    scaler = torch.amp.GradScaler("cuda")
+    for _ in range(5):  # at most 5 x 4 steps: the scale halves on every step it skips
+        result = dc.run_epoch(model, loader, cuda, optimizer, scaler=scaler,
+                              amp_dtype=torch.float16, skip_failed_batches=False)
+        assert result.n_graphs == 4 and math.isfinite(result.loss)
+        if any(not torch.equal(b, p) for b, p in zip(before, model.parameters())):
+            break
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert 0 < scaler.get_scale() <= 65536.0
+
+
+@needs_cuda
+def test_cuda_compile_runs_inductor_and_matches_eager(tiny_root):
+    cuda = torch.device("cuda")
+    batch = batch_of([dc.DimerDataset(tiny_root, augment=True)[i] for i in range(4)]).to(cuda)
+    model = small_model().to(cuda)
+    with torch.no_grad():
+        dv_eager = dc.predict_batch(model.eval(), batch.clone())[0]
+    assert dc.resolve_compile_backend("auto", cuda) in ("inductor", "aot_eager")
+    assert dc.try_compile(model, dc.resolve_compile_backend("auto", cuda), batch)
+    with torch.no_grad():
+        dv_compiled = dc.predict_batch(model.eval(), batch.clone())[0]
+    # float32 matmuls run as TF32 on the GPU (precision "high"): about 3 digits either way
+    torch.testing.assert_close(dv_compiled, dv_eager, rtol=1e-2,
+                               atol=1e-2 * dv_eager.abs().max().item())
 
 
 # ----------------------------------------------------------------------------- main
@@ -1177,14 +1472,14 @@ def test_main_refuses_cache_of_changed_data(tiny_root, capsys):
     with open(os.path.join(tiny_root, "d2", "B.pdb"), "a") as fh:
         fh.write("REMARK edited after the cache was built\n")
     with pytest.raises(SystemExit):
-        dc.main(["--root_dir", tiny_root, "--epochs", "1"])
+        dc.main(["--root_dir", tiny_root, "--epochs", "1", *ON_CPU])
     assert "data_sha256: meta.xlsx or one of the PDB/NPZ files" in capsys.readouterr().err
 
 
 def test_main_exits_with_clear_message_on_cutoff_mismatch(tiny_root, capsys):
     build_cache(tiny_root, 10.0)
     with pytest.raises(SystemExit) as exc:
-        dc.main(["--root_dir", tiny_root, "--epochs", "1", "--physical_cutoff", "12"])
+        dc.main(["--root_dir", tiny_root, "--epochs", "1", "--physical_cutoff", "12", *ON_CPU])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "internal_cutoff: saved 1.0, current data and settings need 1.2" in err
@@ -1194,7 +1489,7 @@ def test_main_exits_with_clear_message_on_cutoff_mismatch(tiny_root, capsys):
 def test_main_explains_missing_cache_builder(tiny_root, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "preprocess_and_cache", None)  # import now fails
     with pytest.raises(SystemExit):
-        dc.main(["--root_dir", tiny_root, "--epochs", "1"])
+        dc.main(["--root_dir", tiny_root, "--epochs", "1", *ON_CPU])
     assert "cannot import build_cache from preprocess_and_cache.py" in capsys.readouterr().err
 
 
@@ -1236,7 +1531,7 @@ def test_main_refuses_a_bad_cache_with_the_rebuild_command(tiny_root, capsys, na
         rewrite_npz(tiny_root, dipole=np.array([0.1, 0.2, 0.3]))
         problem = "data_sha256: meta.xlsx or one of the PDB/NPZ files it names has changed"
     with pytest.raises(SystemExit) as exc:
-        dc.main(["--root_dir", tiny_root, "--epochs", "1"])
+        dc.main(["--root_dir", tiny_root, "--epochs", "1", *ON_CPU])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert cache in err and problem in err, err
@@ -1287,8 +1582,206 @@ def test_atomic_write_json_is_strict_and_leaves_no_temp_file(tmp_path):
     assert os.listdir(tmp_path / "out") == ["h.json"]
 
 
+# --- outputs that cannot be written: one line naming the path, exit 2, no earlier file lost
+def disk_full_for(monkeypatch, name):
+    """Simulate a full disk for the atomic write of the file ``name``: its temp file takes half
+    of the first write, then the write fails with ENOSPC; every other file is written."""
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, data):
+            self.fh.write(data[:len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, attr):
+            return getattr(self.fh, attr)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    def open_(file, mode="r", *args, **kwargs):
+        fh = real_open(file, mode, *args, **kwargs)
+        if ("w" in mode and isinstance(file, (str, os.PathLike))
+                and os.path.basename(file).startswith(f".{name}.tmp.")):
+            return FullDisk(fh)
+        return fh
+
+    monkeypatch.setattr(builtins, "open", open_)
+
+
+def snapshot(root):
+    """{relative path: bytes} of every file under root."""
+    files = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as fh:
+                files[os.path.relpath(os.path.join(folder, name), root)] = fh.read()
+    return files
+
+
+def one_line_error(capsys, argv):
+    """Run main(argv): it must exit 2 with one error line (no traceback); return that line."""
+    with pytest.raises(SystemExit) as exc:
+        dc.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and lines[0] == err.strip().splitlines()[-1], err
+    return lines[0]
+
+
+def test_a_full_disk_at_fsync_keeps_the_old_file_and_leaves_no_temp_file(tmp_path,
+                                                                         monkeypatch):
+    path = str(tmp_path / "metrics.json")
+    dc.atomic_write_json({"run": 1}, path)
+
+    def fsync_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dc.os, "fsync", fsync_full)
+    with pytest.raises(dc.OutputError) as exc:
+        dc.atomic_write_json({"run": 2}, path)
+    assert str(exc.value) == (f"cannot write {path}: No space left on device; free disk space "
+                              f"or write to another --root_dir")
+    assert os.listdir(tmp_path) == ["metrics.json"]
+    with open(path) as fh:
+        assert json.load(fh) == {"run": 1}
+
+
+@pytest.mark.parametrize("target, extra, stage", [
+    ("cached_graphs.pt", ["--rebuild_cache"], ""),
+    (dc.BEST_CHECKPOINT, [], "epoch 1: "),
+    (dc.RESUME_CHECKPOINT, [], "epoch 1: "),
+    ("val_final_delta_learning.png", [], ""),
+    (dc.FINAL_CHECKPOINT, [], ""),
+])
+def test_a_full_disk_stops_training_with_one_line_and_keeps_every_earlier_file(
+        trained_run, tmp_path, monkeypatch, capsys, target, extra, stage):
+    root = str(tmp_path / "again")
+    shutil.copytree(trained_run["root"], root)  # data, cache, models and plots of a run
+    before = snapshot(root)
+    folder = {"cached_graphs.pt": "", "val_final_delta_learning.png": "plots"}.get(target,
+                                                                                    "models")
+    path = os.path.join(root, folder, target)
+    assert path[len(root) + 1:] in before  # an earlier run's file, which must survive
+    disk_full_for(monkeypatch, target)
+    line = one_line_error(capsys, ["--root_dir", root, "--epochs", "1", *SMALL_MODEL_ARGS,
+                                   *extra])
+    assert line == (f"error: {stage}cannot write {path}: No space left on device; free disk "
+                    f"space or write to another --root_dir")
+    after = snapshot(root)
+    assert after[path[len(root) + 1:]] == before[path[len(root) + 1:]]
+    assert not [f for f in after if ".tmp." in f], list(after)
+
+
+@pytest.mark.parametrize("case", ["models is a file", "plots is a file", "cache is a folder",
+                                  "models not writable"])
+def test_an_output_folder_that_cannot_be_made_stops_before_training(tiny_root, monkeypatch,
+                                                                     capsys, case):
+    models, plots = os.path.join(tiny_root, "models"), os.path.join(tiny_root, "plots")
+    cache = os.path.join(tiny_root, dc.DEFAULT_CACHE_FILE)
+    extra = []
+    if case == "models is a file":
+        write_text(tiny_root, "models", "not a folder")
+        want = f"cannot create the folder {models}: File exists; a file is in the way"
+    elif case == "plots is a file":
+        write_text(tiny_root, "plots", "not a folder")
+        want = f"cannot create the folder {plots}: File exists; a file is in the way"
+    elif case == "cache is a folder":
+        os.makedirs(cache)
+        extra = ["--rebuild_cache"]
+        want = f"cannot write {cache}: Is a directory; a folder is in the way of the file"
+    else:  # root bypasses file permissions, so the refusal is simulated
+        real_makedirs = os.makedirs
+
+        def makedirs(name, *args, **kwargs):
+            if os.path.abspath(name) == models:
+                raise PermissionError(errno.EACCES, "Permission denied", name)
+            return real_makedirs(name, *args, **kwargs)
+
+        monkeypatch.setattr(dc.os, "makedirs", makedirs)
+        want = f"cannot create the folder {models}: Permission denied; make the folder writable"
+    line = one_line_error(capsys, ["--root_dir", tiny_root, "--epochs", "1", *SMALL_RUN,
+                                   *extra])
+    assert line.startswith(f"error: {want}"), line
+    assert not os.path.exists(os.path.join(models, dc.RESUME_CHECKPOINT))  # no epoch ran
+
+
+def test_predict_outputs_that_cannot_be_written(trained_run, tmp_path, monkeypatch, capsys):
+    best = trained_run["result"]["best_path"]
+    root = _copy_data(trained_run["root"], tmp_path / "data")
+    csv = os.path.join(root, dc.PREDICTIONS_FILE)
+    write_text(root, dc.PREDICTIONS_FILE, "an earlier prediction\n")
+    disk_full_for(monkeypatch, dc.PREDICTIONS_FILE)
+    argv = ["--predict", "--checkpoint", best, "--root_dir", root, "--quiet", *ON_CPU]
+    assert one_line_error(capsys, argv) == (f"error: cannot write {csv}: No space left on "
+                                            f"device; free disk space or write to another "
+                                            f"--root_dir")
+    with open(csv) as fh:
+        assert fh.read() == "an earlier prediction\n"
+    assert not [f for f in os.listdir(root) if ".tmp." in f]
+    undo_interrupt(monkeypatch)  # the full disk
+    os.remove(csv)
+    os.makedirs(csv)
+    assert one_line_error(capsys, argv).startswith(f"error: cannot write {csv}: Is a directory")
+
+
+# --- files holding anything but tensors and plain types are refused, never run
+class RunsACommand:
+    """Unpickling this object runs a shell command that creates ``marker``: what a tampered
+    checkpoint, cache or resume file could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        code = f"open({self.marker!r}, 'w').close()"
+        return os.system, (f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}",)
+
+
+@pytest.mark.parametrize("kind", ["a DeltaCoupling checkpoint", "a DeltaCoupling cache",
+                                  "a resume state"])
+def test_a_tampered_file_is_refused_without_running_it_or_advice_to_run_it(tiny_root, tmp_path,
+                                                                           capsys, kind):
+    proof = str(tmp_path / "the_payload_works")
+    pickle.loads(pickle.dumps(RunsACommand(proof)))  # an ordinary unpickling runs it
+    assert os.path.exists(proof)
+    marker = str(tmp_path / "the_payload_ran")
+    payload = RunsACommand(marker)
+    if kind == "a DeltaCoupling checkpoint":
+        path = str(tmp_path / "tampered.pt")
+        torch.save({"model_state": {}, "model_config": {}, "metadata": {"note": payload}}, path)
+        argv = ["--predict", "--checkpoint", path, "--root_dir", tiny_root, *ON_CPU]
+    elif kind == "a DeltaCoupling cache":
+        path = build_cache(tiny_root, 12.0)
+        cache = torch.load(path, weights_only=True)
+        cache["metadata"]["note"] = payload
+        torch.save(cache, path)
+        argv = ["--root_dir", tiny_root, "--epochs", "1", *ON_CPU]
+    else:
+        path = str(tmp_path / "resume.pt")
+        torch.save({"format_version": dc.RESUME_FORMAT_VERSION, "config": payload}, path)
+        argv = ["--resume", path, *ON_CPU]
+    with pytest.raises(SystemExit) as exc:
+        dc.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{path} cannot be loaded as {kind}: it holds a pickled Python object (" in err, err
+    assert ".system), not only tensors and plain types; loading such a file could run code, " \
+           "so it is refused" in err, err
+    assert "weights_only" not in err and "Traceback" not in err, err
+    assert not os.path.exists(marker)
+
+
 # --- interrupting and resuming
-SMALL_RUN = ["--num_conv_layers", "2", "--num_rbf", "8", "--radial_hidden", "16",
+SMALL_RUN = [*ON_CPU, "--num_conv_layers", "2", "--num_rbf", "8", "--radial_hidden", "16",
              "--mlp_hidden", "16", "--batch_size", "2", "--no-skip_failed_batches"]
 
 
@@ -1331,7 +1824,7 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypat
     assert not os.path.exists(os.path.join(resumed, "models", dc.FINAL_CHECKPOINT))
     undo_interrupt(monkeypatch)
 
-    out = dc.main(["--resume", state_path])  # root_dir, epochs, model: from the state
+    out = dc.main(["--resume", state_path, *ON_CPU])  # root_dir, epochs, model: saved
     assert "resumed from" in capsys.readouterr().out
     one = torch.load(os.path.join(straight, "models", dc.RESUME_CHECKPOINT), weights_only=True)
     two = torch.load(state_path, weights_only=True)
@@ -1406,7 +1899,7 @@ def test_resume_refuses_other_options_data_and_foreign_files(tmp_path, monkeypat
     torch.save({"format_version": 1, "config": Foreign()}, pickled)
     refused(["--resume", pickled], "cannot be loaded as a resume state")
     set_cell(root, "Vref", 1.25, row=0)  # the data changed since the state was saved
-    refused(["--resume", state_path, "--rebuild_cache"], "does not match this data",
+    refused(["--resume", state_path, "--rebuild_cache", *ON_CPU], "does not match this data",
             "data_sha256: meta.xlsx or one of the PDB/NPZ files")
 
 
@@ -1429,6 +1922,72 @@ def test_main_stops_when_most_batches_are_nan(tmp_path, monkeypatch, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "epoch 1: 2 of 2 batches of this epoch failed" in err and "dimer ids ['dimer" in err
+
+
+def test_a_validation_pass_with_a_failed_batch_never_becomes_the_best_epoch(tmp_path,
+                                                                            monkeypatch, capsys):
+    """Epoch 2's validation skipped a batch and scores a perfect MAPE over the dimers left: it
+    covers fewer dimers than the other epochs, so it is not taken as the best."""
+    root = write_dataset(str(tmp_path / "data"), 5)
+    real, val_calls = dc.run_epoch, []
+
+    def run_epoch(model, loader, device, optimizer=None, *args, **kwargs):
+        result = real(model, loader, device, optimizer, *args, **kwargs)
+        if optimizer is None:
+            val_calls.append(1)
+            if len(val_calls) == 2:
+                result.mape, result.mae = 0.0, 0.0
+                result.n_batches, result.n_skipped = result.n_batches + 1, 1
+        return result
+
+    monkeypatch.setattr(dc, "run_epoch", run_epoch)
+    out = dc.main(["--root_dir", root, "--epochs", "3", *SMALL_RUN])
+    assert out["history"][1]["val_mape"] == 0.0 and out["best_epoch"] in (1, 3)
+    assert out["best_monitor"] > 0
+    assert "epoch 2: val MAPE 0 is not taken as the best: 1 of its 2 batches failed" in \
+        capsys.readouterr().out
+    best = torch.load(out["best_path"], weights_only=True)
+    assert best["epoch"] == out["best_epoch"] and best["val_mape"] == out["best_monitor"]
+
+
+def test_main_writes_the_first_failed_batch_traceback_next_to_checkpoints_and_predictions(
+        tmp_path, monkeypatch, capsys):
+    root = write_dataset(str(tmp_path / "data"), 5)
+    rows = dc.read_meta(root)
+    bad = rows[dc.make_splits(rows, dc.DEFAULT_SEED)[0][0]]["id"]  # a training dimer
+    real = dc.predict_batch
+
+    def predict_batch(model, data, amp_dtype=None):  # NaN for the batch of ``bad``
+        pred, v0 = real(model, data, amp_dtype)
+        return (pred * float("nan") if bad in data.id else pred), v0
+
+    monkeypatch.setattr(dc, "predict_batch", predict_batch)
+    skipping = [*ON_CPU, "--num_conv_layers", "2", "--num_rbf", "8", "--radial_hidden", "16",
+                "--mlp_hidden", "16", "--batch_size", "1"]
+    out = dc.main(["--root_dir", root, "--epochs", "2", *skipping])  # 1 of 3 batches fails
+    log = os.path.join(root, "models", dc.FAILED_BATCHES_LOG)
+    with open(log) as fh:
+        text = fh.read()
+    assert text.startswith(f"the first failed batch of this run (epoch): dimer ids ['{bad}']")
+    assert "Traceback (most recent call last)" in text and "NonFiniteLossError" in text
+    stdout = capsys.readouterr().out
+    assert (f"skipped batch ids ['{bad}'] in this epoch: NonFiniteLossError: loss is nan "
+            f"(full traceback in {log})") in stdout
+    assert stdout.count("full traceback in") == 1  # epoch 2 and the final report: ids only
+    assert f"skipped batch ids ['{bad}'] in this train evaluation" in stdout
+    assert out["final_metrics"]["train"]["n"] == 2
+    # --predict: the same rule, its log next to predictions.csv
+    result = dc.main(["--predict", "--checkpoint", out["best_path"], "--root_dir", root,
+                      "--quiet", *skipping])
+    predict_log = os.path.join(root, dc.PREDICTION_FAILED_BATCHES_LOG)
+    with open(predict_log) as fh:
+        assert "NonFinitePredictionError" in fh.read()
+    table = pd.read_csv(result["predictions_path"], keep_default_na=False, na_values=[""])
+    assert table["Vref_pred"].isna().tolist() == [i == bad for i in table["id"]]
+    # a new run starts without the earlier run's log
+    undo_interrupt(monkeypatch)
+    dc.main(["--root_dir", root, "--epochs", "1", *skipping])
+    assert not os.path.exists(log)
 
 
 # --- end to end
@@ -1455,6 +2014,20 @@ def test_training_reads_each_dimer_once(tiny_root, monkeypatch):
     assert sorted(calls) == sorted(r["id"] for r in real_read_meta(tiny_root))
 
 
+@needs_cuda
+def test_cuda_main_trains_under_amp_and_its_checkpoint_predicts_on_the_cpu(tmp_path):
+    root = write_dataset(str(tmp_path / "gpu"), 5)
+    out = dc.main(["--root_dir", root, "--epochs", "2", "--device", "cuda", "--compile", "off",
+                   *SMALL_RUN[len(ON_CPU):]])
+    with open(os.path.join(root, "models", dc.RUN_CONFIG_FILE)) as fh:
+        assert json.load(fh)["device"].startswith("cuda")
+    assert out["best_epoch"] in (1, 2) and math.isfinite(out["best_monitor"])
+    pred = dc.main(["--predict", "--checkpoint", out["best_path"], "--root_dir", root,
+                    "--quiet", *ON_CPU])
+    table = pd.read_csv(pred["predictions_path"])
+    assert len(table) == 5 and table["Vref_pred"].notna().all()
+
+
 def test_default_arguments_are_specs():
     args = dc.build_arg_parser().parse_args([])
     assert (args.epochs, args.batch_size, args.physical_cutoff, args.num_conv_layers,
@@ -1465,7 +2038,7 @@ def test_default_arguments_are_specs():
 
 def test_main_end_to_end_and_best_checkpoint_reproduces_val(tmp_path):
     root = write_dataset(str(tmp_path / "e2e"), 12, groups=False)
-    out = dc.main(["--root_dir", root, "--epochs", "2", "--num_conv_layers", "2",
+    out = dc.main(["--root_dir", root, "--epochs", "2", *ON_CPU, "--num_conv_layers", "2",
                    "--num_rbf", "8", "--radial_hidden", "16", "--mlp_hidden", "16",
                    "--batch_size", "4", "--no-skip_failed_batches"])
     for rel in ("models/best_model_delta_learning.pt", "models/final_model_delta_learning.pt",
@@ -1494,7 +2067,7 @@ def test_main_end_to_end_and_best_checkpoint_reproduces_val(tmp_path):
 
 
 # --- the final report, plots and --predict
-SMALL_MODEL_ARGS = ["--num_conv_layers", "2", "--num_rbf", "8", "--radial_hidden", "16",
+SMALL_MODEL_ARGS = [*ON_CPU, "--num_conv_layers", "2", "--num_rbf", "8", "--radial_hidden", "16",
                     "--mlp_hidden", "16", "--batch_size", "4"]
 
 
@@ -1577,8 +2150,8 @@ def _copy_data(root, dest):
 def test_predict_csv_equals_a_direct_forward_pass(trained_run, tmp_path, capsys):
     best = trained_run["result"]["best_path"]
     root = _copy_data(trained_run["root"], tmp_path / "same")
-    out = dc.main(["--predict", "--checkpoint", best, "--root_dir", root, "--quiet"])
-    assert "reading dimers" not in capsys.readouterr().err  # --quiet: no bar
+    out = dc.main(["--predict", "--checkpoint", best, "--root_dir", root, "--quiet", *ON_CPU])
+    assert "building graphs" not in capsys.readouterr().err  # --quiet: no bar
     table = pd.read_csv(out["predictions_path"], keep_default_na=False, na_values=[""])
     assert list(table.columns) == ["id", "V0", "dV", "Vref_pred", "Vref", "error", "split"]
     model, ckpt = dc.load_checkpoint(best)
@@ -1612,14 +2185,14 @@ def test_predict_without_vref(trained_run, tmp_path):
     meta.to_excel(os.path.join(root, "meta.xlsx"), index=False)
     with pytest.raises(ValueError, match=r"row 3 \(id dimer1\): Vref is empty, not a finite"):
         dc.read_meta(root)  # training still needs every Vref
-    out = dc.main(["--predict", "--checkpoint", best, "--root_dir", root, "--quiet"])
+    out = dc.main(["--predict", "--checkpoint", best, "--root_dir", root, "--quiet", *ON_CPU])
     table = pd.read_csv(out["predictions_path"], keep_default_na=False, na_values=[""])
     assert table["Vref"].isna().tolist() == [False, True, False]
     assert table["error"].isna().tolist() == [False, True, False]
     assert table["split"].isna().all() and out["metrics"]["all"]["n"] == 2
     meta.drop(columns=["Vref"]).to_excel(os.path.join(root, "meta.xlsx"), index=False)
     os.remove(os.path.join(root, "predictions_metrics.json"))
-    out = dc.main(["--predict", "--checkpoint", best, "--root_dir", root, "--quiet"])
+    out = dc.main(["--predict", "--checkpoint", best, "--root_dir", root, "--quiet", *ON_CPU])
     table = pd.read_csv(out["predictions_path"], keep_default_na=False, na_values=[""])
     assert table["Vref"].isna().all() and table["Vref_pred"].notna().all()
     np.testing.assert_allclose(table["Vref_pred"] - table["V0"], table["dV"], atol=1e-12)
@@ -1690,7 +2263,7 @@ def test_predict_refuses_foreign_or_tampered_checkpoints(trained_run, tmp_path, 
     def refused(path, *extra):
         with pytest.raises(SystemExit) as exc:
             dc.main(["--predict", "--checkpoint", str(path), "--root_dir", root, "--quiet",
-                     *extra])
+                     *ON_CPU, *extra])
         assert exc.value.code == 2
         return capsys.readouterr().err
 
@@ -1852,13 +2425,13 @@ def test_predict_with_an_ensemble_writes_mean_std_and_uncertainty(ensemble_runs,
     single = []
     for k in (0, 1):
         out = dc.main(["--predict", "--checkpoint", _member_checkpoint(together, k),
-                       "--root_dir", root, "--quiet"])
+                       "--root_dir", root, "--quiet", *ON_CPU])
         single.append(pd.read_csv(out["predictions_path"]))
         assert "Vref_std" not in single[-1].columns  # a single checkpoint: as before
     # ensemble.json by --checkpoint; without it, <root_dir>/models/ensemble.json is the default
     for argv in (["--checkpoint", os.path.join(together, "models", dc.ENSEMBLE_FILE),
                   "--root_dir", root], ["--root_dir", together]):
-        out = dc.main(["--predict", "--quiet", *argv])
+        out = dc.main(["--predict", "--quiet", *ON_CPU, *argv])
         table = pd.read_csv(out["predictions_path"])
         assert list(table.columns) == ["id", "V0", "dV", "Vref_pred", "Vref_std", "Vref",
                                        "error", "split"]
@@ -1878,7 +2451,7 @@ def test_combining_refuses_members_trained_otherwise(ensemble_runs, tmp_path, ca
     shutil.copytree(ensemble_runs["apart"], root)
     dc.main(["--root_dir", root, "--member", "2", *TINY_RUN, "--num_rbf", "6"])  # other size
     with pytest.raises(SystemExit) as exc:
-        dc.main(["--root_dir", root, "--combine_ensemble", "--quiet"])
+        dc.main(["--root_dir", root, "--combine_ensemble", "--quiet", *ON_CPU])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "cannot combine" in err and "member_2" in err
     assert "--num_rbf 6 (vs 8)" in err and "model num_rbf 6 (vs 8)" in err
@@ -1886,7 +2459,7 @@ def test_combining_refuses_members_trained_otherwise(ensemble_runs, tmp_path, ca
     # an unfinished member (no final checkpoint) is refused too
     os.remove(_member_checkpoint(root, 2))
     with pytest.raises(SystemExit):
-        dc.main(["--root_dir", root, "--combine_ensemble", "--quiet"])
+        dc.main(["--root_dir", root, "--combine_ensemble", "--quiet", *ON_CPU])
     assert "no final checkpoint" in capsys.readouterr().err
     # a member changed after combining: the ensemble file refuses it
     shutil.rmtree(os.path.join(root, "models", "member_2"))
@@ -1929,6 +2502,30 @@ def test_cv_trains_k_folds_and_writes_out_of_fold_predictions(tmp_path):
         {"g0", "g1", "g2", "g3"}
     assert json.loads(json.dumps(dc._json_ready(out))) == metrics  # returned as written
     assert os.path.getsize(os.path.join(root, "plots", dc.CV_PLOT)) > 0
+
+
+# --- install
+def test_install_instructions_name_the_pinned_torch_and_its_cpu_wheel():
+    """README and requirements.txt give the command that installs the CPU wheel of exactly the
+    pinned torch, and that wheel's version (2.13.0+cpu) satisfies the pin, so the
+    ``pip install -r requirements.txt`` after it keeps it."""
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    with open(os.path.join(HERE, "requirements.txt")) as fh:
+        requirements = fh.read()
+    pins = [Requirement(line.split("#")[0]) for line in requirements.splitlines()
+            if line.split("#")[0].strip()]  # every line parses as a requirement
+    torch_pin = next(r for r in pins if r.name == "torch")
+    (spec,) = torch_pin.specifier
+    assert spec.operator == "=="
+    cpu_wheel = (f"pip install torch=={spec.version} --index-url "
+                 f"https://download.pytorch.org/whl/cpu")
+    with open(os.path.join(HERE, "README.md")) as fh:
+        readme = fh.read()
+    for text in (readme, requirements):
+        assert cpu_wheel in text and "pip install -r requirements.txt" in text
+    assert SpecifierSet(f"=={spec.version}").contains(f"{spec.version}+cpu")
 
 
 # ============================================================================= your own dimers
@@ -2050,7 +2647,7 @@ def test_builder_output_trains_predicts_and_follows_the_frame(builder, water_bui
     assert builder.main([water_csv(predict_in, vref=None), "--out", predict_out, *MINIMAL]) == 0
     assert "Vref" not in pd.read_excel(os.path.join(predict_out, "meta.xlsx")).columns
     out_pred = dc.main(["--predict", "--checkpoint", result["best_path"], "--root_dir",
-                        predict_out, "--quiet"])
+                        predict_out, "--quiet", *ON_CPU])
     table = pd.read_csv(out_pred["predictions_path"])
     assert len(table) == 3 and np.isfinite(table["Vref_pred"]).all()
     np.testing.assert_allclose(table["V0"], meta["V0"].to_numpy(), atol=1e-9)
