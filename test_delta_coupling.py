@@ -4,6 +4,7 @@ Tiny synthetic dimers are written in the format of docs/DATA_FORMAT.md by fixtur
 checks run in float64 against independent references (e3nn's D matrices, hand-computed numbers).
 Run with ``pytest`` (the whole suite takes a minute or two on 2 cores).
 """
+import hashlib
 import json
 import math
 import os
@@ -643,8 +644,8 @@ def test_cached_jitter_rebuilds_consistent_graph(tiny_root):
 
 def test_cache_round_trip_equals_dimer_dataset(tiny_root):
     path = build_cache(tiny_root, 12.0)
-    payload = torch.load(path, weights_only=True)  # plain types and tensors only
-    meta = payload["metadata"]
+    index = torch.load(path, weights_only=True)  # plain types and tensors only
+    meta = index["metadata"]
     assert meta["internal_cutoff"] == pytest.approx(1.2)
     assert meta["format_version"] == dc.CACHE_FORMAT_VERSION and meta["n_rows"] == 4
     assert meta["int_angstrom_scale"] == dc.INT_ANGSTROM_SCALE
@@ -659,6 +660,110 @@ def test_cache_round_trip_equals_dimer_dataset(tiny_root):
             torch.testing.assert_close(c[key], r[key], rtol=0, atol=0)
         assert c.edge_attr_sh.shape == (r.edge_index_atoms.size(1), 64)
     assert not [f for f in os.listdir(tiny_root) if ".tmp" in f]  # atomic write left nothing
+
+
+def mapped_from(tensor, path):
+    """True when ``tensor``'s memory lies in a mapping of the file ``path`` (/proc/self/maps)."""
+    ptr, real = tensor.untyped_storage().data_ptr(), os.path.realpath(path)
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5] == real:
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if lo <= ptr < hi:
+                    return True
+    return False
+
+
+def test_cache_shards_round_trip_memory_mapped(tiny_root):
+    path = build_cache(tiny_root, 12.0, shard_bytes=1)  # one dimer per shard
+    index = torch.load(path, weights_only=True)
+    assert [(s["file"], s["start"], s["count"]) for s in index["shards"]] == \
+        [(f"shard_{k:05d}.pt", k, 1) for k in range(4)]
+    shard_dir = os.path.join(tiny_root, "cached_graphs_shards")
+    for entry in index["shards"]:
+        shard = os.path.join(shard_dir, entry["file"])
+        assert entry["bytes"] == os.path.getsize(shard)
+        assert entry["sha256"] == hashlib.sha256(open(shard, "rb").read()).hexdigest()
+    path2 = build_cache(tiny_root, 12.0, cache_file_name="two.pt", shard_bytes=10 ** 9)
+    assert len(torch.load(path2, weights_only=True)["shards"]) == 1  # all four in one shard
+    raw = dc.DimerDataset(tiny_root, 12.0)
+    for cache_path in (path, path2):
+        cached = dc.CachedDimerDataset(cache_path)
+        for i in range(4):
+            c, r = cached[i], raw[i]
+            assert c.id == r.id
+            for key in r.keys():
+                if key != "id":
+                    torch.testing.assert_close(c[key], r[key], rtol=0, atol=0)
+        shard_file = cached.cache.shard_path(len(cached.cache.shards) - 1)
+        assert mapped_from(cached[3].edge_attr_sh, shard_file)  # a view of the mapped file
+    assert not [f for f in os.listdir(shard_dir) if ".tmp" in f]
+
+
+def test_interrupted_cache_build_continues_where_it_stopped(tiny_root, monkeypatch):
+    import preprocess_and_cache
+    real, built = dc.make_graph, []
+
+    def make_graph(parsed, *args, **kwargs):
+        if len(built) == 3 and not monkeypatch.resumed:
+            raise KeyboardInterrupt  # Ctrl-C while building the 4th graph
+        built.append(parsed.row["id"])
+        return real(parsed, *args, **kwargs)
+
+    monkeypatch.resumed = False
+    monkeypatch.setattr(preprocess_and_cache, "make_graph", make_graph)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(tiny_root, 12.0, shard_bytes=1)
+    assert not os.path.exists(os.path.join(tiny_root, dc.DEFAULT_CACHE_FILE))  # no index yet
+    monkeypatch.resumed = True
+    path = build_cache(tiny_root, 12.0, shard_bytes=1)
+    assert built == ["dimer0", "dimer1", "dimer2", "dimer3"]  # rows 1-3 were not built again
+    cache = dc.load_cache(path)
+    cache.verify()
+    raw = dc.DimerDataset(tiny_root, 12.0)
+    torch.testing.assert_close(dc.CachedDimerDataset(cache)[3].pos_atoms, raw[3].pos_atoms)
+    build_cache(tiny_root, 10.0, shard_bytes=1)  # other settings: nothing of the old is kept
+    assert built[4:] == ["dimer0", "dimer1", "dimer2", "dimer3"]
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "corrupt"])
+def test_a_missing_or_corrupt_shard_is_refused_by_name(tiny_root, capsys, damage):
+    build_cache(tiny_root, 12.0, shard_bytes=1)
+    shard = os.path.join(tiny_root, "cached_graphs_shards", "shard_00002.pt")
+    if damage == "missing":
+        os.remove(shard)
+        problem = "is missing"
+    elif damage == "truncated":
+        truncate_file(shard)
+        problem = f"has {os.path.getsize(shard)} bytes, the index recorded"
+    else:
+        data = bytearray(open(shard, "rb").read())
+        data[len(data) // 2] ^= 0xFF  # one byte flipped, the size unchanged
+        open(shard, "wb").write(bytes(data))
+        problem = "is corrupt (its SHA-256 differs"
+    with pytest.raises(SystemExit) as exc:
+        dc.main(["--root_dir", tiny_root, "--epochs", "1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"cache shard {shard} {problem}" in err, err
+    assert (f"Rebuild it: python preprocess_and_cache.py --root_dir {tiny_root} "
+            f"--physical_cutoff 12.0 --cache_file_name cached_graphs.pt") in err
+    if damage != "corrupt":  # opened without the check: the reader names it too
+        with pytest.raises(ValueError, match=f"cache shard {shard}.*Rebuild it"):
+            dc.CachedDimerDataset(os.path.join(tiny_root, dc.DEFAULT_CACHE_FILE))[2]
+
+
+def test_a_large_set_is_read_from_its_files_not_preloaded(tiny_root, monkeypatch):
+    monkeypatch.setattr(dc, "DIMER_PRELOAD_MAX", 3)  # tiny_root's 4 rows count as large
+    parsed, rows = [], []
+    assert dc.check_dataset(tiny_root, parsed, rows) == (4, [])
+    assert parsed == [] and len(rows) == 4
+    ds = dc.DimerDataset(tiny_root, 12.0, rows=rows)
+    assert ds.parsed is None
+    preloaded = dc.DimerDataset(tiny_root, 12.0, preload=True)
+    for i in range(4):
+        torch.testing.assert_close(ds[i].pos_atoms, preloaded[i].pos_atoms, rtol=0, atol=0)
 
 
 def test_cache_with_pickled_objects_or_garbage_is_refused(tmp_path):
@@ -1135,8 +1240,8 @@ def test_main_refuses_a_bad_cache_with_the_rebuild_command(tiny_root, capsys, na
                                                "settings need 1.2"),
             "scale": ("int_angstrom_scale", 1.0, "int_angstrom_scale: saved 1.0, current data "
                                                  "and settings need 0.1"),
-            "format version": ("format_version", 0, "format_version: saved 0, current data and "
-                                                    f"settings need {dc.CACHE_FORMAT_VERSION}"),
+            "format version": ("format_version", 0, "format_version: saved 0, this code reads "
+                                                    f"{dc.CACHE_FORMAT_VERSION}"),
             "no data checksum": ("data_sha256", None, "data_sha256: saved None")}[name]
         payload["metadata"][key] = value
         torch.save(payload, cache)
@@ -1163,9 +1268,9 @@ def test_main_refuses_a_bad_cache_with_the_rebuild_command(tiny_root, capsys, na
 
 def test_rebuild_cache_replaces_a_stale_cache(tiny_root):
     build_cache(tiny_root, 10.0)
-    payload = dc.prepare_cache(dc.build_arg_parser().parse_args(
+    cache = dc.prepare_cache(dc.build_arg_parser().parse_args(
         ["--root_dir", tiny_root, "--rebuild_cache"]), dc.read_meta(tiny_root))
-    assert payload["metadata"]["internal_cutoff"] == pytest.approx(1.2)
+    assert cache.metadata["internal_cutoff"] == pytest.approx(1.2)
     assert torch.load(os.path.join(tiny_root, dc.DEFAULT_CACHE_FILE),
                       weights_only=True)["metadata"]["internal_cutoff"] == pytest.approx(1.2)
 
