@@ -1616,6 +1616,7 @@ class DistEnv:
     active: bool = False  # launched by torchrun: the process group is initialised
     device: torch.device = torch.device("cpu")  # where collectives' tensors live (nccl: cuda)
     data_group: object = None  # gloo group with a long timeout: waiting for rank 0's data stage
+    owns_group: bool = False  # setup_distributed initialised the process group (and ends it)
 
     @property
     def master(self):
@@ -2183,7 +2184,8 @@ def _exit(message):
 def setup_distributed(device_choice):
     """Join the process group when launched by torchrun (RANK in the environment): nccl with
     one GPU per local rank on CUDA, gloo on a CPU (docs/DESIGN.md, decision 13); sets ``DIST``
-    once. A plain ``python delta_coupling.py`` initialises nothing. Returns the device."""
+    once. A plain ``python delta_coupling.py`` initialises nothing; a process group that the
+    caller has initialised is used as it is. Returns the device."""
     global DIST
     device = resolve_device(device_choice)
     if "RANK" not in os.environ:
@@ -2194,22 +2196,25 @@ def setup_distributed(device_choice):
         if device.index is None:  # --device auto or cuda: this rank's own GPU
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=datetime.timedelta(minutes=DIST_TIMEOUT_MINUTES))
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=DIST_TIMEOUT_MINUTES))
     data_group = dist.new_group(backend="gloo",
                                 timeout=datetime.timedelta(hours=DIST_DATA_TIMEOUT_HOURS))
     DIST = DistEnv(rank=dist.get_rank(), local_rank=local_rank,
                    world_size=dist.get_world_size(),
                    local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)), active=True,
                    device=device if device.type == "cuda" else torch.device("cpu"),
-                   data_group=data_group)
+                   data_group=data_group, owns_group=owns_group)
     return device
 
 
 def teardown_distributed():
-    """Leave the process group (torchrun only); ``DIST`` is a single process's again."""
+    """Leave the process group setup_distributed initialised; ``DIST`` is a single process's
+    again."""
     global DIST
-    if DIST.active and dist.is_initialized():
+    if DIST.owns_group and dist.is_initialized():
         dist.destroy_process_group()
     DIST = DistEnv()
 
@@ -2941,6 +2946,8 @@ def exit_interrupted(saved):
 
     ``saved`` is (path, epoch) of the latest resume state, or None before the first epoch.
     """
+    with contextlib.suppress(ValueError):  # (not the main thread)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stopping the others: say it
     if DIST.master and saved is None:
         print("interrupted before the first epoch finished: nothing to resume; run the same "
               "command again to start over", file=sys.stderr)

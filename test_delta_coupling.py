@@ -1669,3 +1669,193 @@ def test_predict_refuses_foreign_or_tampered_checkpoints(trained_run, tmp_path, 
     assert "is not a DeltaCoupling checkpoint" in refused(os.path.join(root, "cached_graphs.pt"))
     assert "cannot be loaded as a DeltaCoupling checkpoint" in refused(__file__)
     assert "not found" in refused(tmp_path / "missing.pt")
+
+
+# --- several processes: torchrun + DistributedDataParallel (gloo, two CPU processes)
+# Each launch starts two fresh interpreters (a few seconds each); the launches are shared.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+DDP_RUN = ["--epochs", "4", "--compile", "off", "--quiet", *SMALL_RUN]
+
+
+def torchrun(script, *args, cwd=HERE):
+    """Launch ``script`` on two gloo processes; return the CompletedProcess (text)."""
+    import subprocess
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE}
+    return subprocess.run(TORCHRUN + [script, *map(str, args)], cwd=cwd, env=env, text=True,
+                          capture_output=True, timeout=600)
+
+
+def ddp_step_and_evaluation(data_dir, out_path):
+    """Run under torchrun (2 ranks, gloo, float64): one SGD step of DDP with batch 2 per rank,
+    then an evaluation and a prediction of rows 0-6 split between the ranks; rank 0 saves the
+    gradients, weights and figures to ``out_path``."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo")  # what torchrun's environment says
+    dc.DIST = dc.DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), active=True)
+    torch.set_default_dtype(torch.float64)
+    graphs = list(dc.DimerDataset(data_dir, 12.0))
+    torch.manual_seed(0)
+    model = small_model()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    mine = graphs[2 * dc.DIST.rank:2 * dc.DIST.rank + 2]
+    step = dc.run_epoch(ddp, DataLoader(mine, batch_size=2), torch.device("cpu"), optimizer,
+                        skip_failed_batches=False)
+    part = [graphs[i] for i in dc.rank_part(list(range(7)))]
+    evaluation = dc.run_epoch(model, DataLoader(part, batch_size=2), torch.device("cpu"),
+                              skip_failed_batches=False)
+    rows = dc.predict_rows(model, DataLoader(part, batch_size=2), torch.device("cpu"),
+                           skip_failed_batches=False)
+    if dc.DIST.master:
+        torch.save({"grads": {n: p.grad for n, p in model.named_parameters()},
+                    "state": model.state_dict(), "step_loss": step.loss, "n_part": len(part),
+                    "eval": {k: getattr(evaluation, k) for k in ("n_graphs", "mape", "mae",
+                                                                 "rmse", "baseline_mae")},
+                    "rows": {"id": rows["id"], "pred": torch.from_numpy(rows["pred"])}},
+                   out_path)
+    dc.DIST = dc.DistEnv()  # (the process group stays: main() takes it over)
+    torch.set_default_dtype(torch.float32)
+
+
+@pytest.fixture(scope="module")
+def torchrun_runs(tmp_path_factory):
+    """One 4-epoch torchrun training on 10 dimers; on a copy of the data the same run stopped
+    by Ctrl-C in epoch 3 (every rank) after the DDP step/evaluation checks of
+    ``ddp_step_and_evaluation``, and resumed by a third launch."""
+    base = tmp_path_factory.mktemp("torchrun")
+    straight = write_dataset(str(base / "straight"), 10)
+    resumed = str(base / "resumed")
+    shutil.copytree(straight, resumed)
+    wrapper = base / "interrupted.py"
+    wrapper.write_text(
+        "import sys\n"
+        "import delta_coupling as dc\n"
+        "import test_delta_coupling as t\n"
+        f"t.ddp_step_and_evaluation({straight!r}, {str(base / 'ddp_checks.pt')!r})\n"
+        "real, calls = dc.run_epoch, []\n"
+        "def run_epoch(model, loader, device, optimizer=None, *args, **kwargs):\n"
+        "    if optimizer is not None:\n"
+        "        calls.append(1)\n"
+        "        if len(calls) == 3:\n"
+        "            raise KeyboardInterrupt\n"
+        "    return real(model, loader, device, optimizer, *args, **kwargs)\n"
+        "dc.run_epoch = run_epoch\n"
+        "dc.main(sys.argv[1:])\n")
+    runs = {"base": str(base), "straight": straight, "resumed": resumed}
+    runs["straight_run"] = torchrun("delta_coupling.py", "--root_dir", straight, *DDP_RUN)
+    runs["interrupted_run"] = torchrun(str(wrapper), "--root_dir", resumed, *DDP_RUN)
+    runs["state_path"] = os.path.join(resumed, "models", dc.RESUME_CHECKPOINT)
+    runs["interrupted_state"] = torch.load(runs["state_path"], weights_only=True)
+    runs["resumed_run"] = torchrun("delta_coupling.py", "--resume", runs["state_path"])
+    return runs
+
+
+def test_rank_parts_are_contiguous_cover_everything_and_pad_nothing(monkeypatch):
+    for n in (0, 1, 5, 7, 12):
+        for world in (1, 2, 3, 4):
+            parts = []
+            for rank in range(world):
+                monkeypatch.setattr(dc, "DIST", dc.DistEnv(rank=rank, world_size=world))
+                parts.append(dc.rank_part(list(range(n))))
+            assert [i for p in parts for i in p] == list(range(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_more_processes_than_training_dimers_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    root = write_dataset(str(tmp_path / "three"), 3)  # split 1 / 1 / 1
+    monkeypatch.setattr(dc, "DIST", dc.DistEnv(world_size=2))
+    args = dc.build_arg_parser().parse_args(["--root_dir", root, "--quiet"])
+    with pytest.raises(SystemExit) as exc:
+        dc.prepare_data(args, torch.device("cpu"))
+    assert exc.value.code == 2
+    assert ("2 processes but only 1 training dimer: every process needs at least one"
+            in capsys.readouterr().err)
+
+
+def test_torchrun_trains_one_model_and_rank_0_alone_writes(torchrun_runs, tmp_path):
+    run = torchrun_runs["straight_run"]
+    assert run.returncode == 0, run.stderr[-3000:]
+    root = torchrun_runs["straight"]
+    assert run.stdout.count("10 dimers from") == 1  # rank 0 alone prints
+    assert run.stdout.count("saved ") == 1 and "error" not in run.stderr
+    assert sorted(os.listdir(os.path.join(root, "models"))) == sorted([
+        dc.BEST_CHECKPOINT, dc.FINAL_CHECKPOINT, dc.RESUME_CHECKPOINT, dc.METRICS_FILE,
+        dc.HISTORY_FILE, dc.RUN_CONFIG_FILE, "split_ids.json"])  # one set, no temp files
+    assert sorted(os.listdir(os.path.join(root, "plots"))) == sorted([
+        dc.LEARNING_CURVES_PLOT, "val_final_delta_learning.png", "test_final_delta_learning.png"])
+    final_path = os.path.join(root, "models", dc.FINAL_CHECKPOINT)
+    model, final = dc.load_checkpoint(final_path)  # no "module." prefix: loads as it is
+    assert not [k for k in final["model_state"] if k.startswith("module.")]
+    hashes = [line.split(": ")[1].split() for line in run.stdout.splitlines()
+              if line.startswith("parameter sha256 of the 2 ranks")]
+    assert len(hashes) == 1 and len(hashes[0]) == 2
+    assert hashes[0][0] == hashes[0][1] == dc.parameters_sha256(model)  # bitwise the same
+    with open(os.path.join(root, "models", dc.RUN_CONFIG_FILE)) as fh:
+        assert json.load(fh)["world_size"] == 2
+    # the checkpoint predicts in one process: its test rows give the run's test figures
+    copy = str(tmp_path / "copy")
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("models", "plots", "cached*"))
+    out = dc.main(["--predict", "--checkpoint", final_path, "--root_dir", copy, "--quiet"])
+    for split in ("train", "val", "test"):
+        for who in ("model", "baseline"):
+            assert out["metrics"][split][who] == pytest.approx(
+                final["final_metrics"][split][who], rel=1e-5), (split, who)
+        assert out["metrics"][split]["n"] == len(final["split_ids"][split])
+
+
+def test_ddp_step_with_batch_b_per_rank_equals_one_process_with_batch_2b(torchrun_runs,
+                                                                        float64):
+    assert torchrun_runs["interrupted_run"].returncode != 0  # (stopped by the Ctrl-C below)
+    ddp = torch.load(os.path.join(torchrun_runs["base"], "ddp_checks.pt"), weights_only=True)
+    graphs = list(dc.DimerDataset(torchrun_runs["straight"], 12.0))
+    torch.manual_seed(0)
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = dc.run_epoch(model, DataLoader(graphs[:4], batch_size=4), torch.device("cpu"),
+                        optimizer, skip_failed_batches=False)
+    for name, p in model.named_parameters():  # the union's loss: the same gradient and step
+        torch.testing.assert_close(ddp["grads"][name], p.grad, rtol=1e-10, atol=1e-13)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(ddp["state"][key], value, rtol=1e-12, atol=1e-14)
+    assert ddp["step_loss"] == pytest.approx(step.loss, rel=1e-12)
+    assert any(p.grad.abs().max() > 1e-6 for p in model.parameters())  # a step that moved
+    # the evaluation of rows 0-6, split 3 / 4 between the ranks, gives one process's figures
+    assert ddp["n_part"] == 3
+    single = dc.run_epoch(model, DataLoader(graphs[:7], batch_size=2), torch.device("cpu"),
+                          skip_failed_batches=False)
+    assert ddp["eval"]["n_graphs"] == single.n_graphs == 7
+    for key in ("mape", "mae", "rmse", "baseline_mae"):
+        assert ddp["eval"][key] == pytest.approx(getattr(single, key), rel=1e-12), key
+    rows = dc.predict_rows(model, DataLoader(graphs[:7], batch_size=3), torch.device("cpu"))
+    assert ddp["rows"]["id"] == rows["id"]  # joined in rank order: the rows' order
+    np.testing.assert_allclose(ddp["rows"]["pred"].numpy(), rows["pred"], rtol=1e-12)
+
+
+def test_torchrun_interrupt_then_resume_reproduces_the_straight_run(torchrun_runs):
+    interrupted = torchrun_runs["interrupted_run"]
+    state_path = torchrun_runs["state_path"]
+    assert interrupted.stderr.count(
+        f"continue with: torchrun --nproc_per_node=2 delta_coupling.py --resume {state_path}") \
+        == 1, interrupted.stderr[-3000:]
+    state = torchrun_runs["interrupted_state"]
+    assert state["epoch"] == 2 and state["world_size"] == 2 and len(state["rng_ranks"]) == 2
+    assert not torch.equal(state["rng_ranks"][0]["rng_torch"], state["rng_ranks"][1]["rng_torch"])
+    resumed = torchrun_runs["resumed_run"]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count("resumed from") == 1
+    one, two = (torch.load(os.path.join(torchrun_runs[r], "models", dc.FINAL_CHECKPOINT),
+                           weights_only=True) for r in ("straight", "resumed"))
+    assert [h["epoch"] for h in two["history"]] == [1, 2, 3, 4]
+    assert [h["train_loss"] for h in two["history"]] == \
+        pytest.approx([h["train_loss"] for h in one["history"]], abs=1e-6)
+    for key, value in one["model_state"].items():
+        torch.testing.assert_close(two["model_state"][key], value, rtol=0, atol=1e-6)
+
+
+def test_a_torchrun_state_resumes_only_with_its_number_of_processes(torchrun_runs, capsys):
+    with pytest.raises(SystemExit) as exc:
+        dc.main(["--resume", torchrun_runs["state_path"]])
+    assert exc.value.code == 2
+    assert ("world_size: saved by 2 processes, this launch has 1; a run resumes with its own "
+            "number of processes: torchrun --nproc_per_node=2 delta_coupling.py --resume "
+            f"{torchrun_runs['state_path']}") in capsys.readouterr().err
