@@ -1606,7 +1606,7 @@ def format_metrics_table(report):
 # same code on its part of the rows; the sums behind every figure are all-reduced (DIST below).
 @dataclass(frozen=True)
 class DistEnv:
-    """Where this process stands in a torchrun launch (docs/DESIGN.md, decision 13); the
+    """Where this process stands in a torchrun launch (docs/DESIGN.md, decision 17); the
     defaults describe a plain ``python delta_coupling.py``, which never touches a process
     group."""
     rank: int = 0
@@ -2183,7 +2183,7 @@ def _exit(message):
 
 def setup_distributed(device_choice):
     """Join the process group when launched by torchrun (RANK in the environment): nccl with
-    one GPU per local rank on CUDA, gloo on a CPU (docs/DESIGN.md, decision 13); sets ``DIST``
+    one GPU per local rank on CUDA, gloo on a CPU (docs/DESIGN.md, decision 17); sets ``DIST``
     once. A plain ``python delta_coupling.py`` initialises nothing; a process group that the
     caller has initialised is used as it is. Returns the device."""
     global DIST
