@@ -22,6 +22,7 @@ data.
 import argparse
 import contextlib
 import datetime
+import errno
 import hashlib
 import json
 import math
@@ -29,11 +30,13 @@ import os
 import pickle
 import platform
 import random
+import re
 import shlex
 import shutil
 import signal
 import sys
 import time
+import traceback
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -65,6 +68,19 @@ DEBYE_TO_E_ANGSTROM = 0.20819434  # e*Angstrom per Debye
 DEBYE_ANGSTROM_TO_E_ANGSTROM2 = DEBYE_TO_E_ANGSTROM  # e*Angstrom^2 per Debye*Angstrom
 DEG_TO_RAD = math.pi / 180.0
 MIN_INTERMONOMER_DISTANCE_ANGSTROM = 0.5  # closer atoms of A and B: the dimer is refused
+# plausibility bounds of the numbers read from the data (docs/DATA_FORMAT.md, "Plausible
+# values"): a value outside them is a unit mistake, a sentinel or a damaged file, refused by the
+# data check before anything trains
+MIN_ATOM_DISTANCE_ANGSTROM = 0.5  # two atoms of one monomer closer: a duplicated record (H-H 0.74)
+MAX_ABS_COORDINATE_ANGSTROM = 1.0e4  # |x|, |y|, |z|: a PDB's 8-column field holds < 10000
+MIN_SHELL_POPULATION = -0.5  # electrons; Mulliken shells may dip a little below 0 (diffuse bases)
+MAX_SHELL_POPULATION = 20.0  # electrons: all of Ca's, the heaviest supported element
+MAX_ABS_DIPOLE_DEBYE = 1.0e3  # Debye per component; an ion pair 20 Angstrom apart has ~100 D
+MAX_ABS_QUADRUPOLE_DEBYE_ANGSTROM = 1.0e4  # Debye*Angstrom per component; benzene's is ~9
+MAX_R_NM = 100.0  # nm: 1000 Angstrom, far beyond the cutoff; more is usually a length in pm
+MAX_ABS_THETA_DEG = 360.0  # degrees: more than a full turn
+MAX_ABS_ENERGY = 1.0e6  # |V0|, |Vref| in their own unit (kcal/mol, kJ/mol, meV and cm^-1 fit)
+MAX_ABS_PR = 1.0e6  # |PR| in its own unit: it enters the readout unscaled
 
 IRREPS_EDGE_SH = o3.Irreps("4x0e+4x1o+4x2e+4x3o")  # edge spherical harmonics, l <= 3
 # e3nn returns IRREPS_EDGE_SH as four identical copies of each l; one copy of each:
@@ -116,6 +132,14 @@ RUN_CONFIG_FILE = "run_config.json"  # in <root_dir>/models: what reproduces the
 LEARNING_CURVES_PLOT = "learning_curves.png"  # in <root_dir>/plots
 PREDICTIONS_FILE = "predictions.csv"  # in the --predict root_dir
 PREDICTION_METRICS_FILE = "predictions_metrics.json"  # next to it, when Vref is given
+# the full traceback of a run's first failed batch: in <root_dir>/models, and for --predict
+# next to predictions.csv
+FAILED_BATCHES_LOG = "failed_batches.log"
+PREDICTION_FAILED_BATCHES_LOG = "predictions_failed_batches.log"
+# The baseline's level of theory, as tools/build_dataset.py records it in a data folder; a
+# checkpoint carries its training folder's record, and --predict compares them on these keys
+LEVEL_OF_THEORY_FILE = "level_of_theory.json"
+LEVEL_OF_THEORY_KEYS = ("method", "basis", "density_fit", "auxbasis", "counterpoise")
 LOG_AXIS_MIN_RATIO = 10.0  # learning curves: a log y axis when max / min spans a decade
 # columns of the metrics table: (key, header, format); MAPE in %, the others in Vref units
 METRIC_COLUMNS = (("mape", "MAPE %", ".2f"), ("mae", "MAE", ".4f"), ("rmse", "RMSE", ".4f"),
@@ -159,6 +183,17 @@ META_REQUIRED_COLUMNS = ("pdb_a", "pdb_b", "npz", "R_nm", "theta_deg", "V0", "Vr
 META_COLUMN_UNITS = {"R_nm": "nm", "theta_deg": "degrees", "V0": "the unit of Vref",
                      "Vref": "the unit of V0", "PR": "any"}
 META_FILE_COLUMNS = ("pdb_a", "pdb_b", "npz")  # + R_nm: what parse_dimer needs of a row
+# the numeric columns: |value| <= bound (in the unit), and what to do about a value beyond it
+_CHECK_ENERGY = ("check the cell and its unit (a placeholder such as 1e10, or a value of "
+                 "another column?)")
+META_NUMBER_BOUNDS = {
+    "R_nm": (MAX_R_NM, " nm", "write the distance of the monomer centroids in nm (0.35 nm = "
+                              "3.5 Angstrom)"),
+    "theta_deg": (MAX_ABS_THETA_DEG, " degrees", "write the angle in degrees"),
+    "V0": (MAX_ABS_ENERGY, "", _CHECK_ENERGY),
+    "Vref": (MAX_ABS_ENERGY, "", _CHECK_ENERGY),
+    "PR": (MAX_ABS_PR, "", "check the cell, or rescale PR to a moderate range"),
+}
 NPZ_KEYS = ("mulliken_spd", "dipole", "quadrupole")
 QUADRUPOLE_SYMMETRY_RTOL = 1e-5  # max |Q - Q^T| / max(|Q|, 1 D*A) symmetrised as rounding
 
@@ -229,7 +264,7 @@ def parse_pdb(path):
     Raises ``ValueError`` naming the file and line for an unparsable or unsupported record, and
     saying what to fix.
     """
-    z, pos = [], []
+    z, pos, line_nos = [], [], []
     try:
         fh = open(path, encoding="latin-1")  # every byte decodes: a binary file has no atoms
     except (PermissionError, IsADirectoryError) as exc:
@@ -251,6 +286,13 @@ def parse_pdb(path):
                     f"{path}, line {line_no}: cannot read x/y/z from columns 31-54 "
                     f"(truncated or misaligned record?): {line!r}; fix this record: x, y, z "
                     f"in Angstrom in columns 31-38, 39-46, 47-54") from None
+            finite = all(map(math.isfinite, xyz))
+            if not (finite and max(map(abs, xyz)) < MAX_ABS_COORDINATE_ANGSTROM):
+                raise ValueError(
+                    f"{path}, line {line_no}: x, y, z = {', '.join(map(str, xyz))} is not "
+                    f"{'plausible' if finite else 'finite'} (|coordinate| < "
+                    f"{MAX_ABS_COORDINATE_ANGSTROM:g} Angstrom); fix this record: x, y, z in "
+                    f"Angstrom in columns 31-38, 39-46, 47-54")
             element = line[76:78].strip() if len(line) > 76 else ""
             if not element:
                 element = _element_from_atom_name(line[12:16].ljust(4), line[17:20])
@@ -264,11 +306,69 @@ def parse_pdb(path):
                     f"another one, write it in columns 77-78 of this record")
             z.append(ELEMENT_TO_Z[key])
             pos.append(xyz)
+            line_nos.append(line_no)
     if not z:
         raise ValueError(f"{path}: no ATOM/HETATM records found (empty or not a PDB file?); "
                          f"write the monomer's atoms as ATOM/HETATM records, or fix the path "
                          f"in meta.xlsx")
-    return np.asarray(z, dtype=np.int64), np.asarray(pos, dtype=np.float64)
+    pos = np.asarray(pos, dtype=np.float64)
+    dist, i, j = closest_pair(pos)
+    if dist < MIN_ATOM_DISTANCE_ANGSTROM:
+        raise ValueError(f"{path}, lines {line_nos[i]} and {line_nos[j]}: two atoms {dist:.3f} "
+                         f"Angstrom apart (< {MIN_ATOM_DISTANCE_ANGSTROM}): a duplicated record "
+                         f"or a second alternate location?; keep one record per atom")
+    return np.asarray(z, dtype=np.int64), pos
+
+
+def closest_pair(pos_a, pos_b=None, chunk=512):
+    """The closest two atoms: ``(distance, i, j)`` with i in ``pos_a`` (N, 3) and j in
+    ``pos_b`` (M, 3), or i < j both in ``pos_a`` when ``pos_b`` is None; ``(inf, -1, -1)``
+    without a pair. Rows go in chunks, so memory stays O(chunk * M)."""
+    best = (math.inf, -1, -1)
+    for start in range(0, len(pos_a), chunk):
+        block = pos_a[start:start + chunk]  # (C, 3)
+        offset = start if pos_b is None else 0  # within pos_a: the pairs (i, j > i) only
+        other = pos_a[start:] if pos_b is None else pos_b  # (M', 3)
+        dist2 = ((block[:, None, :] - other[None, :, :]) ** 2).sum(axis=-1)  # (C, M')
+        if pos_b is None:
+            dist2[np.tril_indices(len(block), m=dist2.shape[1])] = np.inf  # j <= i
+        if dist2.size and math.sqrt(dist2.min()) < best[0]:
+            i, j = np.unravel_index(np.argmin(dist2), dist2.shape)
+            best = (math.sqrt(dist2[i, j]), start + int(i), offset + int(j))
+    return best
+
+
+def read_level_of_theory(root_dir):
+    """The baseline's level of theory recorded in ``<root_dir>/level_of_theory.json`` (a dict
+    with at least ``LEVEL_OF_THEORY_KEYS``), or None for a folder without the record."""
+    path = os.path.join(root_dir, LEVEL_OF_THEORY_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            level = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable level-of-theory record ({exc}); rewrite it or "
+                         f"rebuild the folder with tools/build_dataset.py") from None
+    missing = [k for k in LEVEL_OF_THEORY_KEYS if not isinstance(level, dict) or k not in level]
+    if missing:
+        raise ValueError(f"{path}: the level-of-theory record lacks {', '.join(missing)}; "
+                         f"rebuild the folder with tools/build_dataset.py")
+    return level
+
+
+def describe_level_of_theory(level):
+    """One line: ``hf/def2-svp, density fitting (def2-universal-jkfit), no counterpoise``."""
+    fit = f"density fitting ({level['auxbasis']})" if level["density_fit"] else "no density fit"
+    cp = "counterpoise" if level["counterpoise"] else "no counterpoise"
+    return f"{level['method']}/{level['basis']}, {fit}, {cp}"
+
+
+def level_of_theory_mismatch(trained, folder):
+    """The differences between a model's level of theory and a folder's, as text; '' when
+    they agree. Both are records as ``read_level_of_theory`` returns them."""
+    return "; ".join(f"{k}: {trained[k]!r} for the model, {folder[k]!r} in the folder"
+                     for k in LEVEL_OF_THEORY_KEYS if trained[k] != folder[k])
 
 
 def _hash_file(digest, path):
@@ -320,6 +420,10 @@ def _meta_cell(col, value, where):
     if col == "R_nm" and number <= 0:
         raise ValueError(f"{where}: R_nm = {number} must be > 0; write the distance of the "
                          f"monomer centroids in nm")
+    bound, unit, todo = META_NUMBER_BOUNDS[col]
+    if abs(number) > bound:
+        raise ValueError(f"{where}: {col} = {number:g} is not plausible (|{col}| <= {bound:g}"
+                         f"{unit}, docs/DATA_FORMAT.md); {todo}")
     return number
 
 
@@ -428,9 +532,7 @@ def load_npz(path, n_atoms, where):
     if quad.shape != (3, 3):
         raise ValueError(f"{where}: {path}: quadrupole has shape {quad.shape}, expected (3, 3)"
                          f"{fix}")
-    for key, arr in zip(NPZ_KEYS, (mulliken, dipole, quad)):
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"{where}: {path}: {key} contains NaN or Inf{fix}")
+    _check_npz_values(path, where, fix, mulliken, dipole, quad)
     asym = np.abs(quad - quad.T).max()
     scale = max(1.0, np.abs(quad).max())  # D*A
     if asym > QUADRUPOLE_SYMMETRY_RTOL * scale:
@@ -440,6 +542,31 @@ def load_npz(path, n_atoms, where):
                          f"tensor means a wrong export or layout, which symmetrising would "
                          f"hide; write the full symmetric 3x3 Cartesian tensor{fix}")
     return mulliken, dipole, 0.5 * (quad + quad.T)
+
+
+def _check_npz_values(path, where, fix, mulliken, dipole, quad):
+    """Every NPZ number finite and within its plausible range (docs/DATA_FORMAT.md,
+    "Plausible values"); raises ``ValueError`` naming the array entry."""
+    checks = (("mulliken_spd", mulliken, MIN_SHELL_POPULATION, MAX_SHELL_POPULATION,
+               "electrons", "populations of the atom's s, p, d shells in electrons"),
+              ("dipole", dipole, -MAX_ABS_DIPOLE_DEBYE, MAX_ABS_DIPOLE_DEBYE, "D",
+               "the dipole in Debye (not atomic units or C*m)"),
+              ("quadrupole", quad, -MAX_ABS_QUADRUPOLE_DEBYE_ANGSTROM,
+               MAX_ABS_QUADRUPOLE_DEBYE_ANGSTROM, "D*Angstrom",
+               "the quadrupole in Debye*Angstrom (not atomic units)"))
+    for key, arr, low, high, unit, todo in checks:
+        finite = np.isfinite(arr)
+        bad = ~finite | (np.where(finite, arr, 0.0) < low) | (np.where(finite, arr, 0.0) > high)
+        if not bad.any():
+            continue
+        index = tuple(int(k) for k in np.argwhere(bad)[0])
+        entry = f"{key}[{', '.join(map(str, index))}] = {arr[index]:g}"
+        if key == "mulliken_spd":
+            entry += f" (atom {index[0] + 1}, A's atoms first, {'spd'[index[1]]} shell)"
+        if not finite[index]:
+            raise ValueError(f"{where}: {path}: {key} contains NaN or Inf: {entry}{fix}")
+        raise ValueError(f"{where}: {path}: {entry} {unit} is not plausible (between {low:g} "
+                         f"and {high:g} {unit}, docs/DATA_FORMAT.md); write {todo}{fix}")
 
 
 @dataclass
@@ -469,7 +596,7 @@ def parse_dimer(root_dir, row):
     r_angstrom = row["R_nm"] * NM_TO_ANGSTROM
     pos_a = pos_a - pos_a.mean(axis=0)  # (N_A, 3) Angstrom, centred on A's centroid
     pos_b = pos_b - pos_b.mean(axis=0) + np.array([0.0, 0.0, r_angstrom])  # (N_B, 3)
-    closest = np.linalg.norm(pos_a[:, None, :] - pos_b[None, :, :], axis=-1).min()
+    closest = closest_pair(pos_a, pos_b)[0]
     if closest < MIN_INTERMONOMER_DISTANCE_ANGSTROM:
         raise ValueError(f"{where}: atoms of A and B are {closest:.3f} Angstrom apart at "
                          f"R_nm = {row['R_nm']} (< {MIN_INTERMONOMER_DISTANCE_ANGSTROM}); "
@@ -484,19 +611,21 @@ def parse_dimer(root_dir, row):
                        mulliken=mulliken, field=field)
 
 
-def check_dataset(root_dir, parsed=None, rows=None):
+def check_dataset(root_dir, parsed=None, require_vref=True, rows=None):
     """Validate every row of a data folder with the rules used in training; raise nothing.
 
     Returns ``(n_rows, problems)``: the number of data rows in meta.xlsx and one message per
     problem found: meta.xlsx-level ones and every bad cell (``read_meta``), then for each row
-    with usable paths and R_nm the first problem of its PDBs and NPZ (``parse_dimer``).
+    with usable paths and R_nm the first problem of its PDBs and NPZ (``parse_dimer``): every
+    number unreadable, non-finite or beyond its plausible range (docs/DATA_FORMAT.md).
     ``parsed``: a list that receives the ``ParsedDimer`` of every row read without a problem,
     so that training does not read the files again; left empty for a folder of more than
     ``DIMER_PRELOAD_MAX`` rows (their files are read again when needed, memory stays bounded).
-    ``rows``: a list that receives every row of meta.xlsx.
+    ``require_vref=False``: as prediction reads meta.xlsx (``read_meta``). ``rows``: a list
+    that receives every row of meta.xlsx.
     """
     problems = []
-    meta_rows = read_meta(root_dir, problems=problems)
+    meta_rows = read_meta(root_dir, require_vref, problems=problems)
     if rows is not None:
         rows.extend(meta_rows)
     keep = parsed is not None and len(meta_rows) <= DIMER_PRELOAD_MAX
@@ -1606,7 +1735,7 @@ def format_metrics_table(report):
 # same code on its part of the rows; the sums behind every figure are all-reduced (DIST below).
 @dataclass(frozen=True)
 class DistEnv:
-    """Where this process stands in a torchrun launch (docs/DESIGN.md, decision 17); the
+    """Where this process stands in a torchrun launch (docs/DESIGN.md, decision 18); the
     defaults describe a plain ``python delta_coupling.py``, which never touches a process
     group."""
     rank: int = 0
@@ -1666,6 +1795,14 @@ class NonFiniteLossError(FloatingPointError):
     """The loss of a batch was NaN or Inf."""
 
 
+class NonFiniteGradientError(FloatingPointError):
+    """The loss of a batch was finite but a gradient was NaN or Inf (no step was taken)."""
+
+
+class NonFinitePredictionError(FloatingPointError):
+    """A prediction of a batch was NaN or Inf."""
+
+
 class TooManyFailedBatchesError(RuntimeError):
     """Too many batches of a pass failed: the run stops instead of skipping on."""
 
@@ -1674,15 +1811,21 @@ class FailedBatches:
     """The failed-batch rule of training, evaluation and prediction, in one place
     (docs/DESIGN.md, decision 11).
 
-    ``record`` logs a batch that raised (or whose loss was NaN/Inf) with its dimer ids and
-    counts it, or re-raises at once when ``skip`` is False. ``check`` stops the pass with
-    ``TooManyFailedBatchesError`` when too many failed: more than half of an epoch's batches,
-    or in a prediction (``prediction=True``) every batch.
+    A batch fails when it raises one of ``ERRORS``: a NaN or Inf loss, gradient or prediction
+    (the ``NonFinite*Error``s) or running out of GPU memory, what a batch of valid data can
+    legitimately run into. Any other exception is a bug or a broken environment and propagates
+    at once, never hidden as a skipped batch. ``record`` logs a failed batch (exception type and
+    message, the batch's dimer ids) and counts it, or re-raises at once when ``skip`` is False;
+    the first failed batch of a run also writes its full traceback to ``traceback_path`` (when
+    given and not written yet: a run removes an older one at its start). ``check`` stops the
+    pass with ``TooManyFailedBatchesError`` naming the first failed batch when more than half
+    of its batches failed.
     """
-    ERRORS = (RuntimeError, ValueError, FloatingPointError)  # what a failing batch raises
+    ERRORS = (FloatingPointError, torch.OutOfMemoryError)
 
-    def __init__(self, skip=True, log=print, prediction=False):
-        self.skip, self.log, self.prediction = skip, log, prediction
+    def __init__(self, skip=True, log=print, what="epoch", traceback_path=None):
+        self.skip, self.log, self.what = skip, log, what  # what: the pass, in messages
+        self.traceback_path = traceback_path
         self.n_batches = 0  # batches seen
         self.failed = []  # (batch ids, reason) of each failed batch
         self.first_error = None
@@ -1691,11 +1834,19 @@ class FailedBatches:
         if not self.skip:
             raise exc
         self.first_error = self.first_error or exc
-        self.note(list(data.id), f"{type(exc).__name__}: {exc}")
+        ids = list(data.id)
+        where = ""
+        if self.traceback_path and DIST.master and not os.path.exists(self.traceback_path):
+            atomic_write_text(
+                f"the first failed batch of this run ({self.what}): dimer ids {ids}\n"
+                + "".join(traceback.format_exception(exc)), self.traceback_path)
+            where = f" (full traceback in {self.traceback_path})"
+        traceback.clear_frames(exc.__traceback__)  # free the batch's tensors (GPU memory)
+        self.note(ids, f"{type(exc).__name__}: {exc}", where)
 
-    def note(self, ids, reason):
+    def note(self, ids, reason, where=""):
         self.failed.append((ids, reason))
-        self.log(f"skipped batch ids {ids}{' in prediction' if self.prediction else ''}: {reason}")
+        self.log(f"skipped batch ids {ids} in this {self.what}: {reason}{where}")
 
     def merge_ranks(self):
         """Under torchrun, for a pass whose rows are split between the ranks: every rank's
@@ -1703,23 +1854,22 @@ class FailedBatches:
         gathered = all_gather_objects((self.n_batches, self.failed))
         for rank, (_, failed) in enumerate(gathered):
             for ids, reason in failed if rank != DIST.rank else []:
-                self.log(f"skipped batch ids {ids} on rank {rank}: {reason}")
+                self.log(f"skipped batch ids {ids} in this {self.what} on rank {rank}: {reason}")
         self.n_batches = sum(n for n, _ in gathered)
         self.failed = [f for _, failed in gathered for f in failed]
 
     def check(self):
         n_failed = len(self.failed)
-        if self.prediction and self.n_batches and n_failed == self.n_batches:
-            raise TooManyFailedBatchesError(
-                f"every batch failed in prediction; first error: {self.failed[0][1]}") \
-                from self.first_error
-        if not self.prediction and 2 * n_failed > self.n_batches:
+        if 2 * n_failed > self.n_batches:
             first_ids, first_reason = self.failed[0]
+            todo = "check these dimers (python delta_coupling.py --check_data)" + (
+                " or lower --lr" if self.what == "epoch" else "")
+            if self.traceback_path:
+                todo += f"; the first traceback of this run is in {self.traceback_path}"
             raise TooManyFailedBatchesError(
-                f"{n_failed} of {self.n_batches} batches of this epoch failed (more than half); "
-                f"the first failed batch holds dimer ids {first_ids}: {first_reason}; check "
-                f"these dimers (python delta_coupling.py --check_data) or lower --lr") \
-                from self.first_error
+                f"{n_failed} of {self.n_batches} batches of this {self.what} failed (more than "
+                f"half); the first failed batch holds dimer ids {first_ids}: {first_reason}; "
+                f"{todo}") from self.first_error
 
 
 def _graph_u(data):
@@ -1744,13 +1894,15 @@ def predict_batch(model, data, amp_dtype=None):
 
 
 def run_epoch(model, loader, device, optimizer=None, scheduler=None, scaler=None,
-              amp_dtype=None, skip_failed_batches=True, log=print):
+              amp_dtype=None, skip_failed_batches=True, log=print, traceback_path=None):
     """One pass over ``loader``: trains when ``optimizer`` is given, else evaluates.
 
-    Returns an ``EpochResult``. A batch that raises (or whose loss is NaN/Inf) is logged with
-    its ids and reason, counted and skipped when ``skip_failed_batches``; if more than half of
-    the batches fail, ``TooManyFailedBatchesError`` names the first failed batch's ids and
-    reason (``FailedBatches``). With ``skip_failed_batches=False`` errors propagate at once.
+    Returns an ``EpochResult``. A batch that fails (its loss or a gradient is NaN/Inf, or the
+    GPU runs out of memory) is logged with its ids and reason, counted and skipped when
+    ``skip_failed_batches``, the first of a run with its traceback in ``traceback_path``; if
+    more than half of the batches fail, ``TooManyFailedBatchesError`` names the first failed
+    batch's ids and reason (``FailedBatches``). With ``skip_failed_batches=False`` errors
+    propagate at once; any other exception always does.
 
     Under torchrun every rank passes over its own loader. Training (``model`` is then the
     DistributedDataParallel wrapper): a step is one step over the union of the ranks' batches,
@@ -1760,7 +1912,9 @@ def run_epoch(model, loader, device, optimizer=None, scheduler=None, scaler=None
     """
     training = optimizer is not None
     model.train(training)
-    failures = FailedBatches(skip=skip_failed_batches, log=log)
+    failures = FailedBatches(skip=skip_failed_batches, log=log,
+                             what="epoch" if training else "evaluation",
+                             traceback_path=traceback_path)
     loss_sum, model_errors, baseline_errors = 0.0, ErrorSums(), ErrorSums()
     for data in loader:
         data = data.to(device)
@@ -1837,7 +1991,13 @@ def exchange_step(data, error):
 
 
 def optimizer_step(loss, optimizer, scheduler=None, scaler=None):
-    """Backward and one optimizer (and scheduler) step; through ``scaler`` when given."""
+    """Backward and one optimizer (and scheduler) step; through ``scaler`` when given.
+
+    Without a scaler a NaN or Inf gradient raises ``NonFiniteGradientError`` before any
+    parameter changes (the failed-batch rule counts it as a failed batch). With one (float16
+    autocast) the scaler finds such gradients itself: it skips that step and lowers its scale,
+    which is how it finds its scale, not a failure.
+    """
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -1847,28 +2007,42 @@ def optimizer_step(loss, optimizer, scheduler=None, scaler=None):
             scaler.update()
     else:
         loss.backward()
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
+        largest = torch.nn.utils.get_total_norm(grads, norm_type=math.inf) if grads else None
+        if largest is not None and not torch.isfinite(largest):  # max |grad|: NaN or Inf
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteGradientError(f"loss is {loss.item():.6g} but its gradient has NaN "
+                                         f"or Inf (largest |gradient| {largest.item()})")
         optimizer.step()
     if scheduler is not None:
         scheduler.step()
 
 
 @torch.no_grad()
-def predict_rows(model, loader, device, amp_dtype=None, skip_failed_batches=True, log=print):
+def predict_rows(model, loader, device, amp_dtype=None, skip_failed_batches=True, log=print,
+                 traceback_path=None, what="prediction"):
     """Per-dimer predictions over a loader, in its order.
 
     Returns ``{"id": [str], "pred": V0 + dV, "true": Vref (NaN where unknown), "v0": V0}``,
-    the arrays (n,) float64 numpy. Failed batches are logged and skipped as in ``run_epoch``
-    (``FailedBatches``; it stops when every batch fails): their rows are absent. Under torchrun
-    each rank predicts its loader and every rank returns the rows of all, in rank order.
+    the arrays (n,) float64 numpy. A batch that fails (a NaN or Inf prediction, out of GPU
+    memory) is logged and skipped as in ``run_epoch``, by the same rule (``FailedBatches``;
+    more than half failing stops): its rows are absent. Under torchrun each rank predicts its
+    loader and every rank returns the rows of all, in rank order.
     """
     model.eval()
     ids, preds, trues, v0s = [], [], [], []
-    failures = FailedBatches(skip=skip_failed_batches, log=log, prediction=True)
+    failures = FailedBatches(skip=skip_failed_batches, log=log, what=what,
+                             traceback_path=traceback_path)
     for data in loader:
         data = data.to(device)
         failures.n_batches += 1
         try:
             pred_vref, v0 = predict_batch(model, data, amp_dtype)  # (B,), (B,)
+            finite = torch.isfinite(pred_vref)  # (B,)
+            if not finite.all():
+                bad = [i for i, ok in zip(data.id, finite.tolist()) if not ok]
+                raise NonFinitePredictionError(f"the prediction is NaN or Inf for dimer ids {bad}")
         except FailedBatches.ERRORS as exc:
             failures.record(data, exc)
             continue
@@ -1935,11 +2109,11 @@ def save_regression_plot(pred, true, v0, save_path=None, title=""):
 
 
 def plot_regression(model, loader, device, save_path=None, title="", amp_dtype=None,
-                    skip_failed_batches=True, log=print):
-    """Predict over ``loader`` (``predict_rows``) and draw ``save_regression_plot``
-    (docs/DESIGN.md, section 7). Returns the ``predict_rows`` dict."""
-    rows = predict_rows(model, loader, device, amp_dtype,
-                        skip_failed_batches=skip_failed_batches, log=log)
+                    **failed_batches):
+    """Predict over ``loader`` (``predict_rows``, which takes ``failed_batches``: the options
+    of the failed-batch rule) and draw ``save_regression_plot`` (docs/DESIGN.md, section 7).
+    Returns the ``predict_rows`` dict."""
+    rows = predict_rows(model, loader, device, amp_dtype, **failed_batches)
     save_regression_plot(rows["pred"], rows["true"], rows["v0"], save_path, title)
     return rows
 
@@ -2024,21 +2198,72 @@ def make_splits(rows, seed=DEFAULT_SEED):
 
 
 # --- files: written atomically, read as tensors and plain types only
+class OutputError(OSError):
+    """An output file or folder cannot be created or written. Its message is one line that
+    names the path, the reason and what to do; main() prints it and exits with status 2."""
+
+
+# what to do about an output that cannot be written, by errno
+_OUTPUT_ADVICE = {
+    errno.ENOSPC: "free disk space or write to another --root_dir",
+    errno.EDQUOT: "free disk space or write to another --root_dir",
+    errno.EACCES: "make the folder writable or use another --root_dir",
+    errno.EPERM: "make the folder writable or use another --root_dir",
+    errno.EROFS: "the file system is read-only: copy the data to a writable --root_dir",
+    errno.EEXIST: "a file is in the way of the folder: move it away",
+    errno.ENOTDIR: "a file is in the way of a folder on this path: move it away",
+    errno.EISDIR: "a folder is in the way of the file: move it away",
+}
+
+
+def output_error(path, exc, what="write"):
+    """The ``OutputError`` for ``exc`` (an ``OSError``) raised when writing ``path``:
+    "cannot <what> <path>: <reason>; <what to do>", one line."""
+    advice = _OUTPUT_ADVICE.get(exc.errno, "check the path and the disk")
+    error = OutputError(f"cannot {what} {path}: {exc.strerror or exc}; {advice}")
+    error.errno = exc.errno
+    return error
+
+
+def remove_output(path):
+    """Remove an output file of an earlier run if it is there; an ``OutputError`` if it cannot
+    be removed."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise output_error(path, exc, "remove the earlier") from None
+
+
+def make_output_folder(folder):
+    """``os.makedirs(folder, exist_ok=True)``, or an ``OutputError`` naming the folder."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise output_error(folder, exc, "create the folder") from None
+    return folder
+
+
 @contextlib.contextmanager
 def _atomic_target(path):
     """Yield a temp path in ``path``'s folder; flushed to disk and renamed over ``path`` only
     if the block succeeds. A failure or crash mid-write leaves the previous ``path`` intact and
-    removes the temp file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    removes the temp file; an ``OSError`` (disk full, no permission, a folder in the way)
+    becomes an ``OutputError`` naming ``path``."""
+    folder = make_output_folder(os.path.dirname(os.path.abspath(path)))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
     try:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OutputError:
+        raise
+    except OSError as exc:
+        raise output_error(path, exc) from None
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):  # not there after the rename, or never created
             os.remove(tmp)
 
 
@@ -2072,15 +2297,33 @@ def atomic_write_json(obj, path):
     atomic_write_text(json.dumps(_json_ready(obj), indent=1, allow_nan=False) + "\n", path)
 
 
+def _load_error_detail(exc):
+    """What torch's loader says is wrong, without its advice on how to load the file anyway
+    (one line)."""
+    advice = ("weights_only", "Weights only load failed", "Check the documentation",
+              "Please file an issue", "add_safe_globals", "safe_globals")
+    lines = [line.strip() for line in str(exc).splitlines()]
+    return " ".join(line for line in lines if line and not any(a in line for a in advice))
+
+
 def load_tensors_file(path, what, fix="", map_location="cpu", mmap=False):
     """``torch.load(path, weights_only=True)``: tensors and plain types only (docs/DESIGN.md,
     decision 9); with ``mmap`` the tensors are views of the mapped file, not copies. A file
-    that cannot be read so raises ``ValueError``: "``path`` cannot be loaded as ``what`` (the
-    error)``fix``"."""
+    that cannot be read so raises ``ValueError``: "``path`` cannot be loaded as ``what``:
+    why``fix``". A file holding other pickled objects is refused as such, never with advice to
+    load it some other way: unpickling them could run code."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise ValueError(f"{path} cannot be loaded as {what} ({exc}){fix}") from None
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        held = (f"a pickled Python object ({found.group(1)})" if found else
+                f"pickled data other than tensors ({_load_error_detail(exc) or 'unreadable'})")
+        raise ValueError(f"{path} cannot be loaded as {what}: it holds {held}, not only tensors "
+                         f"and plain types; loading such a file could run code, so it is "
+                         f"refused{fix}") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise ValueError(f"{path} cannot be loaded as {what} ({_load_error_detail(exc)})"
+                         f"{fix}") from None
 
 
 def load_checkpoint(path, device="cpu"):
@@ -2183,7 +2426,7 @@ def _exit(message):
 
 def setup_distributed(device_choice):
     """Join the process group when launched by torchrun (RANK in the environment): nccl with
-    one GPU per local rank on CUDA, gloo on a CPU (docs/DESIGN.md, decision 17); sets ``DIST``
+    one GPU per local rank on CUDA, gloo on a CPU (docs/DESIGN.md, decision 18); sets ``DIST``
     once. A plain ``python delta_coupling.py`` initialises nothing; a process group that the
     caller has initialised is used as it is. Returns the device."""
     global DIST
@@ -2340,9 +2583,9 @@ def build_arg_parser():
     return p
 
 
-def data_check_report(root_dir, parsed=None, rows=None):
+def data_check_report(root_dir, parsed=None, require_vref=True, rows=None):
     """Run ``check_dataset``: ("checked N rows of DIR: K problems" + one line each, K)."""
-    n_rows, problems = check_dataset(root_dir, parsed, rows)
+    n_rows, problems = check_dataset(root_dir, parsed, require_vref, rows)
     head = f"checked {n_rows} rows of {root_dir}: {len(problems)} problem" \
            f"{'' if len(problems) == 1 else 's'}"
     return "\n".join([head] + [f"  - {p}" for p in problems]), len(problems)
@@ -2351,12 +2594,15 @@ def data_check_report(root_dir, parsed=None, rows=None):
 def check_data_or_exit(args):
     """``--check_data``: print the report, exit 1 if any problem, else 0 (nothing trained).
 
-    Otherwise (before training) stop with status 2 and the full report if any problem, or
-    return ``(rows, parsed)``: meta.xlsx's rows and every row's ``ParsedDimer`` (the files,
-    read once for training too), or None for a set larger than ``DIMER_PRELOAD_MAX`` rows.
+    Otherwise (before training or prediction) stop with status 2 and the full report if any
+    problem, or return ``(rows, parsed)``: meta.xlsx's rows and every row's ``ParsedDimer``
+    (the files, read once for training too), or None for a set larger than
+    ``DIMER_PRELOAD_MAX`` rows. With ``--predict`` Vref may be missing (``check_dataset``'s
+    ``require_vref``).
     """
     parsed, rows = [], []
-    report, n_problems = data_check_report(args.root_dir, parsed, rows)
+    report, n_problems = data_check_report(args.root_dir, parsed, require_vref=not args.predict,
+                                           rows=rows)
     if args.check_data:
         print(report)
         raise SystemExit(1 if n_problems else 0)
@@ -2465,6 +2711,8 @@ class TrainingRun:
     use_scaler: bool = False  # float16 autocast needs a GradScaler
     run_id: str = ""  # tells this run's files from another run's
     versions: dict = field(default_factory=dict)  # package_versions()
+    resumed: bool = False  # continues a saved run (--resume)
+    level_of_theory: dict = None  # the data folder's baseline level (read_level_of_theory)
 
     @property
     def models_dir(self):
@@ -2481,6 +2729,12 @@ class TrainingRun:
     @property
     def resume_path(self):
         return os.path.join(self.models_dir, RESUME_CHECKPOINT)
+
+    @property
+    def failed_batches(self):
+        """The failed-batch rule's options of every pass (``run_epoch``, ``predict_rows``)."""
+        return dict(skip_failed_batches=self.args.skip_failed_batches, log=log_line,
+                    traceback_path=os.path.join(self.models_dir, FAILED_BATCHES_LOG))
 
     @property
     def metadata(self):
@@ -2501,7 +2755,8 @@ class TrainingRun:
         return {"model_state": model.state_dict(), "model_config": model.config,
                 "config": dict(vars(self.args)), "metadata": self.metadata, "epoch": epoch,
                 "val_mape": val_mape, "val_mae": val_mae, "split_ids": self.split_ids,
-                "versions": self.versions, "run_id": self.run_id}
+                "versions": self.versions, "run_id": self.run_id,
+                "level_of_theory": self.level_of_theory}
 
 
 @dataclass
@@ -2535,6 +2790,13 @@ def prepare_data(args, device, resume=None):
     rows = broadcast_from_rank0(rows)
     if cache is None:  # another rank: rank 0 has checked the cache
         cache = load_cache(os.path.join(args.root_dir, args.cache_file_name))
+    try:
+        level = read_level_of_theory(args.root_dir)
+    except ValueError as exc:
+        _exit(str(exc))
+    log_line(f"baseline level of theory: {describe_level_of_theory(level)}" if level else
+             f"note: {args.root_dir} has no {LEVEL_OF_THEORY_FILE}; the model will not know the "
+             f"level of theory of its V0 (tools/build_dataset.py writes the record)")
     train_idx, val_idx, test_idx, rule = make_splits(rows, args.seed)
     log_line(f"{len(rows)} dimers from {args.root_dir}; split {rule}: "
              f"train {len(train_idx)}, val {len(val_idx)}, test {len(test_idx)}")
@@ -2569,7 +2831,7 @@ def prepare_data(args, device, resume=None):
         val_loader=DataLoader(Subset(eval_ds, rank_part(val_idx)), shuffle=False, **loader_kw),
         amp_dtype=amp_dtype, use_scaler=use_scaler,
         run_id=broadcast_from_rank0((resume or {}).get("run_id") or os.urandom(8).hex()),
-        versions=package_versions())
+        versions=package_versions(), resumed=resume is not None, level_of_theory=level)
 
 
 def build_model(run):
@@ -2622,15 +2884,24 @@ def make_training_tools(run, model):
 
 def write_run_files(run, model):
     """``split_ids.json`` and ``run_config.json``: the split and what reproduces the run
-    (rank 0 writes them)."""
+    (rank 0 writes them).
+
+    Creates ``models/`` and ``plots/`` first, so a folder that cannot be created stops the run
+    before its first epoch; a new run removes the failed-batch log of an earlier one.
+    """
     if not DIST.master:
         return
+    for folder in (run.models_dir, run.plots_dir):
+        make_output_folder(folder)
+    if not run.resumed:
+        remove_output(run.failed_batches["traceback_path"])
     split = {"rule": run.rule, "seed": run.args.seed, **run.split_ids}
     atomic_write_json(split, os.path.join(run.models_dir, "split_ids.json"))
     atomic_write_json({"args": vars(run.args), "model_config": model.config,
                        "versions": run.versions, "platform": platform.platform(),
                        "device": describe_device(run.device), "world_size": DIST.world_size,
-                       "data_sha256": run.cache.metadata["data_sha256"], "split": split},
+                       "data_sha256": run.cache.metadata["data_sha256"],
+                       "level_of_theory": run.level_of_theory, "split": split},
                       os.path.join(run.models_dir, RUN_CONFIG_FILE))
 
 
@@ -2663,17 +2934,15 @@ def train(run, model, optimizer, scheduler, scaler, resume=None):
                    args.quiet, desc="training", unit="epoch", initial=state.epoch,
                    total=args.epochs)
     try:
-        for state.epoch in bar:
+        for epoch in bar:
+            state.epoch = epoch
             if DIST.active:
                 run.train_loader.sampler.set_epoch(state.epoch)
-            train_result = run_epoch(step_model, run.train_loader, run.device, optimizer, scheduler,
-                                     scaler, run.amp_dtype,
-                                     skip_failed_batches=args.skip_failed_batches, log=log_line)
+            train_result = run_epoch(step_model, run.train_loader, run.device, optimizer,
+                                     scheduler, scaler, run.amp_dtype, **run.failed_batches)
             with torch.no_grad():
                 val_result = (run_epoch(model, run.val_loader, run.device,
-                                        amp_dtype=run.amp_dtype,
-                                        skip_failed_batches=args.skip_failed_batches,
-                                        log=log_line)
+                                        amp_dtype=run.amp_dtype, **run.failed_batches)
                               if len(run.split_idx["val"]) else EpochResult())
             end_of_epoch(run, model, optimizer, scheduler, scaler, state, train_result,
                          val_result, time.time() - t_start)
@@ -2690,6 +2959,10 @@ def train(run, model, optimizer, scheduler, scaler, resume=None):
     except TooManyFailedBatchesError as exc:
         bar.close()
         _exit(f"epoch {state.epoch}: {exc}")
+    except OutputError as exc:
+        bar.close()
+        _exit(f"epoch {state.epoch}: {exc}" + (f" (the state after epoch {state.saved[1]} is in "
+                                                f"{state.saved[0]})" if state.saved else ""))
     bar.close()
     return state
 
@@ -2699,8 +2972,13 @@ def end_of_epoch(run, model, optimizer, scheduler, scaler, state, train_result, 
     """Early stopping's bookkeeping after an epoch: the best checkpoint on improvement, the
     epoch's history record, the resume state and the periodic log line."""
     args = run.args
-    monitor = val_result.mape if len(run.split_idx["val"]) else train_result.loss
-    if monitor < state.best:
+    has_val = len(run.split_idx["val"]) > 0
+    monitored = val_result if has_val else train_result
+    monitor = monitored.mape if has_val else monitored.loss
+    if monitor < state.best and monitored.n_skipped:  # over fewer dimers: not comparable
+        log_line(f"epoch {state.epoch}: {run.monitor_name} {monitor:.4g} is not taken as the "
+                 f"best: {monitored.n_skipped} of its {monitored.n_batches} batches failed")
+    if monitor < state.best and not monitored.n_skipped:
         state.best, state.best_epoch, state.stale = monitor, state.epoch, 0
         if DIST.master:
             atomic_torch_save(run.checkpoint(model, state.epoch, val_result.mape,
@@ -2770,11 +3048,10 @@ def final_report(run, model):
                 if DIST.master else None
             predictions[name] = plot_regression(
                 model, loader, run.device, path, title=f"{name} set", amp_dtype=run.amp_dtype,
-                skip_failed_batches=run.args.skip_failed_batches, log=log_line)
+                what=f"{name} evaluation", **run.failed_batches)
         else:
             predictions[name] = predict_rows(model, loader, run.device, run.amp_dtype,
-                                             skip_failed_batches=run.args.skip_failed_batches,
-                                             log=log_line)
+                                             what=f"{name} evaluation", **run.failed_batches)
     report = metrics_report(predictions, {r["id"]: r["group"] for r in run.rows if "group" in r})
     log_line(format_metrics_table(report))
     if DIST.master:
@@ -2975,6 +3252,28 @@ def predictions_table(rows, pred, split_of):
     return table
 
 
+def check_level_of_theory(trained, root_dir, checkpoint_path):
+    """Stop when the model was trained on V0 of another level of theory than the folder's
+    (a model trained on HF/def2-SVP V0 corrects nothing else; docs/DESIGN.md, decision 17);
+    warn when either record is missing (folders and checkpoints made before it existed)."""
+    try:
+        folder = read_level_of_theory(root_dir)
+    except ValueError as exc:
+        _exit(str(exc))
+    if trained is None or folder is None:
+        which = (f"{checkpoint_path} does not record the level of theory it was trained on"
+                 if trained is None else f"{root_dir} has no {LEVEL_OF_THEORY_FILE}")
+        log_line(f"warning: {which}, so it cannot be checked; the predictions are only "
+                 f"meaningful if V0 was computed at the level of the model's training data")
+        return
+    differ = level_of_theory_mismatch(trained, folder)
+    if differ:
+        _exit(f"{root_dir} was built at another level of theory than the model in "
+              f"{checkpoint_path} was trained on ({differ}): the model corrects "
+              f"{describe_level_of_theory(trained)} V0 only; rebuild the folder at that level "
+              f"(tools/build_dataset.py --method/--basis/...) or train a model on this level")
+
+
 def run_predict(args, argv=None):
     """``--predict``: Vref for every row of ``<root_dir>/meta.xlsx`` with a saved model alone.
 
@@ -2983,6 +3282,7 @@ def run_predict(args, argv=None):
     metrics table (all rows, each group, and train/val/test when root_dir is the checkpoint's
     own training data) and writes ``<root_dir>/predictions_metrics.json``.
     """
+    rows, parsed = check_data_or_exit(args)  # every problem at once; --check_data exits here
     path = args.checkpoint or os.path.join(args.root_dir, "models", BEST_CHECKPOINT)
     if not os.path.isfile(path):
         _exit(f"checkpoint {path} not found; pass --checkpoint PATH (a {BEST_CHECKPOINT} or "
@@ -3001,18 +3301,22 @@ def run_predict(args, argv=None):
         _exit(f"--physical_cutoff {cutoff_given:g} Angstrom differs from the "
               f"{physical_cutoff:g} Angstrom the model in {path} was trained with; a model "
               f"works only at its own cutoff: leave --physical_cutoff out")
-    try:
-        rows = read_meta(args.root_dir, require_vref=False)
-        graphs = [make_graph(parse_dimer(args.root_dir, r), model.config["cutoff"])
-                  for r in progress(rows, args.quiet, desc="reading dimers", unit="dimer")]
-    except (ValueError, FileNotFoundError) as exc:
-        _exit(str(exc))
+    check_level_of_theory(ckpt.get("level_of_theory"), args.root_dir, path)
+    if parsed is not None:
+        graphs = [make_graph(dimer, model.config["cutoff"])
+                  for dimer in progress(parsed, args.quiet, desc="building graphs", unit="dimer")]
+    else:  # a large set: each dimer's files are read again when its batch comes
+        graphs = DimerDataset(args.root_dir, rows=rows, preload=False)
+        graphs.internal_cutoff = model.config["cutoff"]  # the model's own cutoff, exactly
     log_line(f"{len(rows)} dimers from {args.root_dir}; model from {path} "
              f"(cutoff {physical_cutoff:g} Angstrom)")
     loader = DataLoader(graphs, batch_size=args.batch_size, shuffle=False)
+    failures_log = os.path.join(args.root_dir, PREDICTION_FAILED_BATCHES_LOG)
+    remove_output(failures_log)  # an earlier prediction's
     try:
         pred = predict_rows(model, loader, device, amp_settings(device)[0],
-                            skip_failed_batches=args.skip_failed_batches, log=log_line)
+                            skip_failed_batches=args.skip_failed_batches, log=log_line,
+                            traceback_path=failures_log)
     except TooManyFailedBatchesError as exc:
         _exit(f"prediction with {path}: {exc}")
     if len(pred["id"]) < len(rows):
@@ -3046,16 +3350,21 @@ def main(argv=None):
     if args.predict:
         if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
             _exit("--predict runs in one process: python delta_coupling.py --predict ...")
-        return run_predict(args, argv)
+        try:
+            return run_predict(args, argv)
+        except OutputError as exc:  # an output that cannot be written: one line
+            _exit(str(exc))
     device = setup_distributed(args.device)  # torchrun: join the process group
     with sigterm_as_interrupt():
         try:
             run = prepare_data(args, device, resume)  # check rows, cache, split, loaders
             model = build_model(run)  # DeltaCoupling, compiled where that is faster
             optimizer, scheduler, scaler = make_training_tools(run, model)  # Adam, OneCycle
-            write_run_files(run, model)  # split_ids.json, run_config.json
+            write_run_files(run, model)  # models/, plots/, split_ids.json, run_config.json
             state = train(run, model, optimizer, scheduler, scaler, resume)  # the epochs
             return finish(run, model, state)  # best weights, metrics, plots, final checkpoint
+        except OutputError as exc:  # an output that cannot be written: one line, no traceback
+            _exit(str(exc))
         finally:
             teardown_distributed()
 

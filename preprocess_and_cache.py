@@ -17,25 +17,32 @@ not grow with the data. The index, ``cached_graphs.pt``, is written last::
      "ids": [ row id (str) ],
      "shards": [ {file, start, count, bytes, sha256} ]}
 
-and each shard ``cached_graphs_shards/shard_KKKKK.pt``::
+and each shard ``cached_graphs_shards/build-.../shard_KKKKK.pt``::
 
     {"metadata": (as above), "start": first row, "count": rows,
      "node_ptr": (count + 1,), "edge_ptr": (count + 1,), "fields": {field: concatenated tensor}}
 
-An interrupted build continues where it stopped: the shards already written for the same data
-and settings are kept. Everything loads with ``torch.load(..., weights_only=True)``.
+The shards are written into ``cached_graphs_shards/building/``; when all are there, that folder
+is renamed ``build-<data checksum>-<random>`` and the index, written last, points at it, so a
+previous cache stays whole until the new one replaces it. An interrupted build continues where
+it stopped: the shards already in ``building/`` for the same data and settings are kept.
+Everything loads with ``torch.load(..., weights_only=True)``.
 """
 import argparse
 import glob
 import os
+import shutil
 import sys
 
 from delta_coupling import (CACHE_SHARD_BYTES, DEFAULT_CACHE_FILE, DEFAULT_PHYSICAL_CUTOFF,
-                            DEFAULT_ROOT_DIR, EXIT_INTERRUPTED, INT_ANGSTROM_SCALE,
+                            DEFAULT_ROOT_DIR, EXIT_INTERRUPTED, INT_ANGSTROM_SCALE, OutputError,
                             atomic_torch_save, cache_metadata, cache_shard_dir, cache_shard_name,
                             data_check_report, file_sha256, load_tensors_file, log_line,
-                            make_graph, pack_graphs, parse_dimer, positive_float, progress,
-                            read_meta)
+                            make_graph, make_output_folder, pack_graphs, parse_dimer,
+                            positive_float, progress, read_meta, remove_output)
+
+
+BUILDING_DIR = "building"  # the shards of a build in progress, in cached_graphs_shards/
 
 
 def shard_entry(shard_dir, k, start, count):
@@ -79,17 +86,18 @@ def build_cache(root_dir, physical_cutoff=DEFAULT_PHYSICAL_CUTOFF,
     elif rows is None:
         rows = read_meta(root_dir)
     path = os.path.join(root_dir, cache_file_name)
-    shard_dir = cache_shard_dir(path)
-    if os.path.exists(path):
-        os.remove(path)  # the old index must never point at the shards being rewritten
-    os.makedirs(shard_dir, exist_ok=True)
+    shards_root = cache_shard_dir(path)
+    shard_dir = os.path.join(shards_root, BUILDING_DIR)  # the old cache stays whole meanwhile
+    if fresh:
+        shutil.rmtree(shard_dir, ignore_errors=True)
+    make_output_folder(shard_dir)
     metadata = cache_metadata(root_dir, physical_cutoff, rows)
     shards = [] if fresh else finished_shards(shard_dir, metadata)
     keep = {s["file"] for s in shards}
     for stale in glob.glob(os.path.join(shard_dir, "shard_*.pt")) + \
             glob.glob(os.path.join(shard_dir, ".shard_*.tmp.*")):
         if os.path.basename(stale) not in keep:
-            os.remove(stale)  # another build's shards, or temp files of a killed one
+            remove_output(stale)  # another build's shards, or temp files of a killed one
     start = sum(s["count"] for s in shards)
     if start:
         log_line(f"continuing the interrupted cache build at row {start + 1} of {len(rows)}")
@@ -109,8 +117,17 @@ def build_cache(root_dir, physical_cutoff=DEFAULT_PHYSICAL_CUTOFF,
                               os.path.join(shard_dir, cache_shard_name(len(shards))))
             shards.append(shard_entry(shard_dir, len(shards), first, len(pending)))
             pending, pending_bytes = [], 0
+    # the finished shards get a folder of their own, then the index switches to it at once:
+    # whatever fails before, the previous cache (index and shards) is still whole
+    done = f"build-{metadata['data_sha256'][:12]}-{os.urandom(4).hex()}"
+    os.replace(shard_dir, os.path.join(shards_root, done))
+    for entry in shards:
+        entry["file"] = f"{done}/{entry['file']}"
     atomic_torch_save({"metadata": metadata, "ids": [r["id"] for r in rows], "shards": shards},
                       path)
+    for old in os.listdir(shards_root):  # earlier builds' shards, no longer indexed
+        if old != done:
+            shutil.rmtree(os.path.join(shards_root, old), ignore_errors=True)
     return path
 
 
@@ -136,4 +153,6 @@ if __name__ == "__main__":
         print("interrupted: the shards written so far are kept; run the same command again to "
               "continue the build", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    except OutputError as exc:  # cannot write the cache: one line, the previous one is kept
+        sys.exit(f"error: {exc}")
     print(f"wrote {path} and its shards in {cache_shard_dir(path)}")

@@ -4,10 +4,14 @@ Tiny synthetic dimers are written in the format of docs/DATA_FORMAT.md by fixtur
 checks run in float64 against independent references (e3nn's D matrices, hand-computed numbers).
 Run with ``pytest`` (the whole suite takes a minute or two on 2 cores).
 """
+import builtins
+import errno
 import hashlib
 import json
 import math
 import os
+import pickle
+import shlex
 import shutil
 import sys
 
@@ -32,6 +36,13 @@ AMMONIA = (["N", "H", "H", "H"], [[0.0, 0.0, 0.1], [0.94, 0.0, -0.25], [-0.47, 0
 
 # ----------------------------------------------------------------------------- fixtures
 # Seeded RNGs, eager models, float64 on request, tiny water-ammonia dimers in temp folders.
+# main() runs pinned to the CPU and eager: on a machine with a GPU, --device auto would train
+# under AMP with inductor, where exact comparisons cannot hold (the GPU has its own tests).
+ON_CPU = ["--device", "cpu", "--compile", "off"]
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (torch.cuda.is_available())")
+
+
 @pytest.fixture(autouse=True)
 def seeded():
     torch.manual_seed(0)
@@ -170,10 +181,10 @@ def test_pdb_elements_from_columns_and_names(tmp_path):
         "ATOM      8 1HB  ALA A   1       7.000   0.000   0.000  1.00  0.00",  # hydrogen
         "ATOM      9  N   ALA A   1       8.000   0.000   0.000  1.00  0.00",  # nitrogen
         "HETATM   10 C12  LIG B   3       9.000   1.000  -2.500  1.00  0.00",  # carbon
-        "HETATM   11 NE2  LIG B   3       9.000   1.000  -2.500  1.00  0.00",  # nitrogen
-        "HETATM   12 HE21 LIG B   3       9.000   1.000  -2.500  1.00  0.00",  # hydrogen
-        "HETATM   13 CA   MSE B   3       9.000   1.000  -2.500  1.00  0.00",  # C-alpha
-        "HETATM   14 SI1  LIG B   3       9.000   1.000  -2.500  1.00  0.00",  # sulfur (S + I1)
+        "HETATM   11 NE2  LIG B   3      10.000   1.000  -2.500  1.00  0.00",  # nitrogen
+        "HETATM   12 HE21 LIG B   3      11.000   1.000  -2.500  1.00  0.00",  # hydrogen
+        "HETATM   13 CA   MSE B   3      12.000   1.000  -2.500  1.00  0.00",  # C-alpha
+        "HETATM   14 SI1  LIG B   3      13.000   1.000  -2.500  1.00  0.00",  # sulfur (S + I1)
         "REMARK not an atom",
     ]
     path.write_text("\n".join(records) + "\nEND\n")
@@ -308,6 +319,30 @@ def asymmetric_quadrupole(root):
     rewrite_npz(root, quadrupole=q)
 
 
+def set_coordinate(root, rel, line, text):
+    """Write ``text`` (8 characters) into the x field (columns 31-38) of PDB line ``line``."""
+    path = os.path.join(root, rel)
+    with open(path) as fh:
+        lines = fh.read().splitlines()
+    lines[line - 1] = lines[line - 1][:30] + f"{text:>8s}" + lines[line - 1][38:]
+    write_text(root, rel, "\n".join(lines) + "\n")
+
+
+def duplicate_record(root, rel):
+    """Repeat the first atom of a PDB as its last record (same position)."""
+    path = os.path.join(root, rel)
+    with open(path) as fh:
+        lines = fh.read().splitlines()
+    write_text(root, rel, "\n".join(lines[:-1] + [lines[0], lines[-1]]) + "\n")
+
+
+def mulliken_entry(root, atom, shell, value):
+    with np.load(os.path.join(root, "d1", "dimer.npz")) as npz:
+        mulliken = npz["mulliken_spd"].copy()
+    mulliken[atom, shell] = value
+    rewrite_npz(root, mulliken_spd=mulliken)
+
+
 def overlapping_monomers(root):
     """B = a copy of A, 0.01 Angstrom away: every atom sits on its twin."""
     shutil.copy(os.path.join(root, "d1", "A.pdb"), os.path.join(root, "d1", "B.pdb"))
@@ -384,6 +419,40 @@ ROW_CASES = [  # (name, break row 1, exception, file named, problem keyword, wha
     ("overlap", overlapping_monomers, ValueError, "meta.xlsx",
      "atoms of A and B are 0.010 Angstrom apart at R_nm = 0.001 (< 0.5)",
      "check R_nm (nm, not Angstrom)"),
+    # plausible values (docs/DATA_FORMAT.md): finite numbers within the named bounds
+    ("PDB nan coordinate", lambda r: set_coordinate(r, "d1/A.pdb", 2, "nan"), ValueError,
+     "A.pdb, line 2", "x, y, z = nan, ", "fix this record: x, y, z in Angstrom"),
+    ("PDB inf coordinate", lambda r: set_coordinate(r, "d1/B.pdb", 3, "-inf"), ValueError,
+     "B.pdb, line 3", "is not finite (|coordinate| < 10000 Angstrom)", "fix this record"),
+    ("PDB huge coordinate", lambda r: set_coordinate(r, "d1/A.pdb", 1, "1.0e5"), ValueError,
+     "A.pdb, line 1", "x, y, z = 100000.0, ", "is not plausible (|coordinate| < 10000"),
+    ("PDB duplicated atom", lambda r: duplicate_record(r, "d1/B.pdb"), ValueError,
+     "B.pdb, lines 1 and 5", "two atoms 0.000 Angstrom apart (< 0.5)",
+     "keep one record per atom"),
+    ("R_nm in pm", lambda r: set_cell(r, "R_nm", 290.0), ValueError, "meta.xlsx",
+     "R_nm = 290 is not plausible (|R_nm| <= 100 nm", "write the distance of the monomer "
+     "centroids in nm"),
+    ("theta_deg huge", lambda r: set_cell(r, "theta_deg", 1000.0), ValueError, "meta.xlsx",
+     "theta_deg = 1000 is not plausible (|theta_deg| <= 360 degrees", "in degrees"),
+    ("V0 placeholder", lambda r: set_cell(r, "V0", 1e10), ValueError, "meta.xlsx",
+     "V0 = 1e+10 is not plausible (|V0| <= 1e+06", "check the cell and its unit"),
+    ("Vref huge", lambda r: set_cell(r, "Vref", -3e6), ValueError, "meta.xlsx",
+     "Vref = -3e+06 is not plausible", "check the cell and its unit"),
+    ("PR huge", lambda r: set_cell(r, "PR", 1e9), ValueError, "meta.xlsx",
+     "PR = 1e+09 is not plausible (|PR| <= 1e+06", "rescale PR"),
+    ("mulliken negative", lambda r: mulliken_entry(r, 4, 1, -2.0), ValueError, "dimer.npz",
+     "mulliken_spd[4, 1] = -2 (atom 5, A's atoms first, p shell) electrons is not plausible "
+     "(between -0.5 and 20 electrons", "write populations of the atom's s, p, d shells"),
+    ("mulliken absurd", lambda r: mulliken_entry(r, 0, 2, 55.0), ValueError, "dimer.npz",
+     "mulliken_spd[0, 2] = 55 (atom 1, A's atoms first, d shell)", "re-export"),
+    ("mulliken one NaN", lambda r: mulliken_entry(r, 6, 0, np.nan), ValueError, "dimer.npz",
+     "mulliken_spd contains NaN or Inf: mulliken_spd[6, 0] = nan (atom 7", "re-export"),
+    ("dipole huge", lambda r: rewrite_npz(r, dipole=np.array([0.1, 2.5e4, 0.0])), ValueError,
+     "dimer.npz", "dipole[1] = 25000 D is not plausible (between -1000 and 1000 D",
+     "write the dipole in Debye"),
+    ("quadrupole huge", lambda r: rewrite_npz(r, quadrupole=np.diag([1.0, 1.0, -2e5])),
+     ValueError, "dimer.npz", "quadrupole[2, 2] = -200000 D*Angstrom is not plausible",
+     "write the quadrupole in Debye*Angstrom"),
 ]
 
 
@@ -490,6 +559,48 @@ def test_main_check_data_prints_every_problem_and_exits_nonzero(tmp_path, capsys
     assert "checked 4 rows" in err and "row 2 (id dimer0)" in err and "row 3 (id dimer1)" in err
     assert "--check_data" in err
     assert sorted(os.listdir(root)) == ["d0", "d1", "d2", "d3", "meta.xlsx"]
+
+
+def test_non_finite_and_implausible_numbers_are_refused_by_check_training_and_prediction(
+        tmp_path, capsys, trained_run):
+    """A NaN coordinate and a placeholder V0: --check_data lists both with file, row, id and
+    what to do; training and prediction refuse the data with the same report before anything
+    runs or is written."""
+    root = write_dataset(str(tmp_path / "data"), 4)
+    set_coordinate(root, "d1/A.pdb", 2, "nan")
+    set_cell(root, "V0", 1e10, row=3)
+    files = sorted(os.listdir(root))
+
+    def stopped(argv, code, stream):
+        with pytest.raises(SystemExit) as exc:
+            dc.main(argv)
+        assert exc.value.code == code
+        text = getattr(capsys.readouterr(), stream)
+        assert f"checked 4 rows of {root}: 2 problems" in text, text
+        assert (f"row 5 (id dimer3): V0 = 1e+10 is not plausible" in text
+                and "check the cell and its unit" in text), text
+        assert (f"row 3 (id dimer1): pdb_a: {os.path.join(root, 'd1', 'A.pdb')}, line 2: "
+                f"x, y, z = nan, " in text and "fix this record" in text), text
+        assert sorted(os.listdir(root)) == files  # no cache, model or prediction written
+
+    stopped(["--root_dir", root, "--check_data"], 1, "out")
+    stopped(["--root_dir", root, "--epochs", "1", *ON_CPU], 2, "err")
+    best = trained_run["result"]["best_path"]
+    stopped(["--predict", "--checkpoint", best, "--root_dir", root, *ON_CPU], 2, "err")
+    meta = pd.read_excel(os.path.join(root, "meta.xlsx"))
+    meta.drop(columns=["Vref"]).to_excel(os.path.join(root, "meta.xlsx"), index=False)
+    stopped(["--predict", "--check_data", "--root_dir", root], 1, "out")  # no Vref needed
+
+
+def test_plausibility_bounds_are_documented():
+    """Every bound of the data check is in docs/DATA_FORMAT.md with its value."""
+    with open(os.path.join(HERE, "docs", "DATA_FORMAT.md")) as fh:
+        doc = fh.read()
+    for name in ("MIN_ATOM_DISTANCE_ANGSTROM", "MIN_INTERMONOMER_DISTANCE_ANGSTROM",
+                 "MAX_ABS_COORDINATE_ANGSTROM", "MIN_SHELL_POPULATION", "MAX_SHELL_POPULATION",
+                 "MAX_ABS_DIPOLE_DEBYE", "MAX_ABS_QUADRUPOLE_DEBYE_ANGSTROM", "MAX_R_NM",
+                 "MAX_ABS_THETA_DEG", "MAX_ABS_ENERGY", "MAX_ABS_PR"):
+        assert f"`{name} = {getattr(dc, name):g}`" in doc, name
 
 
 def test_bundled_s22x5_loads_and_matches_ase():
@@ -678,7 +789,7 @@ def mapped_from(tensor, path):
 def test_cache_shards_round_trip_memory_mapped(tiny_root):
     path = build_cache(tiny_root, 12.0, shard_bytes=1)  # one dimer per shard
     index = torch.load(path, weights_only=True)
-    assert [(s["file"], s["start"], s["count"]) for s in index["shards"]] == \
+    assert [(os.path.basename(s["file"]), s["start"], s["count"]) for s in index["shards"]] == \
         [(f"shard_{k:05d}.pt", k, 1) for k in range(4)]
     shard_dir = os.path.join(tiny_root, "cached_graphs_shards")
     for entry in index["shards"]:
@@ -725,12 +836,13 @@ def test_interrupted_cache_build_continues_where_it_stopped(tiny_root, monkeypat
     torch.testing.assert_close(dc.CachedDimerDataset(cache)[3].pos_atoms, raw[3].pos_atoms)
     build_cache(tiny_root, 10.0, shard_bytes=1)  # other settings: nothing of the old is kept
     assert built[4:] == ["dimer0", "dimer1", "dimer2", "dimer3"]
+    assert len(os.listdir(os.path.join(tiny_root, "cached_graphs_shards"))) == 1  # old removed
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated", "corrupt"])
 def test_a_missing_or_corrupt_shard_is_refused_by_name(tiny_root, capsys, damage):
-    build_cache(tiny_root, 12.0, shard_bytes=1)
-    shard = os.path.join(tiny_root, "cached_graphs_shards", "shard_00002.pt")
+    cache = dc.load_cache(build_cache(tiny_root, 12.0, shard_bytes=1))
+    shard = cache.shard_path(2)  # cached_graphs_shards/build-.../shard_00002.pt
     if damage == "missing":
         os.remove(shard)
         problem = "is missing"
@@ -757,7 +869,7 @@ def test_a_missing_or_corrupt_shard_is_refused_by_name(tiny_root, capsys, damage
 def test_a_large_set_is_read_from_its_files_not_preloaded(tiny_root, monkeypatch):
     monkeypatch.setattr(dc, "DIMER_PRELOAD_MAX", 3)  # tiny_root's 4 rows count as large
     parsed, rows = [], []
-    assert dc.check_dataset(tiny_root, parsed, rows) == (4, [])
+    assert dc.check_dataset(tiny_root, parsed, rows=rows) == (4, [])
     assert parsed == [] and len(rows) == 4
     ds = dc.DimerDataset(tiny_root, 12.0, rows=rows)
     assert ds.parsed is None
@@ -1045,6 +1157,121 @@ def test_run_epoch_stops_when_more_than_half_the_batches_fail(tiny_root, bad_ids
                          log=lambda msg: None)
 
 
+class PoisonGradient(PoisonIds):
+    """The model, with a finite dV but a NaN gradient for every batch that holds one of
+    ``ids`` (a hook on dV)."""
+
+    def forward(self, data):
+        out = self.inner(data)
+        if self.ids & set(data.id):
+            out.register_hook(lambda grad: grad * float("nan"))
+        return out
+
+
+class FailsWith(PoisonIds):
+    """The model, raising ``error`` for every batch that holds one of ``ids``."""
+
+    def __init__(self, model, ids, error):
+        super().__init__(model, ids)
+        self.error = error
+
+    def forward(self, data):
+        if self.ids & set(data.id):
+            raise self.error
+        return self.inner(data)
+
+
+def test_a_nonfinite_gradient_of_a_finite_loss_is_skipped_without_a_step(tiny_root):
+    """The batch whose gradient is NaN (its loss is finite) is counted and skipped like a NaN
+    loss: the weights end as those of the same epoch without that batch."""
+    items = [dc.DimerDataset(tiny_root)[i] for i in range(4)]
+    model, plain = small_model(), small_model()
+    plain.load_state_dict(model.state_dict())
+    logged = []
+    result = dc.run_epoch(PoisonGradient(model, ["dimer1"]), DataLoader(items, batch_size=1),
+                          torch.device("cpu"), torch.optim.Adam(model.parameters(), lr=1e-2),
+                          log=logged.append)
+    assert (result.n_batches, result.n_skipped, result.n_graphs) == (4, 1, 3)
+    assert result.skipped[0][0] == ["dimer1"] and math.isfinite(result.loss)
+    assert "NonFiniteGradientError: loss is " in logged[0] and "but its gradient has NaN" in \
+        logged[0]
+    dc.run_epoch(plain, DataLoader(items[:1] + items[2:], batch_size=1), torch.device("cpu"),
+                 torch.optim.Adam(plain.parameters(), lr=1e-2), skip_failed_batches=False)
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+    # one step alone: refused before the optimizer touches a weight
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pred = dc.predict_batch(PoisonGradient(model, ["dimer1"]), batch_of(items[1:2]))[0]
+    with pytest.raises(dc.NonFiniteGradientError):
+        dc.optimizer_step(pred.abs().sum(), optimizer)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_first_failed_batch_of_a_run_writes_its_traceback_once(tiny_root, tmp_path):
+    loader = DataLoader(dc.DimerDataset(tiny_root), batch_size=1)
+    model = small_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    log_path = str(tmp_path / "models" / dc.FAILED_BATCHES_LOG)
+    logged = []
+    dc.run_epoch(PoisonIds(model, ["dimer1", "dimer3"]), loader, torch.device("cpu"), optimizer,
+                 log=logged.append, traceback_path=log_path)
+    with open(log_path) as fh:
+        text = fh.read()
+    assert text.startswith("the first failed batch of this run (epoch): dimer ids ['dimer1']")
+    assert "Traceback (most recent call last)" in text and "in run_epoch" in text
+    assert "NonFiniteLossError: loss is nan" in text and "dimer3" not in text
+    assert logged[0].endswith(f"(full traceback in {log_path})")
+    assert "full traceback" not in logged[1]  # the second: its line only
+    with torch.no_grad():  # a later pass of the same run leaves the first traceback
+        dc.run_epoch(PoisonIds(model, ["dimer0"]), loader, torch.device("cpu"),
+                     log=logged.append, traceback_path=log_path)
+    with open(log_path) as fh:
+        assert fh.read() == text
+
+
+@pytest.mark.parametrize("bad_ids, stops", [(["dimer0", "dimer2"], False),
+                                            (["dimer1", "dimer2", "dimer3"], True)])
+def test_prediction_follows_the_same_failed_batch_rule(tiny_root, bad_ids, stops):
+    """A NaN prediction fails its batch; more than half failing stops, as in training."""
+    loader = DataLoader(dc.DimerDataset(tiny_root), batch_size=1)
+    logged = []
+    if stops:
+        with pytest.raises(dc.TooManyFailedBatchesError) as exc:
+            dc.predict_rows(PoisonIds(small_model(), bad_ids), loader, torch.device("cpu"),
+                            log=logged.append)
+        assert (f"3 of 4 batches of this prediction failed (more than half); the first failed "
+                f"batch holds dimer ids ['dimer1']: NonFinitePredictionError") in str(exc.value)
+        return
+    rows = dc.predict_rows(PoisonIds(small_model(), bad_ids), loader, torch.device("cpu"),
+                           log=logged.append)
+    assert rows["id"] == ["dimer1", "dimer3"] and np.isfinite(rows["pred"]).all()
+    assert len(logged) == 2 and "NonFinitePredictionError" in logged[0]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("mat1 and mat2 shapes cannot be multiplied"),
+                                   RuntimeError("CUDA error: an illegal memory access"),
+                                   ValueError("batch u has 3 values")])
+def test_a_bug_in_one_batch_is_not_hidden_as_a_skipped_batch(tiny_root, error):
+    """Only NaN/Inf and out-of-memory failures are skipped; a programming error propagates
+    from training, evaluation and prediction even with skipping on."""
+    loader = DataLoader(dc.DimerDataset(tiny_root), batch_size=1)
+    model = FailsWith(small_model(), ["dimer2"], error)
+    with pytest.raises(type(error), match=str(error)):
+        dc.run_epoch(model, loader, torch.device("cpu"),
+                     torch.optim.Adam(model.parameters(), lr=1e-3), log=lambda msg: None)
+    with torch.no_grad(), pytest.raises(type(error)):
+        dc.run_epoch(model, loader, torch.device("cpu"), log=lambda msg: None)
+    with pytest.raises(type(error)):
+        dc.predict_rows(model, loader, torch.device("cpu"), log=lambda msg: None)
+    oom = FailsWith(small_model(), ["dimer2"], torch.OutOfMemoryError("CUDA out of memory"))
+    result = dc.run_epoch(oom, loader, torch.device("cpu"),
+                          torch.optim.Adam(oom.parameters(), lr=1e-3), log=lambda msg: None)
+    assert result.n_skipped == 1 and "OutOfMemoryError" in result.skipped[0][1]
+
+
 def test_a_failed_scaled_step_is_skipped_and_the_next_batches_train(tiny_root):
     """With a GradScaler (fp16 AMP) an optimizer step that raises skips its batch only: the
     other batches train exactly as a run without that batch and without scaling (SGD, whose
@@ -1060,7 +1287,7 @@ def test_a_failed_scaled_step_is_skipped_and_the_next_batches_train(tiny_root):
     def step_failing_once(*args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
-            raise RuntimeError("optimizer step failed")
+            raise torch.OutOfMemoryError("optimizer step failed: out of memory")
         return real_step(*args, **kwargs)
 
     optimizer.step = step_failing_once
@@ -1095,6 +1322,75 @@ def test_amp_settings(monkeypatch):
     assert dc.amp_settings(torch.device("cuda")) == (torch.bfloat16, False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert dc.amp_settings(torch.device("cuda")) == (torch.float16, True)
+
+
+# On a machine with a GPU: the AMP and compile paths a --device cuda run takes.
+@needs_cuda
+@pytest.mark.skipif(CUDA and not torch.cuda.is_bf16_supported(), reason="no bfloat16 on this GPU")
+def test_cuda_bf16_training_step_is_finite_and_close_to_fp32(tiny_root):
+    cuda = torch.device("cuda")
+    items = [dc.DimerDataset(tiny_root)[i] for i in range(4)]
+    batch = batch_of(items).to(cuda)
+    model = small_model().to(cuda)
+
+    def forward_backward(amp_dtype):
+        model.zero_grad(set_to_none=True)
+        pred, v0 = dc.predict_batch(model, batch.clone(), amp_dtype)  # (4,), (4,) float32
+        loss = dc.distance_weighted_l1_on_vref_loss(pred, batch.y_true_vref, batch.R_internal_val)
+        loss.backward()
+        grad = torch.cat([p.grad.reshape(-1).float() for p in model.parameters()])
+        return (pred - v0).detach(), loss.detach(), grad
+
+    dv32, loss32, grad32 = forward_backward(None)
+    dv16, loss16, grad16 = forward_backward(torch.bfloat16)
+    assert torch.isfinite(dv16).all() and torch.isfinite(loss16) and torch.isfinite(grad16).all()
+    # bfloat16 keeps about 3 significant digits: a few percent after a few layers
+    scale = dv32.abs().max().item()
+    torch.testing.assert_close(dv16, dv32, rtol=0.05, atol=0.05 * scale)
+    assert loss16.item() == pytest.approx(loss32.item(), rel=0.05)
+    assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.9
+    optimizer = dc.make_optimizer(model, 1e-3, cuda)  # and whole training steps
+    result = dc.run_epoch(model, DataLoader(items, batch_size=2), cuda, optimizer,
+                          amp_dtype=torch.bfloat16, skip_failed_batches=False)
+    assert result.n_graphs == 4 and math.isfinite(result.loss)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@needs_cuda
+def test_cuda_fp16_gradscaler_path_trains(tiny_root):
+    """float16 autocast with a GradScaler (GPUs before compute capability 8.0): the scaler
+    skips steps with Inf gradients while it finds its scale; steps are taken, weights finite."""
+    cuda = torch.device("cuda")
+    loader = DataLoader(dc.DimerDataset(tiny_root), batch_size=1)
+    model = small_model().to(cuda)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = dc.make_optimizer(model, 1e-3, cuda)
+    scaler = torch.amp.GradScaler("cuda")
+    for _ in range(5):  # at most 5 x 4 steps: the scale halves on every step it skips
+        result = dc.run_epoch(model, loader, cuda, optimizer, scaler=scaler,
+                              amp_dtype=torch.float16, skip_failed_batches=False)
+        assert result.n_graphs == 4 and math.isfinite(result.loss)
+        if any(not torch.equal(b, p) for b, p in zip(before, model.parameters())):
+            break
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert 0 < scaler.get_scale() <= 65536.0
+
+
+@needs_cuda
+def test_cuda_compile_runs_inductor_and_matches_eager(tiny_root):
+    cuda = torch.device("cuda")
+    batch = batch_of([dc.DimerDataset(tiny_root, augment=True)[i] for i in range(4)]).to(cuda)
+    model = small_model().to(cuda)
+    with torch.no_grad():
+        dv_eager = dc.predict_batch(model.eval(), batch.clone())[0]
+    assert dc.resolve_compile_backend("auto", cuda) in ("inductor", "aot_eager")
+    assert dc.try_compile(model, dc.resolve_compile_backend("auto", cuda), batch)
+    with torch.no_grad():
+        dv_compiled = dc.predict_batch(model.eval(), batch.clone())[0]
+    # float32 matmuls run as TF32 on the GPU (precision "high"): about 3 digits either way
+    torch.testing.assert_close(dv_compiled, dv_eager, rtol=1e-2,
+                               atol=1e-2 * dv_eager.abs().max().item())
 
 
 # ----------------------------------------------------------------------------- main
@@ -1197,14 +1493,14 @@ def test_main_refuses_cache_of_changed_data(tiny_root, capsys):
     with open(os.path.join(tiny_root, "d2", "B.pdb"), "a") as fh:
         fh.write("REMARK edited after the cache was built\n")
     with pytest.raises(SystemExit):
-        dc.main(["--root_dir", tiny_root, "--epochs", "1"])
+        dc.main(["--root_dir", tiny_root, "--epochs", "1", *ON_CPU])
     assert "data_sha256: meta.xlsx or one of the PDB/NPZ files" in capsys.readouterr().err
 
 
 def test_main_exits_with_clear_message_on_cutoff_mismatch(tiny_root, capsys):
     build_cache(tiny_root, 10.0)
     with pytest.raises(SystemExit) as exc:
-        dc.main(["--root_dir", tiny_root, "--epochs", "1", "--physical_cutoff", "12"])
+        dc.main(["--root_dir", tiny_root, "--epochs", "1", "--physical_cutoff", "12", *ON_CPU])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "internal_cutoff: saved 1.0, current data and settings need 1.2" in err
@@ -1214,7 +1510,7 @@ def test_main_exits_with_clear_message_on_cutoff_mismatch(tiny_root, capsys):
 def test_main_explains_missing_cache_builder(tiny_root, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "preprocess_and_cache", None)  # import now fails
     with pytest.raises(SystemExit):
-        dc.main(["--root_dir", tiny_root, "--epochs", "1"])
+        dc.main(["--root_dir", tiny_root, "--epochs", "1", *ON_CPU])
     assert "cannot import build_cache from preprocess_and_cache.py" in capsys.readouterr().err
 
 
@@ -1256,7 +1552,7 @@ def test_main_refuses_a_bad_cache_with_the_rebuild_command(tiny_root, capsys, na
         rewrite_npz(tiny_root, dipole=np.array([0.1, 0.2, 0.3]))
         problem = "data_sha256: meta.xlsx or one of the PDB/NPZ files it names has changed"
     with pytest.raises(SystemExit) as exc:
-        dc.main(["--root_dir", tiny_root, "--epochs", "1"])
+        dc.main(["--root_dir", tiny_root, "--epochs", "1", *ON_CPU])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert cache in err and problem in err, err
@@ -1307,8 +1603,206 @@ def test_atomic_write_json_is_strict_and_leaves_no_temp_file(tmp_path):
     assert os.listdir(tmp_path / "out") == ["h.json"]
 
 
+# --- outputs that cannot be written: one line naming the path, exit 2, no earlier file lost
+def disk_full_for(monkeypatch, name):
+    """Simulate a full disk for the atomic write of the file ``name``: its temp file takes half
+    of the first write, then the write fails with ENOSPC; every other file is written."""
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, data):
+            self.fh.write(data[:len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, attr):
+            return getattr(self.fh, attr)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    def open_(file, mode="r", *args, **kwargs):
+        fh = real_open(file, mode, *args, **kwargs)
+        if ("w" in mode and isinstance(file, (str, os.PathLike))
+                and os.path.basename(file).startswith(f".{name}.tmp.")):
+            return FullDisk(fh)
+        return fh
+
+    monkeypatch.setattr(builtins, "open", open_)
+
+
+def snapshot(root):
+    """{relative path: bytes} of every file under root."""
+    files = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as fh:
+                files[os.path.relpath(os.path.join(folder, name), root)] = fh.read()
+    return files
+
+
+def one_line_error(capsys, argv):
+    """Run main(argv): it must exit 2 with one error line (no traceback); return that line."""
+    with pytest.raises(SystemExit) as exc:
+        dc.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and lines[0] == err.strip().splitlines()[-1], err
+    return lines[0]
+
+
+def test_a_full_disk_at_fsync_keeps_the_old_file_and_leaves_no_temp_file(tmp_path,
+                                                                         monkeypatch):
+    path = str(tmp_path / "metrics.json")
+    dc.atomic_write_json({"run": 1}, path)
+
+    def fsync_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dc.os, "fsync", fsync_full)
+    with pytest.raises(dc.OutputError) as exc:
+        dc.atomic_write_json({"run": 2}, path)
+    assert str(exc.value) == (f"cannot write {path}: No space left on device; free disk space "
+                              f"or write to another --root_dir")
+    assert os.listdir(tmp_path) == ["metrics.json"]
+    with open(path) as fh:
+        assert json.load(fh) == {"run": 1}
+
+
+@pytest.mark.parametrize("target, extra, stage", [
+    ("cached_graphs.pt", ["--rebuild_cache"], ""),
+    (dc.BEST_CHECKPOINT, [], "epoch 1: "),
+    (dc.RESUME_CHECKPOINT, [], "epoch 1: "),
+    ("val_final_delta_learning.png", [], ""),
+    (dc.FINAL_CHECKPOINT, [], ""),
+])
+def test_a_full_disk_stops_training_with_one_line_and_keeps_every_earlier_file(
+        trained_run, tmp_path, monkeypatch, capsys, target, extra, stage):
+    root = str(tmp_path / "again")
+    shutil.copytree(trained_run["root"], root)  # data, cache, models and plots of a run
+    before = snapshot(root)
+    folder = {"cached_graphs.pt": "", "val_final_delta_learning.png": "plots"}.get(target,
+                                                                                    "models")
+    path = os.path.join(root, folder, target)
+    assert path[len(root) + 1:] in before  # an earlier run's file, which must survive
+    disk_full_for(monkeypatch, target)
+    line = one_line_error(capsys, ["--root_dir", root, "--epochs", "1", *SMALL_MODEL_ARGS,
+                                   *extra])
+    assert line == (f"error: {stage}cannot write {path}: No space left on device; free disk "
+                    f"space or write to another --root_dir")
+    after = snapshot(root)
+    assert after[path[len(root) + 1:]] == before[path[len(root) + 1:]]
+    assert not [f for f in after if ".tmp." in f], list(after)
+
+
+@pytest.mark.parametrize("case", ["models is a file", "plots is a file", "cache is a folder",
+                                  "models not writable"])
+def test_an_output_folder_that_cannot_be_made_stops_before_training(tiny_root, monkeypatch,
+                                                                     capsys, case):
+    models, plots = os.path.join(tiny_root, "models"), os.path.join(tiny_root, "plots")
+    cache = os.path.join(tiny_root, dc.DEFAULT_CACHE_FILE)
+    extra = []
+    if case == "models is a file":
+        write_text(tiny_root, "models", "not a folder")
+        want = f"cannot create the folder {models}: File exists; a file is in the way"
+    elif case == "plots is a file":
+        write_text(tiny_root, "plots", "not a folder")
+        want = f"cannot create the folder {plots}: File exists; a file is in the way"
+    elif case == "cache is a folder":
+        os.makedirs(cache)
+        extra = ["--rebuild_cache"]
+        want = f"cannot write {cache}: Is a directory; a folder is in the way of the file"
+    else:  # root bypasses file permissions, so the refusal is simulated
+        real_makedirs = os.makedirs
+
+        def makedirs(name, *args, **kwargs):
+            if os.path.abspath(name) == models:
+                raise PermissionError(errno.EACCES, "Permission denied", name)
+            return real_makedirs(name, *args, **kwargs)
+
+        monkeypatch.setattr(dc.os, "makedirs", makedirs)
+        want = f"cannot create the folder {models}: Permission denied; make the folder writable"
+    line = one_line_error(capsys, ["--root_dir", tiny_root, "--epochs", "1", *SMALL_RUN,
+                                   *extra])
+    assert line.startswith(f"error: {want}"), line
+    assert not os.path.exists(os.path.join(models, dc.RESUME_CHECKPOINT))  # no epoch ran
+
+
+def test_predict_outputs_that_cannot_be_written(trained_run, tmp_path, monkeypatch, capsys):
+    best = trained_run["result"]["best_path"]
+    root = _copy_data(trained_run["root"], tmp_path / "data")
+    csv = os.path.join(root, dc.PREDICTIONS_FILE)
+    write_text(root, dc.PREDICTIONS_FILE, "an earlier prediction\n")
+    disk_full_for(monkeypatch, dc.PREDICTIONS_FILE)
+    argv = ["--predict", "--checkpoint", best, "--root_dir", root, "--quiet", *ON_CPU]
+    assert one_line_error(capsys, argv) == (f"error: cannot write {csv}: No space left on "
+                                            f"device; free disk space or write to another "
+                                            f"--root_dir")
+    with open(csv) as fh:
+        assert fh.read() == "an earlier prediction\n"
+    assert not [f for f in os.listdir(root) if ".tmp." in f]
+    undo_interrupt(monkeypatch)  # the full disk
+    os.remove(csv)
+    os.makedirs(csv)
+    assert one_line_error(capsys, argv).startswith(f"error: cannot write {csv}: Is a directory")
+
+
+# --- files holding anything but tensors and plain types are refused, never run
+class RunsACommand:
+    """Unpickling this object runs a shell command that creates ``marker``: what a tampered
+    checkpoint, cache or resume file could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        code = f"open({self.marker!r}, 'w').close()"
+        return os.system, (f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}",)
+
+
+@pytest.mark.parametrize("kind", ["a DeltaCoupling checkpoint", "a DeltaCoupling cache",
+                                  "a resume state"])
+def test_a_tampered_file_is_refused_without_running_it_or_advice_to_run_it(tiny_root, tmp_path,
+                                                                           capsys, kind):
+    proof = str(tmp_path / "the_payload_works")
+    pickle.loads(pickle.dumps(RunsACommand(proof)))  # an ordinary unpickling runs it
+    assert os.path.exists(proof)
+    marker = str(tmp_path / "the_payload_ran")
+    payload = RunsACommand(marker)
+    if kind == "a DeltaCoupling checkpoint":
+        path = str(tmp_path / "tampered.pt")
+        torch.save({"model_state": {}, "model_config": {}, "metadata": {"note": payload}}, path)
+        argv = ["--predict", "--checkpoint", path, "--root_dir", tiny_root, *ON_CPU]
+    elif kind == "a DeltaCoupling cache":
+        path = build_cache(tiny_root, 12.0)
+        cache = torch.load(path, weights_only=True)
+        cache["metadata"]["note"] = payload
+        torch.save(cache, path)
+        argv = ["--root_dir", tiny_root, "--epochs", "1", *ON_CPU]
+    else:
+        path = str(tmp_path / "resume.pt")
+        torch.save({"format_version": dc.RESUME_FORMAT_VERSION, "config": payload}, path)
+        argv = ["--resume", path, *ON_CPU]
+    with pytest.raises(SystemExit) as exc:
+        dc.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{path} cannot be loaded as {kind}: it holds a pickled Python object (" in err, err
+    assert ".system), not only tensors and plain types; loading such a file could run code, " \
+           "so it is refused" in err, err
+    assert "weights_only" not in err and "Traceback" not in err, err
+    assert not os.path.exists(marker)
+
+
 # --- interrupting and resuming
-SMALL_RUN = ["--num_conv_layers", "2", "--num_rbf", "8", "--radial_hidden", "16",
+SMALL_RUN = [*ON_CPU, "--num_conv_layers", "2", "--num_rbf", "8", "--radial_hidden", "16",
              "--mlp_hidden", "16", "--batch_size", "2", "--no-skip_failed_batches"]
 
 
@@ -1351,7 +1845,7 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypat
     assert not os.path.exists(os.path.join(resumed, "models", dc.FINAL_CHECKPOINT))
     undo_interrupt(monkeypatch)
 
-    out = dc.main(["--resume", state_path])  # root_dir, epochs, model: from the state
+    out = dc.main(["--resume", state_path, *ON_CPU])  # root_dir, epochs, model: saved
     assert "resumed from" in capsys.readouterr().out
     one = torch.load(os.path.join(straight, "models", dc.RESUME_CHECKPOINT), weights_only=True)
     two = torch.load(state_path, weights_only=True)
@@ -1426,7 +1920,7 @@ def test_resume_refuses_other_options_data_and_foreign_files(tmp_path, monkeypat
     torch.save({"format_version": 1, "config": Foreign()}, pickled)
     refused(["--resume", pickled], "cannot be loaded as a resume state")
     set_cell(root, "Vref", 1.25, row=0)  # the data changed since the state was saved
-    refused(["--resume", state_path, "--rebuild_cache"], "does not match this data",
+    refused(["--resume", state_path, "--rebuild_cache", *ON_CPU], "does not match this data",
             "data_sha256: meta.xlsx or one of the PDB/NPZ files")
 
 
@@ -1449,6 +1943,72 @@ def test_main_stops_when_most_batches_are_nan(tmp_path, monkeypatch, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "epoch 1: 2 of 2 batches of this epoch failed" in err and "dimer ids ['dimer" in err
+
+
+def test_a_validation_pass_with_a_failed_batch_never_becomes_the_best_epoch(tmp_path,
+                                                                            monkeypatch, capsys):
+    """Epoch 2's validation skipped a batch and scores a perfect MAPE over the dimers left: it
+    covers fewer dimers than the other epochs, so it is not taken as the best."""
+    root = write_dataset(str(tmp_path / "data"), 5)
+    real, val_calls = dc.run_epoch, []
+
+    def run_epoch(model, loader, device, optimizer=None, *args, **kwargs):
+        result = real(model, loader, device, optimizer, *args, **kwargs)
+        if optimizer is None:
+            val_calls.append(1)
+            if len(val_calls) == 2:
+                result.mape, result.mae = 0.0, 0.0
+                result.n_batches, result.n_skipped = result.n_batches + 1, 1
+        return result
+
+    monkeypatch.setattr(dc, "run_epoch", run_epoch)
+    out = dc.main(["--root_dir", root, "--epochs", "3", *SMALL_RUN])
+    assert out["history"][1]["val_mape"] == 0.0 and out["best_epoch"] in (1, 3)
+    assert out["best_monitor"] > 0
+    assert "epoch 2: val MAPE 0 is not taken as the best: 1 of its 2 batches failed" in \
+        capsys.readouterr().out
+    best = torch.load(out["best_path"], weights_only=True)
+    assert best["epoch"] == out["best_epoch"] and best["val_mape"] == out["best_monitor"]
+
+
+def test_main_writes_the_first_failed_batch_traceback_next_to_checkpoints_and_predictions(
+        tmp_path, monkeypatch, capsys):
+    root = write_dataset(str(tmp_path / "data"), 5)
+    rows = dc.read_meta(root)
+    bad = rows[dc.make_splits(rows, dc.DEFAULT_SEED)[0][0]]["id"]  # a training dimer
+    real = dc.predict_batch
+
+    def predict_batch(model, data, amp_dtype=None):  # NaN for the batch of ``bad``
+        pred, v0 = real(model, data, amp_dtype)
+        return (pred * float("nan") if bad in data.id else pred), v0
+
+    monkeypatch.setattr(dc, "predict_batch", predict_batch)
+    skipping = [*ON_CPU, "--num_conv_layers", "2", "--num_rbf", "8", "--radial_hidden", "16",
+                "--mlp_hidden", "16", "--batch_size", "1"]
+    out = dc.main(["--root_dir", root, "--epochs", "2", *skipping])  # 1 of 3 batches fails
+    log = os.path.join(root, "models", dc.FAILED_BATCHES_LOG)
+    with open(log) as fh:
+        text = fh.read()
+    assert text.startswith(f"the first failed batch of this run (epoch): dimer ids ['{bad}']")
+    assert "Traceback (most recent call last)" in text and "NonFiniteLossError" in text
+    stdout = capsys.readouterr().out
+    assert (f"skipped batch ids ['{bad}'] in this epoch: NonFiniteLossError: loss is nan "
+            f"(full traceback in {log})") in stdout
+    assert stdout.count("full traceback in") == 1  # epoch 2 and the final report: ids only
+    assert f"skipped batch ids ['{bad}'] in this train evaluation" in stdout
+    assert out["final_metrics"]["train"]["n"] == 2
+    # --predict: the same rule, its log next to predictions.csv
+    result = dc.main(["--predict", "--checkpoint", out["best_path"], "--root_dir", root,
+                      "--quiet", *skipping])
+    predict_log = os.path.join(root, dc.PREDICTION_FAILED_BATCHES_LOG)
+    with open(predict_log) as fh:
+        assert "NonFinitePredictionError" in fh.read()
+    table = pd.read_csv(result["predictions_path"], keep_default_na=False, na_values=[""])
+    assert table["Vref_pred"].isna().tolist() == [i == bad for i in table["id"]]
+    # a new run starts without the earlier run's log
+    undo_interrupt(monkeypatch)
+    dc.main(["--root_dir", root, "--epochs", "1", *skipping])
+    assert not os.path.exists(log)
 
 
 # --- end to end
@@ -1475,6 +2035,20 @@ def test_training_reads_each_dimer_once(tiny_root, monkeypatch):
     assert sorted(calls) == sorted(r["id"] for r in real_read_meta(tiny_root))
 
 
+@needs_cuda
+def test_cuda_main_trains_under_amp_and_its_checkpoint_predicts_on_the_cpu(tmp_path):
+    root = write_dataset(str(tmp_path / "gpu"), 5)
+    out = dc.main(["--root_dir", root, "--epochs", "2", "--device", "cuda", "--compile", "off",
+                   *SMALL_RUN[len(ON_CPU):]])
+    with open(os.path.join(root, "models", dc.RUN_CONFIG_FILE)) as fh:
+        assert json.load(fh)["device"].startswith("cuda")
+    assert out["best_epoch"] in (1, 2) and math.isfinite(out["best_monitor"])
+    pred = dc.main(["--predict", "--checkpoint", out["best_path"], "--root_dir", root,
+                    "--quiet", *ON_CPU])
+    table = pd.read_csv(pred["predictions_path"])
+    assert len(table) == 5 and table["Vref_pred"].notna().all()
+
+
 def test_default_arguments_are_specs():
     args = dc.build_arg_parser().parse_args([])
     assert (args.epochs, args.batch_size, args.physical_cutoff, args.num_conv_layers,
@@ -1485,7 +2059,7 @@ def test_default_arguments_are_specs():
 
 def test_main_end_to_end_and_best_checkpoint_reproduces_val(tmp_path):
     root = write_dataset(str(tmp_path / "e2e"), 12, groups=False)
-    out = dc.main(["--root_dir", root, "--epochs", "2", "--num_conv_layers", "2",
+    out = dc.main(["--root_dir", root, "--epochs", "2", *ON_CPU, "--num_conv_layers", "2",
                    "--num_rbf", "8", "--radial_hidden", "16", "--mlp_hidden", "16",
                    "--batch_size", "4", "--no-skip_failed_batches"])
     for rel in ("models/best_model_delta_learning.pt", "models/final_model_delta_learning.pt",
@@ -1514,7 +2088,7 @@ def test_main_end_to_end_and_best_checkpoint_reproduces_val(tmp_path):
 
 
 # --- the final report, plots and --predict
-SMALL_MODEL_ARGS = ["--num_conv_layers", "2", "--num_rbf", "8", "--radial_hidden", "16",
+SMALL_MODEL_ARGS = [*ON_CPU, "--num_conv_layers", "2", "--num_rbf", "8", "--radial_hidden", "16",
                     "--mlp_hidden", "16", "--batch_size", "4"]
 
 
@@ -1597,8 +2171,8 @@ def _copy_data(root, dest):
 def test_predict_csv_equals_a_direct_forward_pass(trained_run, tmp_path, capsys):
     best = trained_run["result"]["best_path"]
     root = _copy_data(trained_run["root"], tmp_path / "same")
-    out = dc.main(["--predict", "--checkpoint", best, "--root_dir", root, "--quiet"])
-    assert "reading dimers" not in capsys.readouterr().err  # --quiet: no bar
+    out = dc.main(["--predict", "--checkpoint", best, "--root_dir", root, "--quiet", *ON_CPU])
+    assert "building graphs" not in capsys.readouterr().err  # --quiet: no bar
     table = pd.read_csv(out["predictions_path"], keep_default_na=False, na_values=[""])
     assert list(table.columns) == ["id", "V0", "dV", "Vref_pred", "Vref", "error", "split"]
     model, ckpt = dc.load_checkpoint(best)
@@ -1632,19 +2206,74 @@ def test_predict_without_vref(trained_run, tmp_path):
     meta.to_excel(os.path.join(root, "meta.xlsx"), index=False)
     with pytest.raises(ValueError, match=r"row 3 \(id dimer1\): Vref is empty, not a finite"):
         dc.read_meta(root)  # training still needs every Vref
-    out = dc.main(["--predict", "--checkpoint", best, "--root_dir", root, "--quiet"])
+    out = dc.main(["--predict", "--checkpoint", best, "--root_dir", root, "--quiet", *ON_CPU])
     table = pd.read_csv(out["predictions_path"], keep_default_na=False, na_values=[""])
     assert table["Vref"].isna().tolist() == [False, True, False]
     assert table["error"].isna().tolist() == [False, True, False]
     assert table["split"].isna().all() and out["metrics"]["all"]["n"] == 2
     meta.drop(columns=["Vref"]).to_excel(os.path.join(root, "meta.xlsx"), index=False)
     os.remove(os.path.join(root, "predictions_metrics.json"))
-    out = dc.main(["--predict", "--checkpoint", best, "--root_dir", root, "--quiet"])
+    out = dc.main(["--predict", "--checkpoint", best, "--root_dir", root, "--quiet", *ON_CPU])
     table = pd.read_csv(out["predictions_path"], keep_default_na=False, na_values=[""])
     assert table["Vref"].isna().all() and table["Vref_pred"].notna().all()
     np.testing.assert_allclose(table["Vref_pred"] - table["V0"], table["dV"], atol=1e-12)
     assert out["metrics"] == {} and not os.path.exists(os.path.join(root,
                                                                     "predictions_metrics.json"))
+
+
+LEVEL = {"method": "hf", "basis": "def2-svp", "density_fit": True,
+         "auxbasis": "def2-universal-jkfit", "counterpoise": False, "program": "pyscf"}
+
+
+def test_level_of_theory_travels_from_folder_to_checkpoint_and_predict_checks_it(
+        trained_run, tmp_path, capsys):
+    root = write_dataset(str(tmp_path / "data"), 8, seed=3)
+    with open(os.path.join(root, "level_of_theory.json"), "w") as fh:
+        json.dump(LEVEL, fh)
+    out = dc.main(["--root_dir", root, "--epochs", "1", "--quiet", "--device", "cpu",
+                   *SMALL_MODEL_ARGS])
+    assert "baseline level of theory: hf/def2-svp, density fitting" in capsys.readouterr().out
+    ckpt = torch.load(out["best_path"], weights_only=True)
+    assert ckpt["level_of_theory"] == LEVEL  # the record round-trips into the checkpoint
+    with open(os.path.join(root, "models", "run_config.json")) as fh:
+        assert json.load(fh)["level_of_theory"] == LEVEL
+
+    def predict_on(level, checkpoint=out["best_path"]):
+        folder = write_dataset(str(tmp_path / f"new{len(os.listdir(tmp_path))}"), 3, seed=9)
+        if level is not None:
+            with open(os.path.join(folder, "level_of_theory.json"), "w") as fh:
+                json.dump(level, fh)
+        result = dc.main(["--predict", "--checkpoint", checkpoint, "--root_dir", folder,
+                          "--quiet", "--device", "cpu"])
+        captured = capsys.readouterr()
+        return result, captured.out + captured.err
+
+    result, text = predict_on(dict(LEVEL, program_version="other"))  # same level: no word
+    assert os.path.isfile(result["predictions_path"]) and "warning" not in text
+    with pytest.raises(SystemExit) as stop:
+        predict_on(dict(LEVEL, basis="sto-3g", counterpoise=True))
+    text = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert "basis: 'def2-svp' for the model, 'sto-3g' in the folder" in text
+    assert "counterpoise: False for the model, True in the folder" in text
+    assert "corrects hf/def2-svp, density fitting" in text
+    result, text = predict_on(None)  # an older folder: a warning, not a refusal
+    assert os.path.isfile(result["predictions_path"])
+    assert "has no level_of_theory.json, so it cannot be checked" in text
+    result, text = predict_on(LEVEL, checkpoint=trained_run["result"]["best_path"])
+    assert os.path.isfile(result["predictions_path"])  # an older checkpoint: a warning too
+    assert "does not record the level of theory it was trained on" in text
+
+
+def test_read_level_of_theory_names_a_broken_record(tmp_path):
+    assert dc.read_level_of_theory(str(tmp_path)) is None
+    path = tmp_path / "level_of_theory.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=r"level_of_theory.json: unreadable level-of-theory"):
+        dc.read_level_of_theory(str(tmp_path))
+    path.write_text(json.dumps({"method": "hf", "basis": "def2-svp"}))
+    with pytest.raises(ValueError, match=r"lacks density_fit, auxbasis, counterpoise"):
+        dc.read_level_of_theory(str(tmp_path))
 
 
 def test_predict_refuses_foreign_or_tampered_checkpoints(trained_run, tmp_path, capsys):
@@ -1655,7 +2284,7 @@ def test_predict_refuses_foreign_or_tampered_checkpoints(trained_run, tmp_path, 
     def refused(path, *extra):
         with pytest.raises(SystemExit) as exc:
             dc.main(["--predict", "--checkpoint", str(path), "--root_dir", root, "--quiet",
-                     *extra])
+                     *ON_CPU, *extra])
         assert exc.value.code == 2
         return capsys.readouterr().err
 
@@ -1671,10 +2300,358 @@ def test_predict_refuses_foreign_or_tampered_checkpoints(trained_run, tmp_path, 
     assert "not found" in refused(tmp_path / "missing.pt")
 
 
+# --- install
+def test_install_instructions_name_the_pinned_torch_and_its_cpu_wheel():
+    """README and requirements.txt give the command that installs the CPU wheel of exactly the
+    pinned torch, and that wheel's version (2.13.0+cpu) satisfies the pin, so the
+    ``pip install -r requirements.txt`` after it keeps it."""
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    with open(os.path.join(HERE, "requirements.txt")) as fh:
+        requirements = fh.read()
+    pins = [Requirement(line.split("#")[0]) for line in requirements.splitlines()
+            if line.split("#")[0].strip()]  # every line parses as a requirement
+    torch_pin = next(r for r in pins if r.name == "torch")
+    (spec,) = torch_pin.specifier
+    assert spec.operator == "=="
+    cpu_wheel = (f"pip install torch=={spec.version} --index-url "
+                 f"https://download.pytorch.org/whl/cpu")
+    with open(os.path.join(HERE, "README.md")) as fh:
+        readme = fh.read()
+    for text in (readme, requirements):
+        assert cpu_wheel in text and "pip install -r requirements.txt" in text
+    assert SpecifierSet(f"=={spec.version}").contains(f"{spec.version}+cpu")
+
+
+# ============================================================================= your own dimers
+# tools/build_dataset.py specified: a CSV of dimer geometries (+ Vref) becomes a data folder that
+# delta_coupling.py trains and predicts on; PySCF with a minimal basis keeps these fast.
+@pytest.fixture(scope="module")
+def builder():
+    """The builder module (skips only when PySCF or ASE is not installed)."""
+    pytest.importorskip("pyscf")
+    pytest.importorskip("ase")
+    sys.path.insert(0, os.path.join(HERE, "tools"))
+    import build_dataset
+    return build_dataset
+
+
+MINIMAL = ["--basis", "sto-3g", "--threads", "1", "--quiet"]  # a water dimer in about 1 s
+WATER_B_SHIFT = np.array([0.3, 3.2, -0.2])  # Angstrom: B = WATER + shift, head to tail along y
+# (A's H atoms point at B's O; 3 decimals, so a PDB holds the positions exactly)
+
+
+def water_dimer(shift=WATER_B_SHIFT):
+    """(symbols, pos (6, 3) Angstrom) of a water dimer, A's atoms first."""
+    symbols, pos = WATER
+    pos = np.asarray(pos, float)
+    return symbols + symbols, np.concatenate([pos, pos + shift])
+
+
+def write_xyz(path, symbols, pos, comment=""):
+    lines = [str(len(symbols)), comment] + [f"{s} {x:.3f} {y:.3f} {z:.3f}"
+                                            for s, (x, y, z) in zip(symbols, pos)]
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def write_csv(path, rows):
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return str(path)
+
+
+def water_csv(folder, shifts_y=(3.2, 3.8, 5.0), vref=(-5.0, -3.0, -1.0)):
+    """A CSV of water dimers at several separations (one XYZ each, n_atoms_a column)."""
+    rows = []
+    for i, dy in enumerate(shifts_y):
+        symbols, pos = water_dimer(WATER_B_SHIFT + [0.0, dy - WATER_B_SHIFT[1], 0.0])
+        write_xyz(folder / f"w{i}.xyz", symbols, pos)
+        rows.append({"id": f"w{i}", "xyz": f"w{i}.xyz", "n_atoms_a": 3,
+                     **({"Vref": vref[i]} if vref else {})})
+    return write_csv(folder / "dimers.csv", rows)
+
+
+def meta_of(out):
+    return pd.read_excel(os.path.join(out, "meta.xlsx")).set_index("id")
+
+
+def npz_of(out, rid):
+    with np.load(os.path.join(out, rid, "dimer.npz")) as npz:
+        return {key: npz[key] for key in npz.files}
+
+
+def energies_of(out, rid):
+    with open(os.path.join(out, rid, "energies.json")) as fh:
+        return json.load(fh)
+
+
+@pytest.fixture(scope="module")
+def water_built(builder, tmp_path_factory):
+    """Three water dimers with Vref, built at HF/STO-3G without counterpoise."""
+    folder = tmp_path_factory.mktemp("water_in")
+    csv_path = water_csv(folder)
+    out = str(tmp_path_factory.mktemp("water_out") / "data")
+    assert builder.main([csv_path, "--out", out, *MINIMAL]) == 0
+    return {"csv": csv_path, "out": out, "folder": folder}
+
+
+def test_builder_output_trains_predicts_and_follows_the_frame(builder, water_built, tmp_path):
+    from ase.data import vdw_radii, atomic_numbers
+    out = water_built["out"]
+    with pytest.raises(SystemExit) as exc:
+        dc.main(["--root_dir", out, "--check_data"])
+    assert exc.value.code == 0
+    meta = meta_of(out)
+    assert list(meta.index) == ["w0", "w1", "w2"] and meta["Vref"].tolist() == [-5.0, -3.0, -1.0]
+    assert builder.read_level_of_theory(out) == {
+        "method": "hf", "basis": "sto-3g", "density_fit": True,
+        "auxbasis": "def2-universal-jkfit", "counterpoise": False, "program": "pyscf",
+        "program_version": builder.read_level_of_theory(out)["program_version"],
+        "builder_version": builder.BUILDER_VERSION}
+    symbols, pos = water_dimer()
+    c_a, c_b = pos[:3].mean(0), pos[3:].mean(0)
+    z_a, pos_a = dc.parse_pdb(os.path.join(out, "w0", "A.pdb"))
+    z_b, pos_b = dc.parse_pdb(os.path.join(out, "w0", "B.pdb"))
+    assert z_a.tolist() == [8, 1, 1] and z_b.tolist() == [8, 1, 1]
+    np.testing.assert_allclose(pos_a.mean(0), 0.0, atol=1e-3)  # A's centroid at the origin
+    np.testing.assert_allclose(pos_b.mean(0), [0, 0, np.linalg.norm(c_b - c_a)], atol=1e-3)
+    assert meta.loc["w0", "R_nm"] == pytest.approx(np.linalg.norm(c_b - c_a) / 10, abs=1e-12)
+    # the frame is a rigid motion: every A-B distance as in the input
+    np.testing.assert_allclose(np.linalg.norm(pos_a[:, None] - pos_b[None], axis=-1),
+                               np.linalg.norm(pos[:3, None] - pos[None, 3:], axis=-1), atol=3e-3)
+    radii = np.array([vdw_radii[atomic_numbers[s]] for s in symbols])  # ASE's table
+    ratio = min(np.linalg.norm(pos[i] - pos[j]) / (radii[i] + radii[j])
+                for i in range(3) for j in range(3, 6))
+    assert meta.loc["w0", "PR"] == pytest.approx(ratio, abs=1e-9)  # PR: the contact ratio
+    # B is A translated: parallel principal axes (arccos near 1 amplifies rounding to ~1e-6)
+    assert meta.loc["w0", "theta_deg"] == pytest.approx(0.0, abs=1e-5)
+    npz = npz_of(out, "w0")
+    assert npz["mulliken_spd"].shape == (6, 3) and npz["mulliken_spd"].sum() == pytest.approx(20)
+    assert np.trace(npz["quadrupole"]) == pytest.approx(0.0, abs=1e-9)
+    e = energies_of(out, "w0")
+    assert meta.loc["w0", "V0"] == pytest.approx((e["E_AB"] - e["E_A"] - e["E_B"]) * 627.5094740631)
+    assert meta["V0"].is_monotonic_increasing and meta.loc["w0", "V0"] < 0  # weaker when apart
+
+    result = dc.main(["--root_dir", out, "--epochs", "2", "--device", "cpu", "--compile", "off",
+                      "--quiet", *SMALL_RUN])
+    assert os.path.isfile(result["best_path"])
+    # a prediction folder: the same geometries, no Vref
+    predict_in = tmp_path / "in"
+    predict_in.mkdir()
+    predict_out = str(tmp_path / "predict")
+    assert builder.main([water_csv(predict_in, vref=None), "--out", predict_out, *MINIMAL]) == 0
+    assert "Vref" not in pd.read_excel(os.path.join(predict_out, "meta.xlsx")).columns
+    out_pred = dc.main(["--predict", "--checkpoint", result["best_path"], "--root_dir",
+                        predict_out, "--quiet", *ON_CPU])
+    table = pd.read_csv(out_pred["predictions_path"])
+    assert len(table) == 3 and np.isfinite(table["Vref_pred"]).all()
+    np.testing.assert_allclose(table["V0"], meta["V0"].to_numpy(), atol=1e-9)
+
+
+def test_counterpoise_makes_the_interaction_less_attractive(builder, water_built, tmp_path):
+    out = str(tmp_path / "cp")
+    assert builder.main([water_built["csv"], "--out", out, "--counterpoise", *MINIMAL]) == 0
+    cp, plain = meta_of(out), meta_of(water_built["out"])
+    # BSSE over-binds and counterpoise removes it: large in STO-3G at contact. At 5 Angstrom
+    # it is below the density-fitting error (~1e-4 kcal/mol: the ghosts' fitting functions)
+    bsse = cp["V0"] - plain["V0"]  # kcal/mol
+    assert bsse["w0"] > bsse["w1"] > 0.01  # less attractive, and more so at contact
+    assert cp.loc["w2", "V0"] == pytest.approx(plain.loc["w2", "V0"], abs=1e-3)
+    e_cp, e_plain = energies_of(out, "w0"), energies_of(water_built["out"], "w0")
+    assert e_cp["E_AB"] == pytest.approx(e_plain["E_AB"], abs=1e-8)  # the dimer is the same
+    assert e_cp["E_A"] < e_plain["E_A"] and e_cp["E_B"] < e_plain["E_B"]  # more basis: lower
+    assert builder.read_level_of_theory(out)["counterpoise"] is True
+
+
+def test_the_input_layouts_give_identical_folders(builder, tmp_path):
+    symbols, pos = water_dimer()
+    write_xyz(tmp_path / "d.xyz", symbols, pos)
+    write_xyz(tmp_path / "e.xyz", symbols, pos, comment="n_atoms_a=3 source=hand")
+    write_xyz(tmp_path / "a.xyz", symbols[:3], pos[:3])
+    (tmp_path / "b.pdb").write_text(pdb_text(symbols[3:], pos[3:], chain="B"))
+    layouts = {"column": [{"id": "w", "xyz": "d.xyz", "n_atoms_a": 3, "Vref": -4.0}],
+               "comment": [{"id": "w", "xyz": "e.xyz", "Vref": -4.0}],
+               "two_files": [{"id": "w", "geom_a": "a.xyz", "geom_b": "b.pdb", "Vref": -4.0}]}
+    outs = {}
+    for name, rows in layouts.items():
+        outs[name] = str(tmp_path / name)
+        assert builder.main([write_csv(tmp_path / f"{name}.csv", rows), "--out", outs[name],
+                             *MINIMAL]) == 0
+    ref_meta, ref_npz = meta_of(outs["column"]), npz_of(outs["column"], "w")
+    for name in ("comment", "two_files"):
+        meta = meta_of(outs[name])
+        assert list(meta.columns) == list(ref_meta.columns)
+        for col in ("R_nm", "theta_deg", "V0", "Vref", "PR"):
+            assert meta.loc["w", col] == pytest.approx(ref_meta.loc["w", col], abs=1e-9), col
+        for key, arr in npz_of(outs[name], "w").items():
+            np.testing.assert_allclose(arr, ref_npz[key], atol=1e-9, err_msg=key)
+        for pdb in ("A.pdb", "B.pdb"):
+            with open(os.path.join(outs[name], "w", pdb)) as a, \
+                    open(os.path.join(outs["column"], "w", pdb)) as b:
+                assert a.read() == b.read()
+
+
+def test_charged_open_shell_and_impossible_dimers(builder, tmp_path, capsys):
+    symbols, pos = WATER
+    pos = np.asarray(pos, float)
+    write_xyz(tmp_path / "water.xyz", symbols, pos)
+    write_xyz(tmp_path / "na.xyz", ["Na"], [[0.0, -2.3, 0.0]])  # Na+ facing water's O
+    write_xyz(tmp_path / "oh.xyz", ["O", "H"], [[0.0, 0.0, 3.0], [0.0, 0.0, 3.97]])
+    write_xyz(tmp_path / "clash.xyz", ["Na"], [[0.1, 0.1, 0.0]])  # on top of water's O
+    rows = [{"id": "na", "geom_a": "water.xyz", "geom_b": "na.xyz", "charge_b": 1, "Vref": -20},
+            {"id": "oh", "geom_a": "water.xyz", "geom_b": "oh.xyz", "spin_b": 1, "Vref": -2},
+            {"id": "oh_singlet", "geom_a": "water.xyz", "geom_b": "oh.xyz", "Vref": -2},
+            {"id": "clash", "geom_a": "water.xyz", "geom_b": "clash.xyz", "charge_b": 1,
+             "Vref": 1}]
+    out = str(tmp_path / "out")
+    assert builder.main([write_csv(tmp_path / "ions.csv", rows), "--out", out, *MINIMAL]) == 1
+    text = capsys.readouterr().out
+    assert "2 dimers done (2 computed now), 2 failed" in text
+    with open(os.path.join(out, "failed.json")) as fh:
+        failed = json.load(fh)
+    assert sorted(failed) == ["clash", "oh_singlet"]
+    assert failed["oh_singlet"].startswith("impossible charge/spin: monomer B has 9 electrons")
+    assert failed["clash"].startswith("overlapping monomers: atoms of A and B are 0.141 Angstrom")
+    meta = meta_of(out)
+    assert list(meta.index) == ["na", "oh"]  # the finished rows only
+    with pytest.raises(SystemExit) as exc:
+        dc.main(["--root_dir", out, "--check_data"])
+    assert exc.value.code == 0
+    na = npz_of(out, "na")["mulliken_spd"]
+    assert na.sum() == pytest.approx(10 + 10) and na[3].sum() == pytest.approx(10, abs=0.5)
+    assert meta.loc["na", "V0"] < -10 and meta.loc["na", "theta_deg"] == 0.0  # ion-dipole
+    assert [name.removeprefix("DF") for name in energies_of(out, "na")["scf"]] == ["RHF"] * 3
+    assert npz_of(out, "oh")["mulliken_spd"].sum() == pytest.approx(10 + 9)
+    assert [name.removeprefix("DF") for name in energies_of(out, "oh")["scf"]] == [
+        "UHF", "RHF", "UHF"]  # open shell: unrestricted (the dimer has spin 0 + 1)
+
+
+def test_resume_after_a_failure_recomputes_nothing_that_finished(builder, tmp_path,
+                                                                 monkeypatch, capsys):
+    csv_path = water_csv(tmp_path)
+    out = str(tmp_path / "out")
+    real, calls = builder.compute_dimer, []
+
+    def failing_once(dimer, level):
+        calls.append(dimer.id)
+        if dimer.id == "w1":
+            raise builder.DimerFailure("SCF not converged: simulated")
+        return real(dimer, level)
+
+    monkeypatch.setattr(builder, "compute_dimer", failing_once)
+    assert builder.main([csv_path, "--out", out, *MINIMAL]) == 1
+    assert calls == ["w0", "w1", "w2"] and list(meta_of(out).index) == ["w0", "w2"]
+    assert "1 x SCF not converged: w1" in capsys.readouterr().out
+    with open(os.path.join(out, "failed.json")) as fh:
+        assert json.load(fh) == {"w1": "SCF not converged: simulated"}
+    assert not os.path.exists(os.path.join(out, "w1", "energies.json"))
+    (tmp_path / "out" / "w1").mkdir()
+    (tmp_path / "out" / "w1" / "A.pdb").write_text("half-written by a crash\n")
+    finished = {rid: os.path.getmtime(os.path.join(out, rid, "dimer.npz")) for rid in ("w0", "w2")}
+
+    calls.clear()
+    monkeypatch.setattr(builder, "compute_dimer",
+                        lambda dimer, level: calls.append(dimer.id) or real(dimer, level))
+    assert builder.main([csv_path, "--out", out, *MINIMAL]) == 0
+    assert calls == ["w1"]  # only the failed dimer
+    assert {rid: os.path.getmtime(os.path.join(out, rid, "dimer.npz"))
+            for rid in ("w0", "w2")} == finished
+    assert list(meta_of(out).index) == ["w0", "w1", "w2"]
+    assert not os.path.exists(os.path.join(out, "failed.json"))
+    assert not [f for _, _, files in os.walk(out) for f in files if ".tmp" in f]
+
+
+def test_bad_csv_rows_are_all_reported_before_any_calculation(builder, tmp_path, monkeypatch,
+                                                              capsys):
+    symbols, pos = water_dimer()
+    write_xyz(tmp_path / "d.xyz", symbols, pos)
+    write_xyz(tmp_path / "fe.xyz", ["Fe", "O"], [[0, 0, 0], [0, 0, 3]])
+    (tmp_path / "bad.csv").write_text(
+        "id,xyz,n_atoms_a,Vref,spin_a,colour\n"
+        "ok,d.xyz,3,-1.0,0,red\n"
+        "missing,nowhere.xyz,3,-1.0,0,red\n"
+        "vref,d.xyz,3,strong,0,red\n"
+        "split,d.xyz,6,-1.0,0,red\n"
+        "ok,d.xyz,3,-1.0,0,red\n"
+        "iron,fe.xyz,1,-1.0,0,red\n"
+        "spin,d.xyz,3,-1.0,-1,red\n"
+        ",d.xyz,3,-1.0,0,red\n"
+        "nosplit,d.xyz,,-1.0,0,red\n")
+    monkeypatch.setattr(builder, "compute_dimer", lambda *a: pytest.fail("computed"))
+    out = tmp_path / "out"
+    assert builder.main([str(tmp_path / "bad.csv"), "--out", str(out), *MINIMAL]) == 2
+    err = capsys.readouterr().err
+    csv_name = str(tmp_path / "bad.csv")
+    expected = [
+        "line 1: unknown column 'colour'",
+        "line 3 (id missing): xyz file", "nowhere.xyz not found",
+        "line 4 (id vref): Vref = 'strong' is not a number",
+        "line 5 (id split): n_atoms_a = 6 must be an integer from 1 to 5",
+        "line 6 (id ok): duplicate id (also line 2)",
+        "line 7 (id iron): xyz file", "element(s) ['Fe'] not supported",
+        "line 8 (id spin): spin_a = '-1' is not an integer >= 0",
+        "line 9 (id ?): empty id",
+        "line 10 (id nosplit): no n_atoms_a"]
+    for piece in expected:
+        assert piece in err, piece
+    assert err.count(csv_name) >= 9 and "nothing computed" in err
+    assert not out.exists()  # nothing written either
+
+
+def test_another_level_of_theory_or_changed_input_is_refused(builder, water_built, tmp_path,
+                                                             monkeypatch, capsys):
+    out = str(tmp_path / "copy")
+    shutil.copytree(water_built["out"], out)
+    monkeypatch.setattr(builder, "compute_dimer", lambda *a: pytest.fail("computed"))
+    for extra, says in ((["--basis", "3-21g"], "basis: 'sto-3g' in the folder, '3-21g' asked"),
+                        (["--counterpoise"], "counterpoise: False in the folder, True asked"),
+                        (["--method", "b3lyp"], "method: 'hf' in the folder, 'b3lyp' asked"),
+                        (["--no-density-fit"], "density_fit: True in the folder, False asked")):
+        assert builder.main([water_built["csv"], "--out", out, *MINIMAL, *extra]) == 2
+        err = capsys.readouterr().err
+        assert "another level of theory" in err and says in err, extra
+    assert builder.main([water_built["csv"], "--out", out, "--method", "nonsense",
+                         *MINIMAL]) == 2
+    assert "--method 'nonsense'" in capsys.readouterr().err
+    assert builder.main([water_built["csv"], "--out", out, *MINIMAL, "--basis", "cc-pvtz"]) == 2
+    assert "f (or higher) functions" in capsys.readouterr().err
+    # the same level again: everything finished, nothing computed
+    assert builder.main([water_built["csv"], "--out", out, *MINIMAL]) == 0
+    # a finished id whose geometry changed in the CSV is refused, not silently kept
+    symbols, pos = water_dimer(WATER_B_SHIFT + [0.0, 0.5, 0.0])
+    write_xyz(water_built["folder"] / "moved.xyz", symbols, pos)
+    moved = write_csv(water_built["folder"] / "moved.csv",
+                      [{"id": "w0", "xyz": "moved.xyz", "n_atoms_a": 3, "Vref": -5.0}])
+    assert builder.main([moved, "--out", out, *MINIMAL]) == 2
+    assert "(id w0): finished in" in capsys.readouterr().err
+
+
+def test_s22x5_driver_reproduces_the_bundled_water_dimer(builder, tmp_path):
+    sys.path.insert(0, os.path.join(HERE, "examples"))
+    import build_s22x5
+    out = str(tmp_path / "s22")
+    assert build_s22x5.main(["--out", out, "--only", "Water_dimer", "--multipliers", "1.0"]) == 0
+    new, old = meta_of(out), meta_of(S22X5_DIR)
+    for col in ("R_nm", "theta_deg", "V0", "Vref", "PR"):
+        assert new.loc["Water_dimer_1.0", col] == pytest.approx(
+            old.loc["Water_dimer_1.0", col], abs=1e-6), col
+    assert new.loc["Water_dimer_1.0", "group"] == "Water_dimer"
+    for key, arr in npz_of(out, "Water_dimer_1.0").items():
+        np.testing.assert_allclose(arr, npz_of(S22X5_DIR, "Water_dimer_1.0")[key], atol=1e-6)
+    for pdb in ("A.pdb", "B.pdb"):
+        with open(os.path.join(out, "Water_dimer_1.0", pdb)) as a, \
+                open(os.path.join(S22X5_DIR, "Water_dimer_1.0", pdb)) as b:
+            assert a.read() == b.read()
+    assert builder.read_level_of_theory(out) == {
+        **builder.read_level_of_theory(S22X5_DIR),
+        "program_version": builder.read_level_of_theory(out)["program_version"]}
+
+
 # --- several processes: torchrun + DistributedDataParallel (gloo, two CPU processes)
 # Each launch starts two fresh interpreters (a few seconds each); the launches are shared.
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-DDP_RUN = ["--epochs", "4", "--compile", "off", "--quiet", *SMALL_RUN]
+DDP_RUN = ["--epochs", "4", "--device", "cpu", "--compile", "off", "--quiet", *SMALL_RUN]
 
 
 def torchrun(script, *args, cwd=HERE):
@@ -1746,7 +2723,8 @@ def torchrun_runs(tmp_path_factory):
     runs["interrupted_run"] = torchrun(str(wrapper), "--root_dir", resumed, *DDP_RUN)
     runs["state_path"] = os.path.join(resumed, "models", dc.RESUME_CHECKPOINT)
     runs["interrupted_state"] = torch.load(runs["state_path"], weights_only=True)
-    runs["resumed_run"] = torchrun("delta_coupling.py", "--resume", runs["state_path"])
+    runs["resumed_run"] = torchrun("delta_coupling.py", "--resume", runs["state_path"],
+                                   "--device", "cpu")
     return runs
 
 
@@ -1795,7 +2773,8 @@ def test_torchrun_trains_one_model_and_rank_0_alone_writes(torchrun_runs, tmp_pa
     # the checkpoint predicts in one process: its test rows give the run's test figures
     copy = str(tmp_path / "copy")
     shutil.copytree(root, copy, ignore=shutil.ignore_patterns("models", "plots", "cached*"))
-    out = dc.main(["--predict", "--checkpoint", final_path, "--root_dir", copy, "--quiet"])
+    out = dc.main(["--predict", "--checkpoint", final_path, "--root_dir", copy, "--quiet",
+                   "--device", "cpu"])
     for split in ("train", "val", "test"):
         for who in ("model", "baseline"):
             assert out["metrics"][split][who] == pytest.approx(
@@ -1854,7 +2833,7 @@ def test_torchrun_interrupt_then_resume_reproduces_the_straight_run(torchrun_run
 
 def test_a_torchrun_state_resumes_only_with_its_number_of_processes(torchrun_runs, capsys):
     with pytest.raises(SystemExit) as exc:
-        dc.main(["--resume", torchrun_runs["state_path"]])
+        dc.main(["--resume", torchrun_runs["state_path"], "--device", "cpu"])
     assert exc.value.code == 2
     assert ("world_size: saved by 2 processes, this launch has 1; a run resumes with its own "
             "number of processes: torchrun --nproc_per_node=2 delta_coupling.py --resume "
