@@ -109,7 +109,9 @@ DEFAULT_LR = 1e-3
 DEFAULT_RADIAL_HIDDEN = 64  # hidden width of the MLP that maps RBF -> tensor-product weights
 DEFAULT_MLP_HIDDEN = 64  # hidden width of the readout MLP over [h, u]
 DEFAULT_JITTER_STD = 0.001  # internal units (= 0.01 Angstrom)
-DEFAULT_PATIENCE = 250  # epochs without val-MAPE improvement before stopping
+DEFAULT_PATIENCE = 250  # epochs without improvement of the monitored figure before stopping
+MONITORS = ("mape", "mae")  # --monitor: the validation figure early stopping and the best
+DEFAULT_MONITOR = "mape"  # checkpoint watch (MAPE in %, MAE in Vref units)
 DEFAULT_SEED = 42
 DEFAULT_LOG_EVERY = 10  # epochs
 ONECYCLE_PCT_START = 0.3
@@ -160,6 +162,24 @@ EXIT_INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT), as shells rep
 # hung rank cannot keep the others waiting for ever (torchrun ends them at once when one dies)
 DIST_TIMEOUT_MINUTES = 30
 DIST_DATA_TIMEOUT_HOURS = 48  # how long the other ranks wait for rank 0's data check and cache
+# ensembles (--ensemble K, --member k, --combine_ensemble): members in <root_dir>/models/member_k
+ENSEMBLE_FILE = "ensemble.json"  # in <root_dir>/models: the members' checkpoints, tied together
+ENSEMBLE_FORMAT = "DeltaCoupling ensemble"
+ENSEMBLE_FORMAT_VERSION = 1
+ENSEMBLE_METRICS_FILE = "ensemble_metrics.json"  # in <root_dir>/models: the ensemble's report
+UNCERTAINTY_PLOT = "uncertainty.png"  # in <root_dir>/plots: |error| vs std, calibration curve
+PREDICTION_UNCERTAINTY_PLOT = "predictions_uncertainty.png"  # --predict, next to its CSV
+# options in which an ensemble's members may differ (how and where each was run); every other
+# option, the model config, the data and the split must be the same
+ENSEMBLE_FREE_OPTIONS = ("member", "ensemble", "combine_ensemble", "root_dir", "cache_file_name",
+                         "rebuild_cache", "check_data", "device", "num_workers", "compile",
+                         "quiet", "log_every", "skip_failed_batches", "resume", "predict",
+                         "checkpoint")
+# grouped cross-validation (--cv K): folds in <root_dir>/models/cv/fold_f
+DEFAULT_CV_EPOCHS = 300  # --cv without --epochs: a 5-fold CV of examples/s22x5 in ~15 min (2 cores)
+CV_METRICS_FILE = "cv_metrics.json"  # in <root_dir>/models
+CV_PREDICTIONS_FILE = "cv_predictions.csv"  # in <root_dir>/models: out-of-fold predictions
+CV_PLOT = "cv_predictions.png"  # in <root_dir>/plots
 
 # Elements H..Ca (Z = 1..20), the built-in periodic table
 ELEMENTS = ("H", "He", "Li", "Be", "B", "C", "N", "O", "F", "Ne",
@@ -1692,7 +1712,8 @@ def metrics_report(predictions, group_of=None):
     ``predictions``: {split name: ``predict_rows`` dict}; rows without a Vref (NaN) are left
     out, and so is a split with none. ``group_of``: {id: group}; rows without a group belong to
     none. Returns {split: regression_metrics dict, plus ``"groups": {group: dict}`` when any
-    row of the split has a group}.
+    row of the split has a group, plus ``"uncertainty"`` (``uncertainty_metrics``) when the
+    dict has a ``std`` (an ensemble's)}.
     """
     group_of = group_of or {}
     report = {}
@@ -1708,7 +1729,97 @@ def metrics_report(predictions, group_of=None):
             per_group[g] = regression_metrics(p["pred"][sel], p["true"][sel], p["v0"][sel])
         if per_group:
             report[split]["groups"] = per_group
+        if "std" in p:
+            report[split]["uncertainty"] = uncertainty_metrics(
+                p["pred"][known] - p["true"][known], p["std"][known])
     return report
+
+
+def spearman_correlation(a, b):
+    """Spearman's rank correlation of two (n,) arrays: Pearson's correlation of their ranks
+    (ties get their mean rank, as pandas' ``rank`` gives them). NaN for fewer than 2 rows or
+    when either array is constant."""
+    rank_a = pd.Series(np.asarray(a, dtype=np.float64)).rank().to_numpy()  # (n,)
+    rank_b = pd.Series(np.asarray(b, dtype=np.float64)).rank().to_numpy()  # (n,)
+    if rank_a.size < 2 or rank_a.std() == 0 or rank_b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rank_a, rank_b)[0, 1])
+
+
+def interval_confidences(error, std):
+    """For each row, the smallest confidence level p whose central interval of a Gaussian
+    N(pred, std^2), ``pred +- z_p * std``, contains the reference: ``erf(|error| / (sqrt(2)
+    std))``, in [0, 1]. A row with std = 0 needs p = 1 unless its error is 0 too (p = 0).
+    ``error``, ``std``: (n,) arrays in Vref units."""
+    error, std = np.abs(np.asarray(error, np.float64)), np.asarray(std, np.float64)  # (n,)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(error == 0, 0.0, error / std)  # (n,) |error| in units of std
+    return torch.erf(torch.from_numpy(z / math.sqrt(2.0))).numpy()  # (n,)
+
+
+def miscalibration_area(confidences):
+    """Miscalibration area of an uncertainty estimate, in [0, 1/2].
+
+    For every confidence level p in [0, 1], a calibrated Gaussian uncertainty puts a fraction
+    p of the rows inside their central p-interval ``pred +- z_p * std`` (z_p = the Gaussian
+    quantile of (1 + p) / 2); the observed fraction is F(p) = #{i: c_i <= p} / n, with
+    ``c_i`` = ``interval_confidences``. The area is the integral over p from 0 to 1 of
+    |F(p) - p|, computed exactly (F is a step function): 0 for a perfect calibration, near
+    1/2 when every error is far outside its std (over-confident) or far inside it.
+    """
+    c = np.sort(np.asarray(confidences, dtype=np.float64))  # (n,)
+    n = c.size
+    if n == 0:
+        return float("nan")
+    edges = np.concatenate([[0.0], c, [1.0]])  # (n + 2,) F is constant between edges
+    level = np.arange(n + 1) / n  # (n + 1,) F on [edges[j], edges[j + 1])
+
+    def integral(p, q):  # integral from 0 to p of |q - t| dt
+        return np.where(p <= q, q * p - p ** 2 / 2, q ** 2 / 2 + (p - q) ** 2 / 2)
+
+    return float((integral(edges[1:], level) - integral(edges[:-1], level)).sum())
+
+
+def calibration_curve(confidences, levels=101):
+    """(expected fraction p (levels,), observed fraction F(p) (levels,)) on an even grid over
+    [0, 1], F as in ``miscalibration_area``."""
+    p = np.linspace(0.0, 1.0, levels)  # (levels,)
+    c = np.asarray(confidences, dtype=np.float64)  # (n,)
+    return p, (c[None, :] <= p[:, None]).mean(axis=1)
+
+
+def uncertainty_metrics(error, std):
+    """How well a per-row std (an ensemble's spread) tells the size of the error.
+
+    ``error`` (prediction - Vref) and ``std``: (n,) arrays in Vref units. Returns ``n``,
+    ``spearman`` (rank correlation of |error| and std: does a larger std mean a larger
+    error?), ``within_1std`` and ``within_2std`` (fraction of rows with |error| <= 1 and 2 std;
+    0.683 and 0.954 for a calibrated Gaussian), ``miscalibration_area`` (0 is calibrated) and
+    ``mean_std``.
+    """
+    error, std = np.asarray(error, np.float64), np.asarray(std, np.float64)  # (n,)
+    return {"n": int(error.size), "spearman": spearman_correlation(np.abs(error), std),
+            "within_1std": float(np.mean(np.abs(error) <= std)),
+            "within_2std": float(np.mean(np.abs(error) <= 2 * std)),
+            "miscalibration_area": miscalibration_area(interval_confidences(error, std)),
+            "mean_std": float(std.mean())}
+
+
+def ensemble_rows(member_rows):
+    """One ``predict_rows`` dict from K >= 2 members' dicts over the same loader: ``pred`` is
+    the members' mean, ``std`` their sample standard deviation (ddof = 1), ``members`` the
+    (K, n) predictions. A row missing in any member (a failed batch) is left out."""
+    if len(member_rows) < 2:
+        raise ValueError(f"an ensemble needs at least 2 members, got {len(member_rows)}")
+    common = set.intersection(*(set(m["id"]) for m in member_rows))
+    first = member_rows[0]
+    keep = [k for k, i in enumerate(first["id"]) if i in common]
+    ids = [first["id"][k] for k in keep]
+    positions = [{i: k for k, i in enumerate(m["id"])} for m in member_rows]
+    members = np.stack([m["pred"][[pos[i] for i in ids]]
+                        for m, pos in zip(member_rows, positions)])  # (K, n)
+    return {"id": ids, "pred": members.mean(axis=0), "std": members.std(axis=0, ddof=1),
+            "true": first["true"][keep], "v0": first["v0"][keep], "members": members}
 
 
 def format_metrics_table(report):
@@ -1728,6 +1839,23 @@ def format_metrics_table(report):
     out += [f"{name:<{width}} {m['n']:>5} | {figures(m['model'])} | {figures(m['baseline'])}"
             for name, m in lines]
     return "\n".join(line.rstrip() for line in out)
+
+
+def format_uncertainty_table(report):
+    """The ``uncertainty`` entries of a ``metrics_report`` as a text table ('' if none)."""
+    lines = [(split, m["uncertainty"]) for split, m in report.items() if "uncertainty" in m]
+    if not lines:
+        return ""
+    width = max([len("split")] + [len(name) for name, _ in lines])
+    out = ["uncertainty (std of the ensemble's members) against |error|:",
+           f"{'split':<{width}} {'n':>5} | {'spearman':>9} {'<=1 std':>8} {'<=2 std':>8} "
+           f"{'miscal.':>8} {'mean std':>9}"]
+    out += [f"{name:<{width}} {u['n']:>5} | {u['spearman']:>9.3f} {u['within_1std']:>8.3f} "
+            f"{u['within_2std']:>8.3f} {u['miscalibration_area']:>8.3f} {u['mean_std']:>9.4f}"
+            for name, u in lines]
+    out.append(f"{'':<{width}} {'':>5} | (calibrated Gaussian: <=1 std 0.683, <=2 std 0.954, "
+               f"miscal. 0)")
+    return "\n".join(out)
 
 
 # ----------------------------------------------------------------------------- training engine
@@ -2080,11 +2208,12 @@ def _save_figure(fig, save_path):
         fig.savefig(tmp, dpi=120, format="png")
 
 
-def save_regression_plot(pred, true, v0, save_path=None, title=""):
+def save_regression_plot(pred, true, v0, save_path=None, title="", std=None):
     """Scatter V0 + dV and V0 alone against the reference Vref, with the diagonal.
 
     ``pred``, ``true``, ``v0``: (n,) arrays in Vref units; the MAE of both is in the legend
-    and the model's in the title. Saves a PNG when ``save_path`` is given; returns the Figure.
+    and the model's in the title. ``std`` (n,): an ensemble's spread, drawn as +-1 std error
+    bars. Saves a PNG when ``save_path`` is given; returns the Figure.
     """
     fig = _new_figure((5.5, 5))
     ax = fig.add_subplot()
@@ -2093,8 +2222,12 @@ def save_regression_plot(pred, true, v0, save_path=None, title=""):
         mae, b_mae = figures["model"]["mae"], figures["baseline"]["mae"]
         ax.scatter(true, v0, s=14, marker="x", color="tab:gray", alpha=0.8,
                    label=f"V0 alone (MAE {b_mae:.3f})")
-        ax.scatter(true, pred, s=14, color="tab:blue", alpha=0.8,
-                   label=f"V0 + dV (MAE {mae:.3f})")
+        if std is None:
+            ax.scatter(true, pred, s=14, color="tab:blue", alpha=0.8,
+                       label=f"V0 + dV (MAE {mae:.3f})")
+        else:
+            ax.errorbar(true, pred, yerr=std, fmt="o", ms=3.5, color="tab:blue", alpha=0.8,
+                        elinewidth=1, capsize=2, label=f"V0 + dV +- 1 std (MAE {mae:.3f})")
         lo = float(min(true.min(), pred.min(), v0.min()))
         hi = float(max(true.max(), pred.max(), v0.max()))
         ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="ideal")
@@ -2105,6 +2238,44 @@ def save_regression_plot(pred, true, v0, save_path=None, title=""):
     ax.set_title(title, fontsize=10)
     if save_path:
         _save_figure(fig, save_path)
+    return fig
+
+
+def plot_uncertainty(error, std, save_path, title=""):
+    """Two panels: |error| against the ensemble's std (log axes, with |error| = 1 and 2 std),
+    and the calibration curve (observed against expected fraction of rows inside their
+    central Gaussian interval; ``miscalibration_area`` is the area between it and the
+    diagonal). ``error``, ``std``: (n,) arrays in Vref units. Saves a PNG; returns the Figure.
+    """
+    error, std = np.abs(np.asarray(error, np.float64)), np.asarray(std, np.float64)  # (n,)
+    u = uncertainty_metrics(error, std)
+    fig = _new_figure((11, 4.8))
+    ax = fig.add_subplot(1, 2, 1)
+    ax.scatter(std, error, s=14, color="tab:blue", alpha=0.8)
+    positive = np.concatenate([std[std > 0], error[error > 0]])
+    if positive.size:
+        lo, hi = positive.min() / 2, positive.max() * 2
+        for factor, style in ((1, "k--"), (2, "k:")):
+            ax.plot([lo, hi], [factor * lo, factor * hi], style, lw=1,
+                    label=f"|error| = {factor} std")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.legend(loc="best", fontsize=8)
+    ax.set_xlabel("ensemble std (Vref units)")
+    ax.set_ylabel("|error| (Vref units)")
+    ax.set_title(f"{title}  Spearman {u['spearman']:.2f}".strip(), fontsize=10)
+    ax = fig.add_subplot(1, 2, 2)
+    expected, observed = calibration_curve(interval_confidences(error, std))
+    ax.plot(expected, observed, color="tab:blue", lw=1.5, label="observed")
+    ax.fill_between(expected, expected, observed, color="tab:blue", alpha=0.2,
+                    label=f"miscalibration area {u['miscalibration_area']:.3f}")
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="calibrated")
+    ax.set_xlabel("expected fraction inside the Gaussian interval")
+    ax.set_ylabel("observed fraction")
+    ax.set_title(f"<= 1 std: {u['within_1std']:.2f} (0.68), <= 2 std: {u['within_2std']:.2f} "
+                 f"(0.95); n = {u['n']}", fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    _save_figure(fig, save_path)
     return fig
 
 
@@ -2181,8 +2352,7 @@ def make_splits(rows, seed=DEFAULT_SEED):
     """
     rng = np.random.default_rng(seed)
     if any(r.get("group") is not None for r in rows):
-        # a row without a group is a group of its own
-        groups = [r.get("group", f"\0row {i}") for i, r in enumerate(rows)]
+        groups = row_groups(rows)
         names = sorted(set(groups))
         order = [names[i] for i in rng.permutation(len(names))]
         n_tr, n_va, _ = split_sizes(len(names))
@@ -2195,6 +2365,44 @@ def make_splits(rows, seed=DEFAULT_SEED):
         parts = [sorted(perm[:n_tr]), sorted(perm[n_tr:n_tr + n_va]), sorted(perm[n_tr + n_va:])]
         rule = "by row (80/10/10)" if len(rows) >= SPLIT_MIN_N_FRACTIONAL else "by row (tiny set)"
     return parts[0], parts[1], parts[2], rule
+
+
+def row_groups(rows):
+    """Each row's group label; a row without a ``group`` is a group of its own."""
+    return [r.get("group", f"\0row {i}") for i, r in enumerate(rows)]
+
+
+def make_cv_folds(rows, k, seed=DEFAULT_SEED):
+    """Seeded K-fold cross-validation by group (by row when no row has a group).
+
+    The groups are shuffled and dealt to the folds in turn, so the folds' group counts differ
+    by at most one; fold f's test part is its groups' rows, and every row is in exactly one
+    test part. The rest is split into train and validation by group (validation 1/9 of the
+    groups, i.e. 10 % of the whole as in ``split_sizes``; at least 1 when 2 or more groups
+    remain, none when only 1 remains), with a seeded shuffle of its own per fold.
+    Returns a list of K (train, val, test, rule) like ``make_splits``.
+    """
+    groups = row_groups(rows)
+    names = sorted(set(groups))
+    if not 2 <= k <= len(names):
+        raise ValueError(f"--cv {k}: needs 2 to {len(names)} folds for {len(names)} "
+                         f"{'groups' if any('group' in r for r in rows) else 'rows'}")
+    order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    fold_of = {g: position % k for position, g in enumerate(order)}
+    val_share = SPLIT_FRACTIONS[1] / (SPLIT_FRACTIONS[0] + SPLIT_FRACTIONS[1])
+    folds = []
+    for f in range(k):
+        rest = [g for g in order if fold_of[g] != f]
+        rest = [rest[i] for i in np.random.default_rng([seed, f]).permutation(len(rest))]
+        n_val = min(max(1, round(val_share * len(rest))), len(rest) - 1)
+        val_groups = set(rest[:n_val])
+        parts = ([i for i, g in enumerate(groups) if fold_of[g] != f and g not in val_groups],
+                 [i for i, g in enumerate(groups) if g in val_groups],
+                 [i for i, g in enumerate(groups) if fold_of[g] == f])
+        rule = (f"fold {f} of {k} ({len(rest) - n_val}/{n_val}/{len(names) - len(rest)} "
+                f"groups)")
+        folds.append((*parts, rule))
+    return folds
 
 
 # --- files: written atomically, read as tensors and plain types only
@@ -2453,6 +2661,11 @@ def setup_distributed(device_choice):
     return device
 
 
+def launched_by_torchrun():
+    """True when torchrun started this process as one of several (RANK and WORLD_SIZE > 1)."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1
+
+
 def teardown_distributed():
     """Leave the process group setup_distributed initialised; ``DIST`` is a single process's
     again."""
@@ -2553,7 +2766,10 @@ def build_arg_parser():
     p.add_argument("--jitter_std", type=float, default=DEFAULT_JITTER_STD,
                    help="position noise, internal units (0.001 = 0.01 Angstrom)")
     p.add_argument("--patience", type=positive_int, default=DEFAULT_PATIENCE,
-                   help="early-stopping patience on val MAPE, epochs")
+                   help="early-stopping patience on the monitored validation figure, epochs")
+    p.add_argument("--monitor", default=DEFAULT_MONITOR, choices=MONITORS,
+                   help="validation figure that early stopping and the best checkpoint watch "
+                        "(MAPE in %%, MAE in Vref units)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help="seed of the split, the initial weights and the augmentation")
     p.add_argument("--log_every", type=positive_int, default=DEFAULT_LOG_EVERY,
@@ -2577,6 +2793,21 @@ def build_arg_parser():
     p.add_argument("--check_data", action="store_true",
                    help="validate every row of the data folder, print every problem and exit "
                         "(1 if any) without training")
+    p.add_argument("--ensemble", type=positive_int, default=None, metavar="K",
+                   help="train K members (seeds seed, seed+1, ...; same split and options) in "
+                        f"root_dir/models/member_k, tied together by models/{ENSEMBLE_FILE}; "
+                        "--predict with it gives the members' mean and std")
+    p.add_argument("--member", type=int, default=None, metavar="k",
+                   help="train only member k (seed + k) of an ensemble, e.g. one job per "
+                        "member; then --combine_ensemble")
+    p.add_argument("--combine_ensemble", action="store_true",
+                   help=f"tie the finished members in root_dir/models/member_*/ together "
+                        f"(models/{ENSEMBLE_FILE}) and report the ensemble; refuses members "
+                        f"trained with other options")
+    p.add_argument("--cv", type=int, default=None, metavar="K",
+                   help=f"K-fold cross-validation, folds by the group column (else by row); "
+                        f"without --epochs each fold trains {DEFAULT_CV_EPOCHS} epochs")
+    p.add_argument("--fold", type=int, default=None, help=argparse.SUPPRESS)  # set by --cv
     p.add_argument("--resume", default=None, metavar="PATH",
                    help=f"continue an interrupted run from its <root_dir>/models/"
                         f"{RESUME_CHECKPOINT}, with its saved options")
@@ -2715,12 +2946,18 @@ class TrainingRun:
     level_of_theory: dict = None  # the data folder's baseline level (read_level_of_theory)
 
     @property
+    def subdir(self):
+        """Where this run's files go inside models/ and plots/: '' for a single run,
+        member_k for an ensemble's member, cv/fold_f for a cross-validation fold."""
+        return run_subdir(self.args)
+
+    @property
     def models_dir(self):
-        return os.path.join(self.args.root_dir, "models")
+        return os.path.join(self.args.root_dir, "models", self.subdir).rstrip(os.sep)
 
     @property
     def plots_dir(self):
-        return os.path.join(self.args.root_dir, "plots")
+        return os.path.join(self.args.root_dir, "plots", self.subdir).rstrip(os.sep)
 
     @property
     def best_path(self):
@@ -2746,9 +2983,9 @@ class TrainingRun:
 
     @property
     def monitor_name(self):
-        """What early stopping watches: the validation MAPE, or without a validation set the
-        training loss."""
-        return "val MAPE" if len(self.split_idx["val"]) else "train loss"
+        """What early stopping watches: the validation figure of ``--monitor`` (MAPE or MAE),
+        or without a validation set the training loss."""
+        return f"val {self.args.monitor.upper()}" if len(self.split_idx["val"]) else "train loss"
 
     def checkpoint(self, model, epoch, val_mape, val_mae):
         """A best/final checkpoint: weights with everything that reloads them alone."""
@@ -2770,9 +3007,40 @@ class TrainingProgress:
     history: list = field(default_factory=list)  # one record per epoch
     saved: tuple = None  # (path, epoch) of the latest resume state
 
+    def update(self, value, patience, comparable=True):
+        """Early stopping's rule for the epoch ``self.epoch`` whose monitored figure is
+        ``value``: a new best when lower than every earlier one and ``comparable`` (no failed
+        batch, so over every dimer), else one more stale epoch; stopped after ``patience``
+        stale epochs. Returns True on a new best."""
+        improved = comparable and value < self.best
+        if improved:
+            self.best, self.best_epoch, self.stale = value, self.epoch, 0
+        else:
+            self.stale += 1
+        self.stopped = self.stale >= patience
+        return improved
 
-def prepare_data(args, device, resume=None):
-    """Stage 1, data: check every row, build or check the cache, split the rows, and make the
+
+def run_subdir(args):
+    """'' for a single run; member_k (an ensemble's member) or cv/fold_f (a CV fold)."""
+    if args.member is not None:
+        return f"member_{args.member}"
+    if args.fold is not None:
+        return os.path.join("cv", f"fold_{args.fold}")
+    return ""
+
+
+def monitored_value(monitor, train_result, val_result, has_val):
+    """The figure early stopping watches: the validation ``monitor`` ("mape" or "mae") of
+    ``val_result``, or without a validation set the training loss."""
+    if monitor not in MONITORS:
+        raise ValueError(f"unknown monitor {monitor!r}; choose one of {MONITORS}")
+    return getattr(val_result, monitor) if has_val else train_result.loss
+
+
+def prepare_data(args, device, resume=None, split=None):
+    """Stage 1, data: check every row, build or check the cache, split the rows (``split``, a
+    (train, val, test, rule) of ``make_cv_folds``, replaces ``make_splits``), and make the
     datasets and loaders (docs/DESIGN.md, section 8).
 
     Under torchrun rank 0 checks the rows and builds or checks the cache while the others
@@ -2797,7 +3065,7 @@ def prepare_data(args, device, resume=None):
     log_line(f"baseline level of theory: {describe_level_of_theory(level)}" if level else
              f"note: {args.root_dir} has no {LEVEL_OF_THEORY_FILE}; the model will not know the "
              f"level of theory of its V0 (tools/build_dataset.py writes the record)")
-    train_idx, val_idx, test_idx, rule = make_splits(rows, args.seed)
+    train_idx, val_idx, test_idx, rule = split or make_splits(rows, args.seed)
     log_line(f"{len(rows)} dimers from {args.root_dir}; split {rule}: "
              f"train {len(train_idx)}, val {len(val_idx)}, test {len(test_idx)}")
     if DIST.world_size > max(len(train_idx), 1):
@@ -2974,18 +3242,14 @@ def end_of_epoch(run, model, optimizer, scheduler, scaler, state, train_result, 
     args = run.args
     has_val = len(run.split_idx["val"]) > 0
     monitored = val_result if has_val else train_result
-    monitor = monitored.mape if has_val else monitored.loss
+    monitor = monitored_value(args.monitor, train_result, val_result, has_val)
     if monitor < state.best and monitored.n_skipped:  # over fewer dimers: not comparable
         log_line(f"epoch {state.epoch}: {run.monitor_name} {monitor:.4g} is not taken as the "
                  f"best: {monitored.n_skipped} of its {monitored.n_batches} batches failed")
-    if monitor < state.best and not monitored.n_skipped:
-        state.best, state.best_epoch, state.stale = monitor, state.epoch, 0
-        if DIST.master:
-            atomic_torch_save(run.checkpoint(model, state.epoch, val_result.mape,
-                                             val_result.mae), run.best_path)
-    else:
-        state.stale += 1
-    state.stopped = state.stale >= args.patience
+    improved = state.update(monitor, args.patience, comparable=not monitored.n_skipped)
+    if improved and DIST.master:
+        atomic_torch_save(run.checkpoint(model, state.epoch, val_result.mape, val_result.mae),
+                          run.best_path)
     lr = optimizer.param_groups[0]["lr"]
     state.history.append({"epoch": state.epoch, "train_loss": train_result.loss,
                           "val_mape": val_result.mape, "val_mae": val_result.mae, "lr": lr,
@@ -3091,6 +3355,19 @@ def finish(run, model, state):
             "final_metrics": final_metrics, "history": state.history}
 
 
+def train_one(args, device, resume=None, split=None):
+    """One training run: the stages in order. ``resume``: a loaded resume state; ``split``: a
+    fold of ``make_cv_folds`` instead of the seeded 80/10/10 split. An ensemble's member k is
+    seeded with seed + k (its split still comes from seed). Returns ``finish``'s summary."""
+    seed_everything(args.seed + (args.member or 0))
+    run = prepare_data(args, device, resume, split)  # rows, cache, split, datasets, loaders
+    model = build_model(run)  # DeltaCoupling, compiled where that is faster
+    optimizer, scheduler, scaler = make_training_tools(run, model)  # Adam, OneCycle, scaler
+    write_run_files(run, model)  # models/ and plots/, split_ids.json, run_config.json
+    state = train(run, model, optimizer, scheduler, scaler, resume)  # the epochs
+    return finish(run, model, state)  # best weights, metrics, plots, final checkpoint
+
+
 # --- resume: the training state after every epoch, and continuing from it
 def training_state(model, optimizer, scheduler, scaler, state, run):
     """Everything a run needs to continue after ``state.epoch`` (tensors and plain types only).
@@ -3191,6 +3468,7 @@ def parse_main_args(argv=None):
     parser = build_arg_parser()
     args = parser.parse_args(argv)
     if not args.resume:
+        check_run_kind(args, argv)
         return args, None
     if not os.path.exists(args.resume):
         _exit(f"--resume {args.resume}: file not found; it is written to "
@@ -3217,6 +3495,32 @@ def parse_main_args(argv=None):
     return args, state
 
 
+def option_given(argv, name):
+    """The value of option ``name`` when ``argv`` gives it, else None (not its default)."""
+    parser = build_arg_parser()
+    parser.set_defaults(**{name: None})
+    return getattr(parser.parse_args(argv), name)
+
+
+def check_run_kind(args, argv):
+    """Refuse combinations of --ensemble, --member, --combine_ensemble and --cv that make no
+    sense; a --cv run without --epochs trains ``DEFAULT_CV_EPOCHS`` epochs per fold."""
+    if args.cv is not None and (args.ensemble is not None or args.member is not None
+                                or args.combine_ensemble):
+        _exit("--cv trains single models per fold; it does not combine with --ensemble, "
+              "--member or --combine_ensemble")
+    if args.ensemble is not None and args.member is not None:
+        _exit("--ensemble K trains all K members, --member k one of them: give one of the two")
+    if args.ensemble is not None and args.ensemble < 2:
+        _exit(f"--ensemble {args.ensemble}: an ensemble needs at least 2 members")
+    if args.member is not None and args.member < 0:
+        _exit(f"--member {args.member}: members are numbered 0, 1, ...")
+    if args.fold is not None:
+        _exit("--fold is set by --cv itself; run --cv K")
+    if args.cv is not None and option_given(argv, "epochs") is None:
+        args.epochs = DEFAULT_CV_EPOCHS
+
+
 def exit_interrupted(saved):
     """After Ctrl-C or SIGTERM: say where the last finished epoch's state is and how to resume
     (rank 0 under torchrun; every rank exits); exit 130.
@@ -3238,7 +3542,8 @@ def exit_interrupted(saved):
 def predictions_table(rows, pred, split_of):
     """The ``predictions.csv`` frame: one line per meta.xlsx row, in its order.
 
-    Columns id, V0, dV, Vref_pred (= V0 + dV), Vref, error (= Vref_pred - Vref), split (the
+    Columns id, V0, dV, Vref_pred (= V0 + dV; an ensemble's mean), Vref_std (an ensemble's
+    std, only then), Vref, error (= Vref_pred - Vref), split (the
     checkpoint's split of the row when root_dir is its training data, else empty). Unknown
     values (no Vref, or a row whose batch failed) are NaN, written as empty cells.
     """
@@ -3247,6 +3552,9 @@ def predictions_table(rows, pred, split_of):
                           "Vref_pred": [pred_of.get(r["id"], np.nan) for r in rows],
                           "Vref": [r["Vref"] for r in rows]})
     table.insert(2, "dV", table["Vref_pred"] - table["V0"])
+    if "std" in pred:  # an ensemble: the members' spread
+        std_of = dict(zip(pred["id"], pred["std"]))
+        table.insert(4, "Vref_std", [std_of.get(r["id"], np.nan) for r in rows])
     table["error"] = table["Vref_pred"] - table["Vref"]
     table["split"] = [split_of.get(r["id"], "") for r in rows]
     return table
@@ -3283,19 +3591,18 @@ def run_predict(args, argv=None):
     own training data) and writes ``<root_dir>/predictions_metrics.json``.
     """
     rows, parsed = check_data_or_exit(args)  # every problem at once; --check_data exits here
-    path = args.checkpoint or os.path.join(args.root_dir, "models", BEST_CHECKPOINT)
+    path = args.checkpoint or default_predict_checkpoint(args.root_dir)
     if not os.path.isfile(path):
         _exit(f"checkpoint {path} not found; pass --checkpoint PATH (a {BEST_CHECKPOINT} or "
-              f"{FINAL_CHECKPOINT} written by training)")
+              f"{FINAL_CHECKPOINT} written by training, or an {ENSEMBLE_FILE})")
     device = resolve_device(args.device)
     try:
-        model, ckpt = load_checkpoint(path, device)
+        models, ckpts = load_models(path, device)
     except ValueError as exc:
         _exit(str(exc))
+    model, ckpt = models[0], ckpts[0]  # an ensemble's members share config, cutoff and split
     physical_cutoff = ckpt["metadata"]["internal_cutoff"] / INT_ANGSTROM_SCALE  # Angstrom
-    given = build_arg_parser()
-    given.set_defaults(physical_cutoff=None)  # None: --physical_cutoff was not given
-    cutoff_given = given.parse_args(argv).physical_cutoff
+    cutoff_given = option_given(argv, "physical_cutoff")
     if cutoff_given is not None and not math.isclose(cutoff_given, physical_cutoff,
                                                       rel_tol=1e-9):
         _exit(f"--physical_cutoff {cutoff_given:g} Angstrom differs from the "
@@ -3308,15 +3615,16 @@ def run_predict(args, argv=None):
     else:  # a large set: each dimer's files are read again when its batch comes
         graphs = DimerDataset(args.root_dir, rows=rows, preload=False)
         graphs.internal_cutoff = model.config["cutoff"]  # the model's own cutoff, exactly
-    log_line(f"{len(rows)} dimers from {args.root_dir}; model from {path} "
+    what = f"an ensemble of {len(models)} members" if len(models) > 1 else "model"
+    log_line(f"{len(rows)} dimers from {args.root_dir}; {what} from {path} "
              f"(cutoff {physical_cutoff:g} Angstrom)")
     loader = DataLoader(graphs, batch_size=args.batch_size, shuffle=False)
     failures_log = os.path.join(args.root_dir, PREDICTION_FAILED_BATCHES_LOG)
     remove_output(failures_log)  # an earlier prediction's
     try:
-        pred = predict_rows(model, loader, device, amp_settings(device)[0],
-                            skip_failed_batches=args.skip_failed_batches, log=log_line,
-                            traceback_path=failures_log)
+        pred = predict_models(models, loader, device, amp_settings(device)[0],
+                              skip_failed_batches=args.skip_failed_batches, log=log_line,
+                              traceback_path=failures_log)
     except TooManyFailedBatchesError as exc:
         _exit(f"prediction with {path}: {exc}")
     if len(pred["id"]) < len(rows):
@@ -3333,12 +3641,313 @@ def run_predict(args, argv=None):
         keep = np.array([split_of.get(i) == name for i in pred["id"]], dtype=bool)
         if keep.any():
             predictions[name] = {"id": [i for i, k in zip(pred["id"], keep) if k],
-                                 **{key: pred[key][keep] for key in ("pred", "true", "v0")}}
+                                 **{key: pred[key][keep] for key in ("pred", "true", "v0", "std")
+                                    if key in pred}}
     report = metrics_report(predictions, {r["id"]: r["group"] for r in rows if "group" in r})
     if report:
         log_line(format_metrics_table(report))
         atomic_write_json(report, os.path.join(args.root_dir, PREDICTION_METRICS_FILE))
+    if "uncertainty" in report.get("all", {}):
+        log_line(format_uncertainty_table(report))
+        known = np.isfinite(pred["true"])  # (n,)
+        plot_uncertainty(pred["pred"][known] - pred["true"][known], pred["std"][known],
+                         os.path.join(args.root_dir, PREDICTION_UNCERTAINTY_PLOT), "all rows")
     return {"predictions_path": csv_path, "metrics": report, "checkpoint": path}
+
+
+def default_predict_checkpoint(root_dir):
+    """``--predict`` without ``--checkpoint``: ``<root_dir>/models/ensemble.json`` when there is
+    one, else ``<root_dir>/models/best_model_delta_learning.pt``."""
+    ensemble = os.path.join(root_dir, "models", ENSEMBLE_FILE)
+    return ensemble if os.path.isfile(ensemble) else os.path.join(root_dir, "models",
+                                                                  BEST_CHECKPOINT)
+
+
+# --- ensembles: K members, each an ordinary checkpoint, tied together by ensemble.json
+def run_ensemble(args, device, resume=None):
+    """``--ensemble K``: members 0..K-1 one after the other, each exactly as ``--member k``
+    trains it (seed + k, the same split and options, files in models/member_k), then
+    ``combine_ensemble``. A resumed member continues; the members before it are on disk."""
+    first = args.member if resume is not None else 0
+    for k in range(first, args.ensemble):
+        resumed = resume if k == first else None
+        member_args = argparse.Namespace(**{**vars(args), "member": k,
+                                            "resume": args.resume if resumed else None})
+        log_line(f"--- ensemble member {k} of {args.ensemble} (seed {args.seed + k})")
+        train_one(member_args, device, resumed)
+    return combine_ensemble(args, members=range(args.ensemble))
+
+
+def ensemble_key(ckpt):
+    """What an ensemble's members must share: the options except ``ENSEMBLE_FREE_OPTIONS``, the
+    model config, the data's checksum, cutoff and level of theory, and the split."""
+    return {"options": {k: v for k, v in ckpt["config"].items()
+                        if k not in ENSEMBLE_FREE_OPTIONS},
+            "model_config": ckpt["model_config"],
+            "data": {**{k: ckpt["metadata"].get(k) for k in ("data_sha256", "internal_cutoff",
+                                                             "int_angstrom_scale")},
+                     "level_of_theory": ckpt.get("level_of_theory")},
+            "split_ids": ckpt["split_ids"]}
+
+
+def config_hash(key):
+    """A short hex SHA-256 of plain data (``ensemble_key``), independent of key order."""
+    text = json.dumps(_json_ready(key), sort_keys=True, allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def key_differences(key, ref):
+    """The entries of two ``ensemble_key`` dicts that differ, as text."""
+    out = [f"--{k} {key['options'].get(k)!r} (vs {ref['options'].get(k)!r})"
+           for k in sorted(set(key["options"]) | set(ref["options"]))
+           if key["options"].get(k) != ref["options"].get(k)]
+    out += [f"model {k} {key['model_config'].get(k)!r} (vs {ref['model_config'].get(k)!r})"
+            for k in sorted(set(key["model_config"]) | set(ref["model_config"]))
+            if key["model_config"].get(k) != ref["model_config"].get(k)]
+    out += [f"data {k} {key['data'][k]!r} (vs {ref['data'][k]!r})" for k in key["data"]
+            if key["data"][k] != ref["data"][k]]
+    if key["split_ids"] != ref["split_ids"]:
+        out.append("the train/val/test split")
+    return out
+
+
+def combine_ensemble(args, members=None):
+    """``--combine_ensemble`` (and the end of ``--ensemble K``): check that the finished
+    members (``members``, default every models/member_k folder) were trained with the same
+    options, model, data and split, write ``models/ensemble.json`` (each member's checkpoint
+    path relative to it and its SHA-256, the members' config hash) and report the ensemble
+    (``ensemble_report``). A member trained otherwise is refused with what differs."""
+    models_dir = os.path.join(args.root_dir, "models")
+    if members is None:
+        members = sorted(int(name[len("member_"):]) for name in
+                         (os.listdir(models_dir) if os.path.isdir(models_dir) else [])
+                         if name.startswith("member_") and name[len("member_"):].isdigit())
+    paths = [os.path.join(models_dir, f"member_{k}", FINAL_CHECKPOINT) for k in members]
+    if len(paths) < 2:
+        _exit(f"an ensemble needs at least 2 members; found {len(paths)} in {models_dir} "
+              f"(train them with --member k, k = 0, 1, ...)")
+    unfinished = [p for p in paths if not os.path.isfile(p)]
+    if unfinished:
+        _exit(f"these members have no final checkpoint (still training, or interrupted: "
+              f"continue them with --resume): {', '.join(unfinished)}")
+    ckpts = []
+    for path in paths:
+        try:
+            ckpts.append(load_checkpoint(path)[1])
+        except ValueError as exc:
+            _exit(str(exc))
+    keys = [ensemble_key(c) for c in ckpts]
+    refused = [f"member_{k} ({path}): {'; '.join(key_differences(key, keys[0]))}"
+               for k, path, key in zip(members, paths, keys) if key != keys[0]]
+    if refused:
+        _exit(f"cannot combine: these members were trained with other options, model, data or "
+              f"split than member_{members[0]}:\n  " + "\n  ".join(refused)
+              + "\nRetrain them with the same options; only where and how they ran "
+              "(--device, --compile, --num_workers, ...) may differ")
+    ensemble = {"format": ENSEMBLE_FORMAT, "format_version": ENSEMBLE_FORMAT_VERSION,
+                "config_hash": config_hash(keys[0]),
+                "members": [{"member": k, "seed": c["config"]["seed"] + k,
+                             "checkpoint": os.path.relpath(p, models_dir), "sha256": file_sha256(p)}
+                            for k, p, c in zip(members, paths, ckpts)]}
+    path = os.path.join(models_dir, ENSEMBLE_FILE)
+    atomic_write_json(ensemble, path)
+    log_line(f"wrote {path}: {len(paths)} members, config hash {ensemble['config_hash']}")
+    return ensemble_report(args, path)
+
+
+def file_sha256(path):
+    """Hex SHA-256 of one file."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def load_ensemble(path, device="cpu"):
+    """Load the members of an ``ensemble.json``: (models, checkpoints). Raises ``ValueError``
+    naming the file when it is no ensemble file, a member's checkpoint changed since it was
+    combined, or the members' config hash differs from the one recorded."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            ensemble = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} cannot be read as a DeltaCoupling ensemble ({exc})") from None
+    if not (isinstance(ensemble, dict) and ensemble.get("format") == ENSEMBLE_FORMAT
+            and ensemble.get("format_version") == ENSEMBLE_FORMAT_VERSION):
+        raise ValueError(f"{path} is not a DeltaCoupling ensemble file of format version "
+                         f"{ENSEMBLE_FORMAT_VERSION}; write one with --combine_ensemble")
+    models, ckpts = [], []
+    for member in ensemble["members"]:
+        member_path = os.path.join(os.path.dirname(os.path.abspath(path)), member["checkpoint"])
+        if not os.path.isfile(member_path) or file_sha256(member_path) != member["sha256"]:
+            raise ValueError(f"{path}: member {member['member']}'s checkpoint {member_path} is "
+                             f"missing or changed since the ensemble was combined; run "
+                             f"--combine_ensemble again")
+        model, ckpt = load_checkpoint(member_path, device)
+        if config_hash(ensemble_key(ckpt)) != ensemble["config_hash"]:
+            raise ValueError(f"{path}: member {member['member']} ({member_path}) does not match "
+                             f"the ensemble's config hash; run --combine_ensemble again")
+        models.append(model)
+        ckpts.append(ckpt)
+    return models, ckpts
+
+
+def load_models(path, device="cpu"):
+    """A checkpoint (one model) or an ``ensemble.json`` (its members): (models, checkpoints)."""
+    if path.endswith(".json"):
+        return load_ensemble(path, device)
+    model, ckpt = load_checkpoint(path, device)
+    return [model], [ckpt]
+
+
+def predict_models(models, loader, device, amp_dtype=None, skip_failed_batches=True,
+                   log=print, **kwargs):
+    """``predict_rows`` of one model, or of an ensemble's members combined by
+    ``ensemble_rows`` (with ``std``); ``kwargs`` go to ``predict_rows``."""
+    rows = [predict_rows(model, loader, device, amp_dtype, skip_failed_batches, log, **kwargs)
+            for model in models]
+    return rows[0] if len(rows) == 1 else ensemble_rows(rows)
+
+
+def ensemble_report(args, path):
+    """The ensemble of ``path`` on its members' train/val/test split: the metrics table of the
+    members' mean with the uncertainty report (printed and in ``models/ensemble_metrics.json``),
+    val/test plots with +-1 std error bars and ``plots/uncertainty.png`` of the test split
+    (validation if there is none). Returns {"ensemble_path", "metrics", "predictions"}."""
+    device = resolve_device(args.device)
+    try:
+        models, ckpts = load_ensemble(path, device)
+        payload = load_cache(os.path.join(args.root_dir, args.cache_file_name))
+    except ValueError as exc:
+        _exit(str(exc))
+    problems = check_cache_metadata(payload.metadata, ckpts[0]["metadata"])
+    if problems:
+        _exit(f"the cache of {args.root_dir} is not the members' data: {'; '.join(problems)}")
+    dataset = CachedDimerDataset(payload)
+    index = {i: k for k, i in enumerate(dataset.ids)}
+    predictions = {}
+    for name, ids in ckpts[0]["split_ids"].items():
+        if not ids:
+            continue
+        loader = DataLoader(torch.utils.data.Subset(dataset, [index[i] for i in ids]),
+                            batch_size=args.batch_size, shuffle=False)
+        try:
+            predictions[name] = predict_models(models, loader, device, amp_settings(device)[0],
+                                               args.skip_failed_batches, log_line)
+        except TooManyFailedBatchesError as exc:
+            _exit(f"ensemble prediction ({name}): {exc}")
+    rows = read_meta(args.root_dir)
+    report = metrics_report(predictions, {r["id"]: r["group"] for r in rows if "group" in r})
+    log_line(f"ensemble of {len(models)} members (mean of their V0 + dV):\n"
+             f"{format_metrics_table(report)}\n{format_uncertainty_table(report)}")
+    models_dir, plots_dir = (os.path.join(args.root_dir, d) for d in ("models", "plots"))
+    atomic_write_json({"members": len(models), **report},
+                      os.path.join(models_dir, ENSEMBLE_METRICS_FILE))
+    for name in ("val", "test"):
+        if name in report:
+            p = predictions[name]
+            save_regression_plot(p["pred"], p["true"], p["v0"],
+                                 os.path.join(plots_dir, f"{name}_ensemble.png"),
+                                 f"{name} set, ensemble of {len(models)}", std=p["std"])
+    held_out = "test" if "test" in report else "val" if "val" in report else None
+    if held_out:
+        p = predictions[held_out]
+        plot_uncertainty(p["pred"] - p["true"], p["std"], os.path.join(plots_dir,
+                         UNCERTAINTY_PLOT), f"{held_out} set")
+    log_line(f"ensemble metrics in {os.path.join(models_dir, ENSEMBLE_METRICS_FILE)}; plots in "
+             f"{plots_dir}")
+    return {"ensemble_path": path, "metrics": report, "predictions": predictions}
+
+
+# --- cross-validation: K folds by group, each a training run, then the out-of-fold report
+def run_cv(args, device, resume=None):
+    """``--cv K``: each fold of ``make_cv_folds`` trained as one run (files in
+    models/cv/fold_f), then ``cv_report``. A resumed fold continues; the folds before it are
+    on disk."""
+    try:
+        rows = read_meta(args.root_dir)
+        folds = make_cv_folds(rows, args.cv, args.seed)
+    except (ValueError, FileNotFoundError) as exc:
+        _exit(str(exc))
+    first = args.fold if resume is not None else 0
+    for f in range(first, args.cv):
+        resumed = resume if f == first else None
+        fold_args = argparse.Namespace(**{**vars(args), "fold": f,
+                                          "resume": args.resume if resumed else None})
+        log_line(f"--- cross-validation {folds[f][3]}")
+        train_one(fold_args, device, resumed, folds[f])
+    return cv_report(argparse.Namespace(**{**vars(args), "fold": None}), rows, folds)
+
+
+def cv_report(args, rows, folds):
+    """Each fold's final model on its test part: per-fold test MAE and RMSE (model and V0
+    alone), their mean and standard deviation (ddof = 1) across folds, and figures of the
+    out-of-fold predictions of every row, per group. Prints them and writes
+    ``models/cv_metrics.json``, ``models/cv_predictions.csv`` (one line per row: its fold and
+    out-of-fold prediction) and ``plots/cv_predictions.png``. Returns the metrics dict."""
+    device = resolve_device(args.device)
+    try:
+        dataset = CachedDimerDataset(load_cache(os.path.join(args.root_dir, args.cache_file_name)))
+    except ValueError as exc:
+        _exit(str(exc))
+    index = {i: k for k, i in enumerate(dataset.ids)}
+    group_of = {r["id"]: r["group"] for r in rows if "group" in r}
+    fold_figures, parts = [], []
+    for f, (train_idx, val_idx, test_idx, rule) in enumerate(folds):
+        path = os.path.join(args.root_dir, "models", "cv", f"fold_{f}", FINAL_CHECKPOINT)
+        try:
+            model, ckpt = load_checkpoint(path, device)
+        except (ValueError, FileNotFoundError) as exc:
+            _exit(f"fold {f}: {exc}")
+        test_ids = [rows[i]["id"] for i in test_idx]
+        if ckpt["split_ids"]["test"] != test_ids:
+            _exit(f"{path} was trained on another fold (other test rows); run the CV again")
+        loader = DataLoader(torch.utils.data.Subset(dataset, [index[i] for i in test_ids]),
+                            batch_size=args.batch_size, shuffle=False)
+        p = predict_rows(model, loader, device, amp_settings(device)[0],
+                         args.skip_failed_batches, log_line)
+        figures = regression_metrics(p["pred"], p["true"], p["v0"])
+        fold_figures.append({"fold": f, "rule": rule, "n_train": len(train_idx),
+                             "n_val": len(val_idx), "n_test": len(test_idx),
+                             "best_epoch": ckpt.get("weights_from_epoch"),
+                             "test_groups": sorted({str(group_of.get(i, i)) for i in test_ids}),
+                             "model": figures["model"], "baseline": figures["baseline"]})
+        parts.append({**p, "fold": np.full(len(p["id"]), f)})
+    oof = {key: np.concatenate([part[key] for part in parts])
+           for key in ("pred", "true", "v0", "fold")}
+    oof["id"] = [i for part in parts for i in part["id"]]
+    summary = {stat: {who: {m: float(fn([ff[who][m] for ff in fold_figures]))
+                            for m in ("mae", "rmse", "mape", "max_abs")}
+                      for who in ("model", "baseline")}
+               for stat, fn in (("mean", np.mean), ("std", lambda x: np.std(x, ddof=1)))}
+    report = metrics_report({"out-of-fold": oof}, group_of)
+    metrics = {"k": len(folds), "seed": args.seed, "epochs": args.epochs,
+               "monitor": args.monitor, "folds": fold_figures, **summary,
+               "out_of_fold": report["out-of-fold"]}
+    models_dir, plots_dir = (os.path.join(args.root_dir, d) for d in ("models", "plots"))
+    atomic_write_json(metrics, os.path.join(models_dir, CV_METRICS_FILE))
+    fold_of = dict(zip(oof["id"], oof["fold"].tolist()))
+    table = predictions_table(rows, oof, {}).drop(columns="split")
+    table.insert(1, "fold", [fold_of.get(r["id"]) for r in rows])
+    table.insert(1, "group", [r.get("group", "") for r in rows])
+    atomic_write_text(table.to_csv(index=False), os.path.join(models_dir, CV_PREDICTIONS_FILE))
+    save_regression_plot(oof["pred"], oof["true"], oof["v0"], os.path.join(plots_dir, CV_PLOT),
+                         f"{len(folds)}-fold CV, out of fold")
+    log_line(format_cv_table(metrics) + "\n" + format_metrics_table(report))
+    log_line(f"cross-validation metrics in {os.path.join(models_dir, CV_METRICS_FILE)}, "
+             f"out-of-fold predictions in {os.path.join(models_dir, CV_PREDICTIONS_FILE)}")
+    return metrics
+
+
+def format_cv_table(metrics):
+    """Per-fold test MAE and RMSE of the model and of V0 alone, then their mean and std."""
+    out = [f"{'fold':<6} {'n_test':>6} | {'MAE':>8} {'RMSE':>8} | {'V0 MAE':>8} {'V0 RMSE':>8}"
+           f" | best epoch"]
+    lines = [(str(ff["fold"]), str(ff["n_test"]), ff, str(ff["best_epoch"]))
+             for ff in metrics["folds"]]
+    lines += [(stat, "", metrics[stat], "") for stat in ("mean", "std")]
+    for name, n, m, best in lines:
+        out.append(f"{name:<6} {n:>6} | {m['model']['mae']:>8.4f} {m['model']['rmse']:>8.4f} | "
+                   f"{m['baseline']['mae']:>8.4f} {m['baseline']['rmse']:>8.4f} | {best}")
+    return "\n".join(line.rstrip(" |") for line in out)
 
 
 def main(argv=None):
@@ -3346,23 +3955,31 @@ def main(argv=None):
     reads sys.argv; every argument has a default. Under torchrun every rank runs it
     (README.md, "Scaling out")."""
     args, resume = parse_main_args(argv)
-    seed_everything(args.seed)
     if args.predict:
-        if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        if launched_by_torchrun():
             _exit("--predict runs in one process: python delta_coupling.py --predict ...")
+        seed_everything(args.seed)
         try:
-            return run_predict(args, argv)
+            return run_predict(args, argv)  # a checkpoint or an ensemble on new dimers
         except OutputError as exc:  # an output that cannot be written: one line
+            _exit(str(exc))
+    if launched_by_torchrun() and (args.cv is not None or args.ensemble is not None
+                            or args.combine_ensemble):
+        _exit("--cv, --ensemble and --combine_ensemble run in one process; under torchrun "
+              "train one ensemble member per job with --member k, then --combine_ensemble")
+    if args.combine_ensemble:
+        try:
+            return combine_ensemble(args)  # members trained with --member k -> ensemble.json
+        except OutputError as exc:
             _exit(str(exc))
     device = setup_distributed(args.device)  # torchrun: join the process group
     with sigterm_as_interrupt():
         try:
-            run = prepare_data(args, device, resume)  # check rows, cache, split, loaders
-            model = build_model(run)  # DeltaCoupling, compiled where that is faster
-            optimizer, scheduler, scaler = make_training_tools(run, model)  # Adam, OneCycle
-            write_run_files(run, model)  # models/, plots/, split_ids.json, run_config.json
-            state = train(run, model, optimizer, scheduler, scaler, resume)  # the epochs
-            return finish(run, model, state)  # best weights, metrics, plots, final checkpoint
+            if args.cv is not None:
+                return run_cv(args, device, resume)  # train_one per fold, out-of-fold report
+            if args.ensemble is not None:
+                return run_ensemble(args, device, resume)  # train_one per member, combined
+            return train_one(args, device, resume)  # data, model, optimiser, epochs, report
         except OutputError as exc:  # an output that cannot be written: one line, no traceback
             _exit(str(exc))
         finally:

@@ -1104,6 +1104,67 @@ def test_regression_metrics_and_table_against_hand_computed_values():
     assert len({len(line) for line in table[1:]}) == 1  # aligned columns
 
 
+def test_spearman_correlation_by_hand_with_and_without_ties():
+    # ranks of b: [1, 3, 2, 4]; sum d^2 = 2; rho = 1 - 6 * 2 / (4 * (16 - 1)) = 0.8
+    assert dc.spearman_correlation([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)
+    # ties share their mean rank: ranks [1.5, 1.5, 3] and [1, 2, 3]; r = 1.5 / sqrt(1.5 * 2)
+    assert dc.spearman_correlation([1, 1, 2], [5, 6, 7]) == pytest.approx(1.5 / math.sqrt(3))
+    assert dc.spearman_correlation([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(dc.spearman_correlation([1, 1, 1], [1, 2, 3]))  # constant: undefined
+
+
+def test_calibration_figures_of_a_calibrated_and_an_over_confident_ensemble():
+    from statistics import NormalDist
+    n = 1000
+    std = np.linspace(0.1, 2.0, n)[::-1].copy()  # (n,) various stds
+    # calibrated: the i-th row needs exactly the confidence (i - 0.5) / n, so the observed
+    # fraction inside every Gaussian interval is the expected one up to the step of 1 / n
+    z = np.array([NormalDist().inv_cdf((1 + (i - 0.5) / n) / 2) for i in range(1, n + 1)])
+    error = z * std * np.where(np.arange(n) % 2, 1.0, -1.0)  # (n,) signs do not matter
+    np.testing.assert_allclose(dc.interval_confidences(error, std),
+                               (np.arange(1, n + 1) - 0.5) / n, atol=1e-9)
+    u = dc.uncertainty_metrics(error, std)
+    assert u["n"] == n
+    assert u["within_1std"] == pytest.approx(0.683, abs=1e-3)  # erf(1 / sqrt 2) = 0.6827
+    assert u["within_2std"] == pytest.approx(0.954, abs=1.5e-3)  # erf(2 / sqrt 2) = 0.9545
+    # F is a staircase through the diagonal: each step leaves two triangles, area 1 / (4 n)
+    assert u["miscalibration_area"] == pytest.approx(1 / (4 * n), rel=1e-6)
+    expected, observed = dc.calibration_curve(dc.interval_confidences(error, std))
+    assert np.abs(observed - expected).max() <= 1.0 / n + 1e-12
+    # over-confident: every error is 3 std; all rows need c0 = erf(3 / sqrt 2) = 0.99730
+    c0 = math.erf(3 / math.sqrt(2))
+    u = dc.uncertainty_metrics(3 * std, std)
+    assert (u["within_1std"], u["within_2std"]) == (0.0, 0.0)
+    # F = 0 below c0 and 1 above: area = c0^2 / 2 + (1 - c0)^2 / 2
+    assert u["miscalibration_area"] == pytest.approx(c0 ** 2 / 2 + (1 - c0) ** 2 / 2, rel=1e-9)
+    assert u["spearman"] == pytest.approx(1.0)  # |error| grows with std: ranked perfectly
+    # and an error of 0 with std 0 is inside every interval
+    assert dc.interval_confidences([0.0, 1.0], [0.0, 0.0]).tolist() == [0.0, 1.0]
+
+
+def test_two_members_mean_and_std_by_hand():
+    one = {"id": ["a", "b", "c"], "pred": np.array([1.0, 2.0, 5.0]),
+           "true": np.array([1.5, 2.0, np.nan]), "v0": np.array([0.0, 1.0, 2.0])}
+    two = {**one, "pred": np.array([3.0, 2.0, 4.0])}
+    ens = dc.ensemble_rows([one, two])
+    assert ens["id"] == ["a", "b", "c"]
+    np.testing.assert_allclose(ens["pred"], [2.0, 2.0, 4.5])
+    # sample std (ddof 1) of two values: |a - b| / sqrt(2)
+    np.testing.assert_allclose(ens["std"], [2 / math.sqrt(2), 0.0, 1 / math.sqrt(2)])
+    np.testing.assert_array_equal(ens["members"], [[1.0, 2.0, 5.0], [3.0, 2.0, 4.0]])
+    # a row that failed in one member (absent there) is left out; order follows the first
+    partial = {"id": ["c", "a"], "pred": np.array([4.0, 3.0]), "true": one["true"][[2, 0]],
+               "v0": one["v0"][[2, 0]]}
+    ens = dc.ensemble_rows([one, partial])
+    assert ens["id"] == ["a", "c"]
+    np.testing.assert_allclose(ens["pred"], [2.0, 4.5])
+    report = dc.metrics_report({"all": dc.ensemble_rows([one, two])})
+    assert report["all"]["n"] == 2  # c has no Vref
+    assert report["all"]["uncertainty"]["within_1std"] == 1.0  # errors 0.5 and 0 vs 1.41, 0
+    with pytest.raises(ValueError, match="at least 2 members"):
+        dc.ensemble_rows([one])
+
+
 # ----------------------------------------------------------------------------- training engine
 # run_epoch: failed batches skipped and counted, or stopping the run; metrics per graph; AMP.
 class PoisonIds(torch.nn.Module):
@@ -1422,6 +1483,30 @@ def test_group_split_keeps_groups_together():
     for part_a, part_b in ((train, val), (train, test), (val, test)):
         assert not {rows[i].get("group") for i in part_a} & \
             {rows[i].get("group") for i in part_b} - {None}
+
+
+@pytest.mark.parametrize("n_rows, groups, k", [(12, True, 3), (12, True, 4), (11, False, 5),
+                                               (7, True, 3)])
+def test_cv_folds_disjoint_by_group_and_cover_every_row_once(n_rows, groups, k):
+    rows = [{"id": f"r{i}", **({"group": f"g{i // 3}"} if groups else {})}
+            for i in range(n_rows)]
+    folds = dc.make_cv_folds(rows, k, seed=3)
+    assert len(folds) == k
+    tests = [i for _, _, test, _ in folds for i in test]
+    assert sorted(tests) == list(range(n_rows))  # every row in exactly one test part
+    group = dc.row_groups(rows)
+    n_groups = len(set(group))
+    sizes = [len({group[i] for i in test}) for _, _, test, _ in folds]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == n_groups
+    for train, val, test, rule in folds:
+        assert sorted(train + val + test) == list(range(n_rows))  # a partition of the rows
+        parts = [{group[i] for i in part} for part in (train, val, test)]
+        assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+        assert train and (val or len(parts[0]) == 1)  # validation from the training part
+        assert rule.startswith("fold ")
+    assert dc.make_cv_folds(rows, k, seed=3) == folds  # seeded
+    with pytest.raises(ValueError, match=f"needs 2 to {n_groups} folds"):
+        dc.make_cv_folds(rows, n_groups + 1)
 
 
 # --- compile
@@ -2298,6 +2383,231 @@ def test_predict_refuses_foreign_or_tampered_checkpoints(trained_run, tmp_path, 
     assert "is not a DeltaCoupling checkpoint" in refused(os.path.join(root, "cached_graphs.pt"))
     assert "cannot be loaded as a DeltaCoupling checkpoint" in refused(__file__)
     assert "not found" in refused(tmp_path / "missing.pt")
+
+
+# --- model selection, ensembles and cross-validation
+def test_monitor_chooses_the_best_epoch_by_mae_or_mape():
+    # a constructed validation history where the two figures disagree
+    history = [(40.0, 0.90), (12.0, 0.80), (30.0, 0.30), (25.0, 0.35), (11.0, 0.60)]
+    best = {}
+    for monitor in dc.MONITORS:
+        state = dc.TrainingProgress()
+        for state.epoch, (mape, mae) in enumerate(history, start=1):
+            value = dc.monitored_value(monitor, dc.EpochResult(loss=9.0),
+                                       dc.EpochResult(mape=mape, mae=mae), has_val=True)
+            state.update(value, patience=100)
+        best[monitor] = (state.best_epoch, state.best, state.stale)
+    assert best == {"mape": (5, 11.0, 0), "mae": (3, 0.30, 2)}
+    # without a validation set the training loss is watched, and patience stops the run
+    state = dc.TrainingProgress()
+    for state.epoch, loss in enumerate([3.0, 2.0, 2.5, 2.4], start=1):
+        state.update(dc.monitored_value("mae", dc.EpochResult(loss=loss), dc.EpochResult(),
+                                        has_val=False), patience=2)
+    assert (state.best_epoch, state.stopped) == (2, True)
+    with pytest.raises(ValueError, match="unknown monitor"):
+        dc.monitored_value("rmse", dc.EpochResult(), dc.EpochResult(), True)
+    assert dc.build_arg_parser().parse_args([]).monitor == "mape"
+
+
+def test_cv_epoch_default_and_refused_combinations(capsys):
+    assert dc.parse_main_args(["--cv", "5"])[0].epochs == dc.DEFAULT_CV_EPOCHS == 300
+    assert dc.parse_main_args(["--cv", "5", "--epochs", "1500"])[0].epochs == 1500
+    assert dc.parse_main_args(["--ensemble", "3"])[0].epochs == 1500
+    for argv, message in ((["--cv", "3", "--ensemble", "2"], "does not combine"),
+                          (["--ensemble", "3", "--member", "1"], "give one of the two"),
+                          (["--ensemble", "1"], "at least 2 members"),
+                          (["--member", "-1"], "numbered 0, 1"),
+                          (["--fold", "1"], "set by --cv")):
+        with pytest.raises(SystemExit) as exc:
+            dc.parse_main_args(argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+TINY_RUN = ["--epochs", "3", "--patience", "50", "--quiet", *SMALL_MODEL_ARGS,
+            "--no-skip_failed_batches"]
+
+
+@pytest.fixture(scope="module")
+def ensemble_runs(tmp_path_factory):
+    """The same 2-member ensemble twice, on copies of 12 grouped dimers, selected by val MAE:
+    once with --ensemble 2, once as --member 0 and --member 1 (separate runs) combined."""
+    base = tmp_path_factory.mktemp("ensemble")
+    together = write_dataset(str(base / "together"), 12, groups=True)
+    apart = _copy_data(together, base / "apart")
+    out_together = dc.main(["--root_dir", together, "--ensemble", "2", "--monitor", "mae",
+                            *TINY_RUN])
+    for k in ("0", "1"):
+        dc.main(["--root_dir", apart, "--member", k, "--monitor", "mae", *TINY_RUN])
+    out_apart = dc.main(["--root_dir", apart, "--combine_ensemble", *SMALL_MODEL_ARGS])
+    return {"together": together, "apart": apart, "out_together": out_together,
+            "out_apart": out_apart}
+
+
+def _member_checkpoint(root, k):
+    return os.path.join(root, "models", f"member_{k}", dc.FINAL_CHECKPOINT)
+
+
+def test_members_trained_apart_and_combined_equal_the_ensemble(ensemble_runs):
+    together, apart = ensemble_runs["together"], ensemble_runs["apart"]
+    states = []
+    for k in (0, 1):
+        one = torch.load(_member_checkpoint(together, k), weights_only=True)
+        two = torch.load(_member_checkpoint(apart, k), weights_only=True)
+        assert one["config"]["seed"] == two["config"]["seed"] == 42  # the split's seed
+        assert one["split_ids"] == two["split_ids"]
+        for key, value in one["model_state"].items():
+            torch.testing.assert_close(two["model_state"][key], value, rtol=0, atol=0)
+        states.append(one["model_state"])
+    # the members differ from each other (seed 42 and 43)
+    assert any(not torch.equal(states[0][k], states[1][k]) for k in states[0]
+               if states[0][k].is_floating_point())
+    files = []
+    for root in (together, apart):
+        with open(os.path.join(root, "models", dc.ENSEMBLE_FILE)) as fh:
+            ensemble = json.load(fh)
+        assert [m["member"] for m in ensemble["members"]] == [0, 1]
+        assert [m["seed"] for m in ensemble["members"]] == [42, 43]
+        assert ensemble["members"][1]["checkpoint"] == os.path.join("member_1",
+                                                                    dc.FINAL_CHECKPOINT)
+        with open(os.path.join(root, "models", dc.ENSEMBLE_METRICS_FILE)) as fh:
+            files.append((ensemble["config_hash"], json.load(fh)))
+    assert files[0] == files[1]
+    metrics = files[0][1]
+    assert metrics["members"] == 2 and set(metrics["test"]["uncertainty"]) >= {
+        "spearman", "within_1std", "within_2std", "miscalibration_area"}
+    for name in ("uncertainty.png", "test_ensemble.png", "val_ensemble.png"):
+        assert os.path.getsize(os.path.join(together, "plots", name)) > 0, name
+    # the ensemble's test figures: the members' mean and sample std, from their own predictions
+    preds = ensemble_runs["out_together"]["predictions"]["test"]
+    ds = dc.CachedDimerDataset(os.path.join(together, "cached_graphs.pt"))
+    ids = preds["id"]
+    graphs = batch_of([ds[ds.ids.index(i)] for i in ids])
+    members = []
+    for k in (0, 1):
+        model, _ = dc.load_checkpoint(_member_checkpoint(together, k))
+        with torch.no_grad():
+            members.append(dc.predict_batch(model.eval(), graphs.clone())[0].double().numpy())
+    np.testing.assert_allclose(preds["pred"], (members[0] + members[1]) / 2, atol=1e-6)
+    np.testing.assert_allclose(preds["std"], np.abs(members[0] - members[1]) / math.sqrt(2),
+                               atol=1e-6)
+
+
+def test_an_interrupted_ensemble_resumes_its_member_then_the_rest(ensemble_runs, tmp_path,
+                                                                 monkeypatch, capsys):
+    root = _copy_data(ensemble_runs["together"], tmp_path / "interrupted")
+    interrupt_at_epoch(monkeypatch, 5)  # member 0 trains 3 epochs: this is member 1's second
+    with pytest.raises(SystemExit) as exc:
+        dc.main(["--root_dir", root, "--ensemble", "2", "--monitor", "mae", *TINY_RUN])
+    assert exc.value.code == 130
+    state_path = os.path.join(root, "models", "member_1", dc.RESUME_CHECKPOINT)
+    assert f"--resume {state_path}" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(root, "models", dc.ENSEMBLE_FILE))
+    undo_interrupt(monkeypatch)
+    dc.main(["--resume", state_path])
+    with open(os.path.join(root, "models", dc.ENSEMBLE_FILE)) as fh:
+        assert [m["member"] for m in json.load(fh)["members"]] == [0, 1]
+    for k in (0, 1):
+        one = torch.load(_member_checkpoint(ensemble_runs["together"], k), weights_only=True)
+        two = torch.load(_member_checkpoint(root, k), weights_only=True)
+        assert [h["epoch"] for h in two["history"]] == [1, 2, 3]
+        for key, value in one["model_state"].items():
+            torch.testing.assert_close(two["model_state"][key], value, rtol=0, atol=1e-6)
+
+
+def test_monitor_mae_picks_the_epoch_of_the_lowest_val_mae(ensemble_runs):
+    for k in (0, 1):
+        final = torch.load(_member_checkpoint(ensemble_runs["together"], k), weights_only=True)
+        maes = [h["val_mae"] for h in final["history"]]
+        mapes = [h["val_mape"] for h in final["history"]]
+        assert final["weights_from_epoch"] == int(np.argmin(maes)) + 1
+        assert final["monitor"] == "val MAE" and final["best_monitor"] == min(maes)
+        assert final["config"]["monitor"] == "mae"
+        assert len(set(mapes)) == 3  # the history is a real one
+
+
+def test_predict_with_an_ensemble_writes_mean_std_and_uncertainty(ensemble_runs, tmp_path):
+    together = ensemble_runs["together"]
+    root = _copy_data(together, tmp_path / "new")
+    single = []
+    for k in (0, 1):
+        out = dc.main(["--predict", "--checkpoint", _member_checkpoint(together, k),
+                       "--root_dir", root, "--quiet", *ON_CPU])
+        single.append(pd.read_csv(out["predictions_path"]))
+        assert "Vref_std" not in single[-1].columns  # a single checkpoint: as before
+    # ensemble.json by --checkpoint; without it, <root_dir>/models/ensemble.json is the default
+    for argv in (["--checkpoint", os.path.join(together, "models", dc.ENSEMBLE_FILE),
+                  "--root_dir", root], ["--root_dir", together]):
+        out = dc.main(["--predict", "--quiet", *ON_CPU, *argv])
+        table = pd.read_csv(out["predictions_path"])
+        assert list(table.columns) == ["id", "V0", "dV", "Vref_pred", "Vref_std", "Vref",
+                                       "error", "split"]
+        both = np.stack([single[0]["Vref_pred"], single[1]["Vref_pred"]])  # (2, 12)
+        np.testing.assert_allclose(table["Vref_pred"], both.mean(axis=0), atol=1e-9)
+        np.testing.assert_allclose(table["Vref_std"], both.std(axis=0, ddof=1), atol=1e-9)
+        u = out["metrics"]["all"]["uncertainty"]
+        err, std = table["error"].abs(), table["Vref_std"]
+        assert u["within_1std"] == pytest.approx(float((err <= std).mean()))
+        assert u["within_2std"] == pytest.approx(float((err <= 2 * std).mean()))
+        assert out["metrics"]["test"]["uncertainty"]["n"] == 3  # the training data's own split
+        assert os.path.getsize(os.path.join(argv[-1], "predictions_uncertainty.png")) > 0
+
+
+def test_combining_refuses_members_trained_otherwise(ensemble_runs, tmp_path, capsys):
+    root = str(tmp_path / "mixed")
+    shutil.copytree(ensemble_runs["apart"], root)
+    dc.main(["--root_dir", root, "--member", "2", *TINY_RUN, "--num_rbf", "6"])  # other size
+    with pytest.raises(SystemExit) as exc:
+        dc.main(["--root_dir", root, "--combine_ensemble", "--quiet", *ON_CPU])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "cannot combine" in err and "member_2" in err
+    assert "--num_rbf 6 (vs 8)" in err and "model num_rbf 6 (vs 8)" in err
+    assert "--monitor 'mape' (vs 'mae')" in err  # trained without --monitor mae too
+    # an unfinished member (no final checkpoint) is refused too
+    os.remove(_member_checkpoint(root, 2))
+    with pytest.raises(SystemExit):
+        dc.main(["--root_dir", root, "--combine_ensemble", "--quiet", *ON_CPU])
+    assert "no final checkpoint" in capsys.readouterr().err
+    # a member changed after combining: the ensemble file refuses it
+    shutil.rmtree(os.path.join(root, "models", "member_2"))
+    torch.save(torch.load(_member_checkpoint(ensemble_runs["apart"], 0), weights_only=True),
+               _member_checkpoint(root, 1))
+    with pytest.raises(ValueError, match="missing or changed since the ensemble was combined"):
+        dc.load_ensemble(os.path.join(root, "models", dc.ENSEMBLE_FILE))
+
+
+def test_cv_trains_k_folds_and_writes_out_of_fold_predictions(tmp_path):
+    root = write_dataset(str(tmp_path / "cv"), 12, groups=True)
+    out = dc.main(["--root_dir", root, "--cv", "3", *TINY_RUN])
+    table = pd.read_csv(os.path.join(root, "models", dc.CV_PREDICTIONS_FILE))
+    meta = pd.read_excel(os.path.join(root, "meta.xlsx"))
+    assert table["id"].tolist() == meta["id"].tolist()  # every row once, in meta.xlsx's order
+    assert table["Vref_pred"].notna().all() and set(table["fold"]) == {0, 1, 2}
+    assert (table.groupby("group")["fold"].nunique() == 1).all()  # a group in one fold
+    with open(os.path.join(root, "models", dc.CV_METRICS_FILE)) as fh:
+        metrics = json.load(fh)
+    assert metrics["k"] == 3 and metrics["epochs"] == 3 and len(metrics["folds"]) == 3
+    for f, fold in enumerate(metrics["folds"]):
+        rows = table[table["fold"] == f]
+        assert fold["n_test"] == len(rows)
+        ckpt = torch.load(os.path.join(root, "models", "cv", f"fold_{f}", dc.FINAL_CHECKPOINT),
+                          weights_only=True)
+        assert ckpt["split_ids"]["test"] == rows["id"].tolist()
+        assert not set(rows["id"]) & set(ckpt["split_ids"]["train"] + ckpt["split_ids"]["val"])
+        assert ckpt["split_ids"]["val"]  # each fold validates on part of its training groups
+        # (the metrics use the graphs' float32 Vref, the CSV meta.xlsx's float64 one)
+        assert fold["model"]["mae"] == pytest.approx(rows["error"].abs().mean(), rel=1e-6)
+        assert fold["baseline"]["rmse"] == pytest.approx(
+            math.sqrt(((rows["V0"] - rows["Vref"]) ** 2).mean()), rel=1e-6)
+        # the out-of-fold predictions are the fold's own final test report
+        assert fold["model"]["mae"] == pytest.approx(ckpt["final_metrics"]["test"]["model"]["mae"],
+                                                     rel=1e-6)
+    maes = [fold["model"]["mae"] for fold in metrics["folds"]]
+    assert metrics["mean"]["model"]["mae"] == pytest.approx(np.mean(maes))
+    assert metrics["std"]["model"]["mae"] == pytest.approx(np.std(maes, ddof=1))
+    assert metrics["out_of_fold"]["n"] == 12 and set(metrics["out_of_fold"]["groups"]) == \
+        {"g0", "g1", "g2", "g3"}
+    assert json.loads(json.dumps(dc._json_ready(out))) == metrics  # returned as written
+    assert os.path.getsize(os.path.join(root, "plots", dc.CV_PLOT)) > 0
 
 
 # --- install
