@@ -242,8 +242,9 @@ def main():
         print(f"  1 process,  1 thread : {results['ddp']['one_1t']['train_dimers_per_s']:.1f} "
               f"dimers/s")
         print(f"  2 processes, 1 thread each: {two['train_dimers_per_s']:.1f} dimers/s")
-        ratio = two["train_dimers_per_s"] / one["train_dimers_per_s"]
-        print(f"  ratio (2 processes / 1 process with 2 threads): {ratio:.2f}")
+        for name, base in (("2 threads", one), ("1 thread", results["ddp"]["one_1t"])):
+            ratio = two["train_dimers_per_s"] / base["train_dimers_per_s"]
+            print(f"  ratio (2 processes / 1 process with {name}): {ratio:.2f}")
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     big = max(sizes)
     print(f"rss_at_100k_mib {results[big]['train']['peak_anon_mib']:.0f}"
