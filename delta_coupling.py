@@ -21,6 +21,7 @@ data.
 """
 import argparse
 import contextlib
+import datetime
 import errno
 import hashlib
 import json
@@ -32,6 +33,7 @@ import random
 import re
 import shlex
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -42,6 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from e3nn import o3
 from e3nn.nn import FullyConnectedNet
@@ -91,8 +94,12 @@ U_DIM = IRREPS_U.dim  # 4
 MULLIKEN_DIM = 3  # s, p, d populations per atom
 NODE_ATTR_DIM = 8  # width of the embedded Mulliken attributes ("8x0e")
 
-CACHE_FORMAT_VERSION = 1  # bump when the cache layout changes
-DEFAULT_CACHE_FILE = "cached_graphs.pt"
+CACHE_FORMAT_VERSION = 2  # bump when the cache layout changes (2: an index + memory-mapped shards)
+DEFAULT_CACHE_FILE = "cached_graphs.pt"  # the cache's index; its shards in cached_graphs_shards/
+CACHE_SHARD_BYTES = 64 * 2 ** 20  # a cache shard is closed once its graphs' tensors reach this
+# DimerDataset and the data check keep every row's parsed files in memory up to this many rows;
+# a larger set is re-read from its files per access, so memory does not grow with the data
+DIMER_PRELOAD_MAX = 20_000
 DEFAULT_PHYSICAL_CUTOFF = 12.0  # Angstrom
 DEFAULT_EPOCHS = 1500
 DEFAULT_BATCH_SIZE = 5
@@ -151,6 +158,10 @@ RESUME_FREE_OPTIONS = ("resume", "root_dir", "cache_file_name", "rebuild_cache",
 RESUME_NOT_INHERITED = ("resume", "rebuild_cache", "check_data", "device", "num_workers",
                         "compile", "predict", "checkpoint")
 EXIT_INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT), as shells report it
+# torchrun (README.md, "Scaling out"): a collective that waits longer than this fails, so a
+# hung rank cannot keep the others waiting for ever (torchrun ends them at once when one dies)
+DIST_TIMEOUT_MINUTES = 30
+DIST_DATA_TIMEOUT_HOURS = 48  # how long the other ranks wait for rank 0's data check and cache
 # ensembles (--ensemble K, --member k, --combine_ensemble): members in <root_dir>/models/member_k
 ENSEMBLE_FILE = "ensemble.json"  # in <root_dir>/models: the members' checkpoints, tied together
 ENSEMBLE_FORMAT = "DeltaCoupling ensemble"
@@ -380,15 +391,26 @@ def level_of_theory_mismatch(trained, folder):
                      for k in LEVEL_OF_THEORY_KEYS if trained[k] != folder[k])
 
 
+def _hash_file(digest, path):
+    """Feed the bytes of ``path`` into ``digest`` in 1 MiB chunks; return it."""
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest
+
+
+def file_sha256(path):
+    """Hex SHA-256 of one file's bytes."""
+    return _hash_file(hashlib.sha256(), path).hexdigest()
+
+
 def data_sha256(root_dir, rows):
     """Hex SHA-256 over meta.xlsx and every PDB/NPZ it names (ties a cache to its data)."""
     digest = hashlib.sha256()
     paths = ["meta.xlsx"] + [r[col] for r in rows for col in META_FILE_COLUMNS]
     for rel in paths:
         digest.update(rel.encode() + b"\0")
-        with open(os.path.join(root_dir, rel), "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
+        _hash_file(digest, os.path.join(root_dir, rel))
     return digest.hexdigest()
 
 
@@ -609,7 +631,7 @@ def parse_dimer(root_dir, row):
                        mulliken=mulliken, field=field)
 
 
-def check_dataset(root_dir, parsed=None, require_vref=True):
+def check_dataset(root_dir, parsed=None, require_vref=True, rows=None):
     """Validate every row of a data folder with the rules used in training; raise nothing.
 
     Returns ``(n_rows, problems)``: the number of data rows in meta.xlsx and one message per
@@ -617,21 +639,26 @@ def check_dataset(root_dir, parsed=None, require_vref=True):
     with usable paths and R_nm the first problem of its PDBs and NPZ (``parse_dimer``): every
     number unreadable, non-finite or beyond its plausible range (docs/DATA_FORMAT.md).
     ``parsed``: a list that receives the ``ParsedDimer`` of every row read without a problem,
-    so that training does not read the files again. ``require_vref=False``: as prediction
-    reads meta.xlsx (``read_meta``).
+    so that training does not read the files again; left empty for a folder of more than
+    ``DIMER_PRELOAD_MAX`` rows (their files are read again when needed, memory stays bounded).
+    ``require_vref=False``: as prediction reads meta.xlsx (``read_meta``). ``rows``: a list
+    that receives every row of meta.xlsx.
     """
     problems = []
-    rows = read_meta(root_dir, require_vref, problems=problems)
-    for row in rows:
+    meta_rows = read_meta(root_dir, require_vref, problems=problems)
+    if rows is not None:
+        rows.extend(meta_rows)
+    keep = parsed is not None and len(meta_rows) <= DIMER_PRELOAD_MAX
+    for row in meta_rows:
         if all(col in row for col in META_FILE_COLUMNS + ("R_nm",)):
             try:
                 dimer = parse_dimer(root_dir, row)
             except (ValueError, FileNotFoundError) as exc:
                 problems.append(str(exc))
                 continue
-            if parsed is not None:
+            if keep:
                 parsed.append(dimer)
-    return len(rows), problems
+    return len(meta_rows), problems
 
 
 # ----------------------------------------------------------------------------- geometry helpers
@@ -774,18 +801,24 @@ class DimerDataset(torch.utils.data.Dataset):
         augment: apply jitter (``jitter_std``, internal units) and one random whole-dimer
             rotation to positions and field features on every access.
         preload: parse every row's files in the constructor (all errors surface at once and
-            files are read once); ``False`` re-reads the files on every access.
+            files are read once); ``False`` re-reads the files on every access; ``None`` (the
+            default): preload up to ``DIMER_PRELOAD_MAX`` rows, re-read a larger set.
         parsed: the rows' ``ParsedDimer`` in meta.xlsx order if already read (``check_dataset``
             of this folder); their rows are used and meta.xlsx is not read again.
+        rows: the meta.xlsx rows if already read (and ``parsed`` not given).
     """
 
     def __init__(self, root_dir, physical_cutoff=DEFAULT_PHYSICAL_CUTOFF, augment=False,
-                 jitter_std=DEFAULT_JITTER_STD, preload=True, parsed=None):
+                 jitter_std=DEFAULT_JITTER_STD, preload=None, parsed=None, rows=None):
         self.root_dir = root_dir
-        self.rows = [p.row for p in parsed] if parsed is not None else read_meta(root_dir)
+        if parsed is not None:
+            rows = [p.row for p in parsed]
+        self.rows = rows if rows is not None else read_meta(root_dir)
         self.internal_cutoff = physical_cutoff * INT_ANGSTROM_SCALE
         self.augment = augment
         self.jitter_std = jitter_std
+        if preload is None:
+            preload = len(self.rows) <= DIMER_PRELOAD_MAX
         if parsed is None and preload:
             parsed = [parse_dimer(root_dir, r) for r in self.rows]
         self.parsed = parsed
@@ -834,23 +867,155 @@ def check_cache_metadata(metadata, expected):
     return problems
 
 
+# A cache (docs/DATA_FORMAT.md, "The cache") is an index file, cached_graphs.pt (metadata,
+# ids, shard list with sizes and SHA-256), and shards in cached_graphs_shards/: each a flat store
+# of consecutive rows, every field concatenated with per-graph offsets, read memory-mapped, so a
+# process holds file-backed pages the kernel can drop, never the whole set in its own memory.
+CACHE_NODE_FIELDS = ("z_atoms", "pos_atoms", "atomic_node_attr")  # (N, ...) per graph
+CACHE_EDGE_FIELDS = ("edge_attr_atoms", "edge_attr_sh")  # (E, ...); edge_index_atoms is (2, E)
+
+
+def cache_shard_dir(cache_path):
+    """The folder of a cache's shards: ``.../cached_graphs.pt`` -> ``.../cached_graphs_shards``."""
+    return os.path.splitext(cache_path)[0] + "_shards"
+
+
+def cache_shard_name(k):
+    return f"shard_{k:05d}.pt"
+
+
+def rebuild_cache_hint(root_dir, physical_cutoff, cache_file_name):
+    """The sentence that tells how to rebuild a cache."""
+    return (f"Rebuild it: python preprocess_and_cache.py --root_dir {shlex.quote(root_dir)} "
+            f"--physical_cutoff {physical_cutoff} --cache_file_name "
+            f"{shlex.quote(cache_file_name)}, or run again with --rebuild_cache")
+
+
+def pack_graphs(graphs):
+    """A flat store of graphs ({field: tensor} each): every field concatenated over the graphs
+    (edge_index_atoms along its edge dimension, its indices kept per graph) with each graph's
+    node and edge offsets, ``node_ptr`` and ``edge_ptr`` (n + 1,) int64."""
+    def offsets(counts):
+        return torch.cumsum(torch.tensor([0] + counts, dtype=torch.long), 0)  # (n + 1,)
+
+    return {"node_ptr": offsets([g["z_atoms"].size(0) for g in graphs]),
+            "edge_ptr": offsets([g["edge_index_atoms"].size(1) for g in graphs]),
+            "fields": {key: torch.cat([g[key] for g in graphs],
+                                      dim=1 if key == "edge_index_atoms" else 0)
+                       for key in graphs[0]}}
+
+
+def unpack_graph(store, i):
+    """Graph ``i`` of a ``pack_graphs`` store as {field: tensor}: views, nothing copied."""
+    n0, n1 = store["node_ptr"][i:i + 2].tolist()
+    e0, e1 = store["edge_ptr"][i:i + 2].tolist()
+    out = {}
+    for key, t in store["fields"].items():
+        if key in CACHE_NODE_FIELDS:
+            out[key] = t[n0:n1]
+        elif key in CACHE_EDGE_FIELDS:
+            out[key] = t[e0:e1]
+        elif key == "edge_index_atoms":
+            out[key] = t[:, e0:e1]
+        else:  # one row per graph
+            out[key] = t[i:i + 1]
+    return out
+
+
 def load_cache(cache_path):
-    """Load a cache written by ``build_cache`` (tensors and plain types only)."""
-    payload = load_tensors_file(cache_path, "a DeltaCoupling cache",
-                                "; delete it or run with --rebuild_cache")
-    if (not isinstance(payload, dict) or {"metadata", "graphs", "ids"} - set(payload)
-            or not isinstance(payload["metadata"], dict)):
-        raise ValueError(f"{cache_path} is not a DeltaCoupling cache (no metadata/graphs/ids); "
-                         f"delete it or run with --rebuild_cache")
-    return payload
+    """Open a cache written by ``build_cache``: its index (tensors and plain types only); the
+    shards are memory-mapped when first used. Returns a ``GraphCache``."""
+    hint = "; delete it or run with --rebuild_cache"
+    index = load_tensors_file(cache_path, "a DeltaCoupling cache", hint)
+    if not isinstance(index, dict) or not isinstance(index.get("metadata"), dict):
+        raise ValueError(f"{cache_path} is not a DeltaCoupling cache (no metadata){hint}")
+    version = index["metadata"].get("format_version")
+    if version != CACHE_FORMAT_VERSION:
+        raise ValueError(f"{cache_path}: format_version: saved {version!r}, this code reads "
+                         f"{CACHE_FORMAT_VERSION} (the cache layout changed){hint}")
+    if not (isinstance(index.get("ids"), list) and isinstance(index.get("shards"), list)):
+        raise ValueError(f"{cache_path} is not a DeltaCoupling cache (no ids and shards){hint}")
+    return GraphCache(cache_path, index)
+
+
+class GraphCache:
+    """The graphs of a cache: the index in memory, each shard memory-mapped on first use.
+
+    ``graph(i)`` returns row ``i``'s {field: tensor} as views into its shard's mapped file.
+    ``verify()`` checks every shard's size and SHA-256 against the index. A missing or damaged
+    shard raises ``ValueError`` naming it, with the command that rebuilds the cache.
+    """
+
+    def __init__(self, path, index):
+        self.path = path
+        self.metadata = index["metadata"]
+        self.ids = index["ids"]
+        self.shards = index["shards"]  # [{file, start, count, bytes, sha256}] in row order
+        self._starts = np.array([s["start"] for s in self.shards], dtype=np.int64)
+        self._open = {}  # shard number -> its mapped store
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getstate__(self):  # a DataLoader worker started by spawn maps the shards itself
+        return {**self.__dict__, "_open": {}}
+
+    @property
+    def rebuild_hint(self):
+        root_dir, name = os.path.split(self.path)
+        return rebuild_cache_hint(root_dir, self.metadata.get("physical_cutoff"), name)
+
+    def shard_path(self, k):
+        return os.path.join(cache_shard_dir(self.path), self.shards[k]["file"])
+
+    def _refuse(self, k, problem):
+        raise ValueError(f"cache shard {self.shard_path(k)} {problem}. {self.rebuild_hint}")
+
+    def verify(self):
+        """Check that the shards cover every row and each has its recorded size and SHA-256
+        (reads every shard once: file pages, not this process's memory)."""
+        if sum(s["count"] for s in self.shards) != len(self.ids):
+            raise ValueError(f"{self.path}: its shards hold {sum(s['count'] for s in self.shards)}"
+                             f" rows, its index {len(self.ids)}. {self.rebuild_hint}")
+        for k, entry in enumerate(self.shards):
+            path = self.shard_path(k)
+            if not os.path.isfile(path):
+                self._refuse(k, "is missing")
+            size = os.path.getsize(path)
+            if size != entry["bytes"]:
+                self._refuse(k, f"has {size} bytes, the index recorded {entry['bytes']} "
+                                f"(truncated or replaced)")
+            if file_sha256(path) != entry["sha256"]:
+                self._refuse(k, "is corrupt (its SHA-256 differs from the one in the index)")
+
+    def shard(self, k):
+        """Shard ``k``'s store, memory-mapped (``torch.load(mmap=True, weights_only=True)``)."""
+        if k not in self._open:
+            path = self.shard_path(k)
+            if not os.path.isfile(path):
+                self._refuse(k, "is missing")
+            try:
+                store = load_tensors_file(path, "a cache shard", mmap=True)
+            except ValueError as exc:
+                raise ValueError(f"cache shard {exc}. {self.rebuild_hint}") from None
+            count = self.shards[k]["count"]
+            if not (isinstance(store, dict) and store.get("count") == count
+                    and store["node_ptr"].numel() == count + 1):
+                self._refuse(k, "does not hold the rows the index records")
+            self._open[k] = store
+        return self._open[k]
+
+    def graph(self, idx):
+        k = int(np.searchsorted(self._starts, idx, side="right")) - 1
+        return unpack_graph(self.shard(k), idx - self.shards[k]["start"])
 
 
 class CachedDimerDataset(torch.utils.data.Dataset):
     """Graphs from a cache written by ``build_cache`` (docs/DESIGN.md, section 3).
 
     Args:
-        cache: path of ``cached_graphs.pt`` or an already loaded payload (shared between the
-            train and evaluation datasets so the file is read once).
+        cache: path of ``cached_graphs.pt`` or an opened ``GraphCache`` (shared between the
+            train and evaluation datasets).
         rotate: rotate positions, field features and the stored ``edge_attr_sh`` by one random
             rotation per access (with e3nn's D matrices).
         jitter_std: Gaussian noise (internal units) on positions; the atom graph, distances and
@@ -858,19 +1023,18 @@ class CachedDimerDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, cache, rotate=False, jitter_std=0.0):
-        self.payload = load_cache(cache) if isinstance(cache, (str, os.PathLike)) else cache
-        self.metadata = self.payload["metadata"]
+        self.cache = load_cache(cache) if isinstance(cache, (str, os.PathLike)) else cache
+        self.metadata = self.cache.metadata
         self.internal_cutoff = float(self.metadata["internal_cutoff"])
-        self.graphs = self.payload["graphs"]
-        self.ids = self.payload["ids"]
+        self.ids = self.cache.ids
         self.rotate = rotate
         self.jitter_std = jitter_std
 
     def __len__(self):
-        return len(self.graphs)
+        return len(self.cache)
 
     def __getitem__(self, idx):
-        fields = dict(self.graphs[idx])
+        fields = self.cache.graph(idx)
         if self.rotate:
             rot = random_rotation(fields["pos_atoms"].dtype)
             fields["pos_atoms"] = fields["pos_atoms"] @ rot.T
@@ -1461,7 +1625,8 @@ def distance_weighted_l1_on_vref_loss(pred_vref, true_vref, R):
     """Distance-weighted L1 in Vref space (docs/DESIGN.md, decision 1).
 
     ``loss = sum_i w_i |pred_i - true_i| / sum_i w_i`` with ``w_i = R_i / mean(R)`` over the
-    batch (R: internal separation). Larger R weighs more; equal R gives plain L1.
+    batch (R: internal separation). Larger R weighs more; equal R gives plain L1. Under torchrun
+    the batch of a step is the union of every rank's batch (``run_epoch``).
     """
     w = R / R.mean()  # (B,)
     return (w * (pred_vref - true_vref).abs()).sum() / w.sum()
@@ -1513,6 +1678,14 @@ class ErrorSums:
         n = self.n
         return {"mape": 100.0 * self.ape / n, "mae": self.ae / n, "rmse": math.sqrt(self.se / n),
                 "max_abs": self.max_abs}
+
+    def all_reduce(self):
+        """Under torchrun: the sums over every rank's rows (the largest error over all), in
+        place, so that the figures are those of the whole pass on every rank."""
+        n, self.ape, self.ae, self.se = all_reduce_floats([self.n, self.ape, self.ae, self.se])
+        self.n = int(round(n))
+        self.max_abs = all_reduce_floats([self.max_abs], op=dist.ReduceOp.MAX)[0]
+        return self
 
 
 def regression_metrics(pred, true, v0):
@@ -1686,6 +1859,57 @@ def format_uncertainty_table(report):
 
 
 # ----------------------------------------------------------------------------- training engine
+# One pass over a loader (train or evaluate) and prediction. Under torchrun each rank runs the
+# same code on its part of the rows; the sums behind every figure are all-reduced (DIST below).
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands in a torchrun launch (docs/DESIGN.md, decision 18); the
+    defaults describe a plain ``python delta_coupling.py``, which never touches a process
+    group."""
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1  # processes on this node
+    active: bool = False  # launched by torchrun: the process group is initialised
+    device: torch.device = torch.device("cpu")  # where collectives' tensors live (nccl: cuda)
+    data_group: object = None  # gloo group with a long timeout: waiting for rank 0's data stage
+    owns_group: bool = False  # setup_distributed initialised the process group (and ends it)
+
+    @property
+    def master(self):
+        """Rank 0: the one process that prints, draws progress bars and writes files."""
+        return self.rank == 0
+
+
+DIST = DistEnv()  # set once by setup_distributed() in main(); read by every print and write
+
+
+def all_reduce_floats(values, op=dist.ReduceOp.SUM):
+    """``values`` (floats) summed (or ``op``) over the ranks, in float64; as given in one
+    process."""
+    if not DIST.active:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=DIST.device)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def all_gather_objects(obj):
+    """[``obj`` of rank 0, of rank 1, ...]: picklable objects from every rank."""
+    if not DIST.active:
+        return [obj]
+    out = [None] * DIST.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rank_part(indices):
+    """This rank's contiguous part of ``indices`` (all of them in one process): the parts of
+    the ranks, in rank order, are ``indices`` again, none padded or dropped."""
+    n, r, w = len(indices), DIST.rank, DIST.world_size
+    return indices[r * n // w:(r + 1) * n // w]
+
+
 def amp_settings(device):
     """(autocast dtype or None, use GradScaler) for a device (docs/DESIGN.md, decision 10)."""
     if device.type != "cuda":
@@ -1739,16 +1963,28 @@ class FailedBatches:
             raise exc
         self.first_error = self.first_error or exc
         ids = list(data.id)
-        reason = f"{type(exc).__name__}: {exc}"
-        self.failed.append((ids, reason))
         where = ""
-        if self.traceback_path and not os.path.exists(self.traceback_path):
+        if self.traceback_path and DIST.master and not os.path.exists(self.traceback_path):
             atomic_write_text(
                 f"the first failed batch of this run ({self.what}): dimer ids {ids}\n"
                 + "".join(traceback.format_exception(exc)), self.traceback_path)
             where = f" (full traceback in {self.traceback_path})"
         traceback.clear_frames(exc.__traceback__)  # free the batch's tensors (GPU memory)
+        self.note(ids, f"{type(exc).__name__}: {exc}", where)
+
+    def note(self, ids, reason, where=""):
+        self.failed.append((ids, reason))
         self.log(f"skipped batch ids {ids} in this {self.what}: {reason}{where}")
+
+    def merge_ranks(self):
+        """Under torchrun, for a pass whose rows are split between the ranks: every rank's
+        batches and failures (rank 0 logs the others'), so all take the same decision."""
+        gathered = all_gather_objects((self.n_batches, self.failed))
+        for rank, (_, failed) in enumerate(gathered):
+            for ids, reason in failed if rank != DIST.rank else []:
+                self.log(f"skipped batch ids {ids} in this {self.what} on rank {rank}: {reason}")
+        self.n_batches = sum(n for n, _ in gathered)
+        self.failed = [f for _, failed in gathered for f in failed]
 
     def check(self):
         n_failed = len(self.failed)
@@ -1795,6 +2031,12 @@ def run_epoch(model, loader, device, optimizer=None, scheduler=None, scaler=None
     more than half of the batches fail, ``TooManyFailedBatchesError`` names the first failed
     batch's ids and reason (``FailedBatches``). With ``skip_failed_batches=False`` errors
     propagate at once; any other exception always does.
+
+    Under torchrun every rank passes over its own loader. Training (``model`` is then the
+    DistributedDataParallel wrapper): a step is one step over the union of the ranks' batches,
+    the one a single process takes over their concatenation (``exchange_step``); a batch that
+    fails on one rank is skipped by all. Evaluation: the sums and failure counts are
+    all-reduced, so every rank returns the figures of all the rows.
     """
     training = optimizer is not None
     model.train(training)
@@ -1805,6 +2047,7 @@ def run_epoch(model, loader, device, optimizer=None, scheduler=None, scaler=None
     for data in loader:
         data = data.to(device)
         failures.n_batches += 1
+        error, n_graphs = None, data.num_graphs
         try:
             with torch.set_grad_enabled(training):
                 pred_vref, v0 = predict_batch(model, data, amp_dtype)  # (B,), (B,)
@@ -1813,14 +2056,36 @@ def run_epoch(model, loader, device, optimizer=None, scheduler=None, scaler=None
                                                          data.R_internal_val)
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(f"loss is {loss.item()}")
-                if training:
-                    optimizer_step(loss, optimizer, scheduler, scaler)
+        except FailedBatches.ERRORS as exc:
+            if not (training and DIST.active):
+                failures.record(data, exc)
+                continue
+            if not failures.skip:
+                raise
+            error = exc
+        if training and DIST.active:  # every rank takes this step, or none
+            factor, n_graphs, failed = exchange_step(data, error)
+            if failed:
+                failures.first_error = failures.first_error or error
+                failures.note([i for ids, _ in failed for i in ids], failed[0][1])
+                continue
+            loss = loss * factor
+        try:
+            if training:
+                optimizer_step(loss, optimizer, scheduler, scaler)
         except FailedBatches.ERRORS as exc:
             failures.record(data, exc)
             continue
-        loss_sum += float(loss.detach()) * data.num_graphs
+        loss_sum += float(loss.detach()) / DIST.world_size * n_graphs if training else \
+            float(loss.detach()) * n_graphs
         model_errors.add(pred_vref.detach(), true_vref)  # V0 + dV
         baseline_errors.add(v0, true_vref)  # V0 alone
+    if DIST.active:
+        if not training:
+            failures.merge_ranks()
+        model_errors.all_reduce()
+        baseline_errors.all_reduce()
+        loss_sum = all_reduce_floats([loss_sum])[0]
     failures.check()
     result = EpochResult(n_graphs=model_errors.n, n_batches=failures.n_batches,
                          n_skipped=len(failures.failed), skipped=failures.failed)
@@ -1831,6 +2096,26 @@ def run_epoch(model, loader, device, optimizer=None, scheduler=None, scaler=None
         result.baseline_mape, result.baseline_mae, result.baseline_rmse = (
             baseline_fig[k] for k in ("mape", "mae", "rmse"))
     return result
+
+
+def exchange_step(data, error):
+    """Under torchrun, before a training step, between all ranks: the sums of R and of the
+    graphs over the union of their batches, and the parts that failed.
+
+    Returns ``(factor, graphs, failed)``: ``factor`` = world size x (this batch's sum of R) /
+    (the union's), which turns this rank's loss into its term of the union's distance-weighted
+    loss, sum_i R_i |err_i| / sum_i R_i, times the world size that DDP's gradient average
+    divides out again; ``graphs`` in the union; ``failed``, [(ids, reason)] of each rank whose
+    part raised (all ranks then skip the step).
+    """
+    r_sum = float(data.R_internal_val.double().sum())
+    total_r, n_graphs, n_failed = all_reduce_floats([r_sum, data.num_graphs, error is not None])
+    failed = []
+    if n_failed:
+        parts = all_gather_objects(None if error is None else
+                                   (list(data.id), f"{type(error).__name__}: {error}"))
+        failed = [p for p in parts if p is not None]
+    return DIST.world_size * r_sum / total_r, int(n_graphs), failed
 
 
 def optimizer_step(loss, optimizer, scheduler=None, scaler=None):
@@ -1870,7 +2155,8 @@ def predict_rows(model, loader, device, amp_dtype=None, skip_failed_batches=True
     Returns ``{"id": [str], "pred": V0 + dV, "true": Vref (NaN where unknown), "v0": V0}``,
     the arrays (n,) float64 numpy. A batch that fails (a NaN or Inf prediction, out of GPU
     memory) is logged and skipped as in ``run_epoch``, by the same rule (``FailedBatches``;
-    more than half failing stops): its rows are absent.
+    more than half failing stops): its rows are absent. Under torchrun each rank predicts its
+    loader and every rank returns the rows of all, in rank order.
     """
     model.eval()
     ids, preds, trues, v0s = [], [], [], []
@@ -1892,9 +2178,16 @@ def predict_rows(model, loader, device, amp_dtype=None, skip_failed_batches=True
         preds.append(pred_vref.double().cpu())
         trues.append(data.y_true_vref.double().cpu())
         v0s.append(v0.double().cpu())
+    if DIST.active:
+        failures.merge_ranks()
     failures.check()
     cat = (lambda xs: torch.cat(xs).numpy() if xs else np.zeros(0))
-    return {"id": ids, "pred": cat(preds), "true": cat(trues), "v0": cat(v0s)}
+    rows = {"id": ids, "pred": cat(preds), "true": cat(trues), "v0": cat(v0s)}
+    if not DIST.active:
+        return rows
+    parts = all_gather_objects(rows)
+    return {"id": [i for p in parts for i in p["id"]],
+            **{key: np.concatenate([p[key] for p in parts]) for key in ("pred", "true", "v0")}}
 
 
 # ----------------------------------------------------------------------------- plotting
@@ -2221,13 +2514,14 @@ def _load_error_detail(exc):
     return " ".join(line for line in lines if line and not any(a in line for a in advice))
 
 
-def load_tensors_file(path, what, fix="", map_location="cpu"):
+def load_tensors_file(path, what, fix="", map_location="cpu", mmap=False):
     """``torch.load(path, weights_only=True)``: tensors and plain types only (docs/DESIGN.md,
-    decision 9). A file that cannot be read so raises ``ValueError``: "``path`` cannot be
-    loaded as ``what``: why``fix``". A file holding other pickled objects is refused as such,
-    never with advice to load it some other way: unpickling them could run code."""
+    decision 9); with ``mmap`` the tensors are views of the mapped file, not copies. A file
+    that cannot be read so raises ``ValueError``: "``path`` cannot be loaded as ``what``:
+    why``fix``". A file holding other pickled objects is refused as such, never with advice to
+    load it some other way: unpickling them could run code."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL (\S+)", str(exc))
         held = (f"a pickled Python object ({found.group(1)})" if found else
@@ -2320,19 +2614,106 @@ def progress(iterable, quiet, **kwargs):
     file, CI, some IDE consoles) it redraws every ``PROGRESS_INTERVAL_NO_TTY`` seconds only, so
     a log of a long run stays small."""
     interval = 0.1 if sys.stderr.isatty() else PROGRESS_INTERVAL_NO_TTY
-    return tqdm(iterable, disable=quiet, file=sys.stderr, dynamic_ncols=True,
+    return tqdm(iterable, disable=quiet or not DIST.master, file=sys.stderr, dynamic_ncols=True,
                 mininterval=interval, **kwargs)
 
 
 def log_line(message):
-    """Print a line to stdout without tearing a progress bar (tqdm.write)."""
-    tqdm.write(message, file=sys.stdout)
+    """Print a line to stdout without tearing a progress bar (tqdm.write); rank 0 only."""
+    if DIST.master:
+        tqdm.write(message, file=sys.stdout)
 
 
 def _exit(message):
-    """Stop main() with a message for the user (exit status 2)."""
-    print(f"error: {message}", file=sys.stderr)
+    """Stop main() with a message for the user (exit status 2). Under torchrun every rank
+    meets the same problems (they see the same data), so rank 0 alone prints it."""
+    if DIST.master:
+        print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def setup_distributed(device_choice):
+    """Join the process group when launched by torchrun (RANK in the environment): nccl with
+    one GPU per local rank on CUDA, gloo on a CPU (docs/DESIGN.md, decision 18); sets ``DIST``
+    once. A plain ``python delta_coupling.py`` initialises nothing; a process group that the
+    caller has initialised is used as it is. Returns the device."""
+    global DIST
+    device = resolve_device(device_choice)
+    if "RANK" not in os.environ:
+        DIST = DistEnv()
+        return device
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        if device.index is None:  # --device auto or cuda: this rank's own GPU
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=DIST_TIMEOUT_MINUTES))
+    data_group = dist.new_group(backend="gloo",
+                                timeout=datetime.timedelta(hours=DIST_DATA_TIMEOUT_HOURS))
+    DIST = DistEnv(rank=dist.get_rank(), local_rank=local_rank,
+                   world_size=dist.get_world_size(),
+                   local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)), active=True,
+                   device=device if device.type == "cuda" else torch.device("cpu"),
+                   data_group=data_group, owns_group=owns_group)
+    return device
+
+
+def launched_by_torchrun():
+    """True when torchrun started this process as one of several (RANK and WORLD_SIZE > 1)."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1
+
+
+def teardown_distributed():
+    """Leave the process group setup_distributed initialised; ``DIST`` is a single process's
+    again."""
+    global DIST
+    if DIST.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+    DIST = DistEnv()
+
+
+def rank0_first(step):
+    """Run ``step()`` on rank 0 while the other ranks wait; return its result on rank 0 and
+    None on the others. When rank 0 stops (a data problem, --check_data, an error) every rank
+    stops with its exit status, without a word of its own."""
+    if not DIST.active:
+        return step()
+    outcome, result = ["error"], None
+    try:
+        if DIST.master:
+            try:
+                result = step()
+                outcome = ["ok"]
+            except SystemExit as exc:
+                outcome = [exc.code]
+                raise
+    finally:
+        dist.broadcast_object_list(outcome, src=0, group=DIST.data_group)
+    if outcome[0] != "ok":
+        raise SystemExit(2 if outcome[0] == "error" else outcome[0])
+    return result
+
+
+def broadcast_from_rank0(obj):
+    """Rank 0's ``obj`` on every rank (as given in one process)."""
+    if not DIST.active:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=DIST.data_group)
+    return box[0]
+
+
+def parameters_sha256(model):
+    """Hex SHA-256 of a model's state (names, shapes, bytes) in its order."""
+    digest = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        digest.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        digest.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy()
+                      .tobytes())
+    return digest.hexdigest()
 
 
 # --- options, the data check, the cache and the compiler
@@ -2433,9 +2814,9 @@ def build_arg_parser():
     return p
 
 
-def data_check_report(root_dir, parsed=None, require_vref=True):
+def data_check_report(root_dir, parsed=None, require_vref=True, rows=None):
     """Run ``check_dataset``: ("checked N rows of DIR: K problems" + one line each, K)."""
-    n_rows, problems = check_dataset(root_dir, parsed, require_vref)
+    n_rows, problems = check_dataset(root_dir, parsed, require_vref, rows)
     head = f"checked {n_rows} rows of {root_dir}: {len(problems)} problem" \
            f"{'' if len(problems) == 1 else 's'}"
     return "\n".join([head] + [f"  - {p}" for p in problems]), len(problems)
@@ -2445,23 +2826,26 @@ def check_data_or_exit(args):
     """``--check_data``: print the report, exit 1 if any problem, else 0 (nothing trained).
 
     Otherwise (before training or prediction) stop with status 2 and the full report if any
-    problem, or return every row's ``ParsedDimer`` (the files, read once for training too).
-    With ``--predict`` Vref may be missing (``check_dataset``'s ``require_vref``).
+    problem, or return ``(rows, parsed)``: meta.xlsx's rows and every row's ``ParsedDimer``
+    (the files, read once for training too), or None for a set larger than
+    ``DIMER_PRELOAD_MAX`` rows. With ``--predict`` Vref may be missing (``check_dataset``'s
+    ``require_vref``).
     """
-    parsed = []
-    report, n_problems = data_check_report(args.root_dir, parsed, require_vref=not args.predict)
+    parsed, rows = [], []
+    report, n_problems = data_check_report(args.root_dir, parsed, require_vref=not args.predict,
+                                           rows=rows)
     if args.check_data:
         print(report)
         raise SystemExit(1 if n_problems else 0)
     if n_problems:
         _exit(f"{report}\nFix these and run again (python delta_coupling.py --check_data "
               f"--root_dir {shlex.quote(args.root_dir)} lists them without training).")
-    return parsed
+    return rows, (parsed if len(parsed) == len(rows) else None)
 
 
 def prepare_cache(args, rows, parsed=None):
-    """Find, build (from ``parsed`` dimers when given) or validate
-    ``<root_dir>/<cache_file_name>``; return the loaded payload."""
+    """Find, build (from ``parsed`` dimers when given, else reading each row's files) or
+    validate ``<root_dir>/<cache_file_name>`` and its shards; return the ``GraphCache``."""
     cache_path = os.path.join(args.root_dir, args.cache_file_name)
     expected = cache_metadata(args.root_dir, args.physical_cutoff, rows)
     if args.rebuild_cache or not os.path.exists(cache_path):
@@ -2473,20 +2857,22 @@ def prepare_cache(args, rows, parsed=None):
                   f"yourself")
         log_line(f"building cache {cache_path} ...")
         build_cache(args.root_dir, args.physical_cutoff, cache_file_name=args.cache_file_name,
-                    progress_bar=not args.quiet, parsed=parsed)
-    rebuild = (f"Rebuild it: python preprocess_and_cache.py --root_dir "
-               f"{shlex.quote(args.root_dir)} --physical_cutoff {args.physical_cutoff} "
-               f"--cache_file_name {shlex.quote(args.cache_file_name)}, or run again with "
-               f"--rebuild_cache")
+                    progress_bar=not args.quiet, parsed=parsed, rows=rows,
+                    fresh=args.rebuild_cache)
+    rebuild = rebuild_cache_hint(args.root_dir, args.physical_cutoff, args.cache_file_name)
     try:
-        payload = load_cache(cache_path)
+        cache = load_cache(cache_path)
     except ValueError as exc:
         _exit(f"{exc}\n{rebuild}")
-    problems = check_cache_metadata(payload["metadata"], expected)
+    problems = check_cache_metadata(cache.metadata, expected)
     if problems:
         _exit(f"cache {cache_path} does not match the current settings:\n  "
               + "\n  ".join(problems) + f"\n{rebuild}")
-    return payload
+    try:
+        cache.verify()
+    except ValueError as exc:
+        _exit(str(exc))
+    return cache
 
 
 def resolve_compile_backend(choice, device, epochs=DEFAULT_EPOCHS):
@@ -2544,7 +2930,7 @@ class TrainingRun:
     args: argparse.Namespace
     device: torch.device
     rows: list  # meta.xlsx rows
-    payload: dict  # the loaded cache: metadata, graphs, ids
+    cache: "GraphCache"  # the graph cache: metadata, ids, memory-mapped shards
     split_idx: dict  # {"train"/"val"/"test": row indices}
     rule: str  # how the split was made (make_splits)
     train_ds: torch.utils.data.Dataset
@@ -2589,7 +2975,7 @@ class TrainingRun:
 
     @property
     def metadata(self):
-        return dict(self.payload["metadata"])
+        return dict(self.cache.metadata)
 
     @property
     def split_ids(self):
@@ -2652,46 +3038,68 @@ def monitored_value(monitor, train_result, val_result, has_val):
     return getattr(val_result, monitor) if has_val else train_result.loss
 
 
-def prepare_data(args, resume=None, split=None):
+def prepare_data(args, device, resume=None, split=None):
     """Stage 1, data: check every row, build or check the cache, split the rows (``split``, a
     (train, val, test, rule) of ``make_cv_folds``, replaces ``make_splits``), and make the
-    datasets and loaders (docs/DESIGN.md, section 8)."""
-    device = resolve_device(args.device)
+    datasets and loaders (docs/DESIGN.md, section 8).
+
+    Under torchrun rank 0 checks the rows and builds or checks the cache while the others
+    wait; then every rank opens the cache and makes the same split. The training rows are
+    shared out by a ``DistributedSampler``, the validation rows in contiguous parts
+    (``rank_part``: none padded or dropped).
+    """
     amp_dtype, use_scaler = amp_settings(device)
-    parsed = check_data_or_exit(args)  # --check_data exits here; training stops on any problem
-    rows = [dimer.row for dimer in parsed]  # meta.xlsx's rows, read once by the check
+
+    def check_and_cache():  # --check_data exits here; training stops on any problem
+        rows, parsed = check_data_or_exit(args)  # meta.xlsx's rows, read once by the check
+        return rows, parsed, prepare_cache(args, rows, parsed)
+
+    rows, parsed, cache = rank0_first(check_and_cache) or (None, None, None)
+    rows = broadcast_from_rank0(rows)
+    if cache is None:  # another rank: rank 0 has checked the cache
+        cache = load_cache(os.path.join(args.root_dir, args.cache_file_name))
     try:
         level = read_level_of_theory(args.root_dir)
     except ValueError as exc:
         _exit(str(exc))
-    print(f"baseline level of theory: {describe_level_of_theory(level)}" if level else
-          f"note: {args.root_dir} has no {LEVEL_OF_THEORY_FILE}; the model will not know the "
-          f"level of theory of its V0 (tools/build_dataset.py writes the record)")
-    payload = prepare_cache(args, rows, parsed)
+    log_line(f"baseline level of theory: {describe_level_of_theory(level)}" if level else
+             f"note: {args.root_dir} has no {LEVEL_OF_THEORY_FILE}; the model will not know the "
+             f"level of theory of its V0 (tools/build_dataset.py writes the record)")
     train_idx, val_idx, test_idx, rule = split or make_splits(rows, args.seed)
-    print(f"{len(rows)} dimers from {args.root_dir}; split {rule}: "
-          f"train {len(train_idx)}, val {len(val_idx)}, test {len(test_idx)}")
+    log_line(f"{len(rows)} dimers from {args.root_dir}; split {rule}: "
+             f"train {len(train_idx)}, val {len(val_idx)}, test {len(test_idx)}")
+    if DIST.world_size > max(len(train_idx), 1):
+        _exit(f"{DIST.world_size} processes but only {len(train_idx)} training dimer"
+              f"{'' if len(train_idx) == 1 else 's'}: every process needs at least one; start "
+              f"fewer processes (torchrun --nproc_per_node) or add data")
     if args.apply_augmentations and not args.augment_cached_train:
         train_ds = DimerDataset(args.root_dir, args.physical_cutoff, augment=True,
-                                jitter_std=args.jitter_std, parsed=parsed)
+                                jitter_std=args.jitter_std, parsed=parsed, rows=rows)
     else:
         aug = args.apply_augmentations
-        train_ds = CachedDimerDataset(payload, rotate=aug, jitter_std=args.jitter_std if aug else 0)
-    eval_ds = CachedDimerDataset(payload)
+        train_ds = CachedDimerDataset(cache, rotate=aug, jitter_std=args.jitter_std if aug else 0)
+    eval_ds = CachedDimerDataset(cache)
     num_workers = args.num_workers if args.num_workers is not None else (
         4 if device.type == "cuda" else 0)
     loader_kw = dict(batch_size=args.batch_size, num_workers=num_workers,
                      pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
     Subset = torch.utils.data.Subset
+    train_part = Subset(train_ds, train_idx)
+    if DIST.active:  # shuffled with seed + epoch (set_epoch), each rank its share
+        sampler = torch.utils.data.distributed.DistributedSampler(
+            train_part, num_replicas=DIST.world_size, rank=DIST.rank, shuffle=True,
+            seed=args.seed)
+        train_loader = DataLoader(train_part, sampler=sampler, **loader_kw)
+    else:
+        train_loader = DataLoader(train_part, shuffle=True, **loader_kw)
     return TrainingRun(
-        args=args, device=device, rows=rows, payload=payload,
+        args=args, device=device, rows=rows, cache=cache,
         split_idx={"train": train_idx, "val": val_idx, "test": test_idx}, rule=rule,
-        train_ds=train_ds, eval_ds=eval_ds, loader_kw=loader_kw,
-        train_loader=DataLoader(Subset(train_ds, train_idx), shuffle=True, **loader_kw),
-        val_loader=DataLoader(Subset(eval_ds, val_idx), shuffle=False, **loader_kw),
+        train_ds=train_ds, eval_ds=eval_ds, loader_kw=loader_kw, train_loader=train_loader,
+        val_loader=DataLoader(Subset(eval_ds, rank_part(val_idx)), shuffle=False, **loader_kw),
         amp_dtype=amp_dtype, use_scaler=use_scaler,
-        run_id=(resume or {}).get("run_id") or os.urandom(8).hex(), versions=package_versions(),
-        resumed=resume is not None, level_of_theory=level)
+        run_id=broadcast_from_rank0((resume or {}).get("run_id") or os.urandom(8).hex()),
+        versions=package_versions(), resumed=resume is not None, level_of_theory=level)
 
 
 def build_model(run):
@@ -2699,7 +3107,7 @@ def build_model(run):
     where that was measured to be faster (docs/DESIGN.md, decision 10)."""
     args, device = run.args, run.device
     model = DeltaCoupling(num_conv_layers=args.num_conv_layers, num_rbf=args.num_rbf,
-                          cutoff=float(run.payload["metadata"]["internal_cutoff"]),
+                          cutoff=float(run.cache.metadata["internal_cutoff"]),
                           radial_hidden=args.radial_hidden, mlp_hidden=args.mlp_hidden).to(device)
     backend = resolve_compile_backend(args.compile, device, args.epochs)
     if backend is None:
@@ -2728,7 +3136,8 @@ def make_optimizer(model, lr, device):
 
 def make_training_tools(run, model):
     """Stage 3, optimiser: Adam, the OneCycle schedule over every batch of the run (none
-    without training data) and, for float16 autocast, a GradScaler."""
+    without training data; under torchrun the batches of one rank, its steps) and, for float16
+    autocast, a GradScaler."""
     args = run.args
     optimizer = make_optimizer(model, args.lr, run.device)
     scheduler = None
@@ -2742,11 +3151,14 @@ def make_training_tools(run, model):
 
 
 def write_run_files(run, model):
-    """``split_ids.json`` and ``run_config.json``: the split and what reproduces the run.
+    """``split_ids.json`` and ``run_config.json``: the split and what reproduces the run
+    (rank 0 writes them).
 
     Creates ``models/`` and ``plots/`` first, so a folder that cannot be created stops the run
     before its first epoch; a new run removes the failed-batch log of an earlier one.
     """
+    if not DIST.master:
+        return
     for folder in (run.models_dir, run.plots_dir):
         make_output_folder(folder)
     if not run.resumed:
@@ -2755,8 +3167,8 @@ def write_run_files(run, model):
     atomic_write_json(split, os.path.join(run.models_dir, "split_ids.json"))
     atomic_write_json({"args": vars(run.args), "model_config": model.config,
                        "versions": run.versions, "platform": platform.platform(),
-                       "device": describe_device(run.device),
-                       "data_sha256": run.payload["metadata"]["data_sha256"],
+                       "device": describe_device(run.device), "world_size": DIST.world_size,
+                       "data_sha256": run.cache.metadata["data_sha256"],
                        "level_of_theory": run.level_of_theory, "split": split},
                       os.path.join(run.models_dir, RUN_CONFIG_FILE))
 
@@ -2764,8 +3176,14 @@ def write_run_files(run, model):
 def train(run, model, optimizer, scheduler, scaler, resume=None):
     """Stage 4, training loop: an epoch of training and a validation pass per epoch; the best
     checkpoint on improvement, early stopping after ``patience`` stale epochs, and the resume
-    state after every epoch. Ctrl-C exits with the command that resumes. Returns the
-    ``TrainingProgress``."""
+    state after every epoch. Ctrl-C (or SIGTERM) exits with the command that resumes. Returns
+    the ``TrainingProgress``.
+
+    Under torchrun the training steps go through DistributedDataParallel around ``model`` (its
+    gradients averaged over the ranks, so every rank's copy stays the same); each rank draws
+    its own augmentations (seed + rank); validation runs on ``model`` itself, each rank its
+    part, the figures all-reduced: every rank takes the same early-stopping decision.
+    """
     args = run.args
     state = TrainingProgress()
     t_start = time.time()
@@ -2773,14 +3191,23 @@ def train(run, model, optimizer, scheduler, scaler, resume=None):
         state = restore_training_state(resume, model, optimizer, scheduler, scaler, run)
         t_start -= state.history[-1]["seconds"] if state.history else 0.0  # the clock goes on
         log_line(f"resumed from {args.resume} after epoch {state.epoch}")
+    elif DIST.active:
+        seed_everything(args.seed + DIST.rank)  # the same weights, each rank its own draws
+    step_model = model
+    if DIST.active:
+        step_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[run.device] if run.device.type == "cuda" else None,
+            forward_sync_buffers=False)  # the buffers are constants
     bar = progress(range(state.epoch + 1, (state.epoch if state.stopped else args.epochs) + 1),
                    args.quiet, desc="training", unit="epoch", initial=state.epoch,
                    total=args.epochs)
     try:
         for epoch in bar:
             state.epoch = epoch
-            train_result = run_epoch(model, run.train_loader, run.device, optimizer, scheduler,
-                                     scaler, run.amp_dtype, **run.failed_batches)
+            if DIST.active:
+                run.train_loader.sampler.set_epoch(state.epoch)
+            train_result = run_epoch(step_model, run.train_loader, run.device, optimizer,
+                                     scheduler, scaler, run.amp_dtype, **run.failed_batches)
             with torch.no_grad():
                 val_result = (run_epoch(model, run.val_loader, run.device,
                                         amp_dtype=run.amp_dtype, **run.failed_batches)
@@ -2819,15 +3246,17 @@ def end_of_epoch(run, model, optimizer, scheduler, scaler, state, train_result, 
     if monitor < state.best and monitored.n_skipped:  # over fewer dimers: not comparable
         log_line(f"epoch {state.epoch}: {run.monitor_name} {monitor:.4g} is not taken as the "
                  f"best: {monitored.n_skipped} of its {monitored.n_batches} batches failed")
-    if state.update(monitor, args.patience, comparable=not monitored.n_skipped):
+    improved = state.update(monitor, args.patience, comparable=not monitored.n_skipped)
+    if improved and DIST.master:
         atomic_torch_save(run.checkpoint(model, state.epoch, val_result.mape, val_result.mae),
                           run.best_path)
     lr = optimizer.param_groups[0]["lr"]
     state.history.append({"epoch": state.epoch, "train_loss": train_result.loss,
                           "val_mape": val_result.mape, "val_mae": val_result.mae, "lr": lr,
                           "seconds": seconds})
-    atomic_torch_save(training_state(model, optimizer, scheduler, scaler, state, run),
-                      run.resume_path)
+    resume_state = training_state(model, optimizer, scheduler, scaler, state, run)
+    if DIST.master:
+        atomic_torch_save(resume_state, run.resume_path)
     state.saved = (run.resume_path, state.epoch)
     if (state.epoch == 1 or state.epoch % args.log_every == 0 or state.epoch == args.epochs
             or state.stopped):
@@ -2855,7 +3284,17 @@ def reload_best_weights(run, model, state):
                  f"recorded {state.best_epoch}); using it")
         state.best_epoch = best["epoch"]
     model.load_state_dict(best["model_state"])
-    print(f"loaded best checkpoint (epoch {best['epoch']}) from {run.best_path}")
+    log_line(f"loaded best checkpoint (epoch {best['epoch']}) from {run.best_path}")
+
+
+def check_ranks_agree(model):
+    """Under torchrun: stop unless every rank holds bitwise the same weights (DDP keeps them
+    so; a difference would mean the ranks trained apart). Logs each rank's SHA-256."""
+    hashes = all_gather_objects(parameters_sha256(model))
+    log_line(f"parameter sha256 of the {len(hashes)} ranks: {' '.join(hashes)}")
+    if len(set(hashes)) != 1:
+        _exit(f"the ranks' final weights differ ({', '.join(hashes)}): the processes did not "
+              f"train one model; report this with the command that ran")
 
 
 def final_report(run, model):
@@ -2866,10 +3305,11 @@ def final_report(run, model):
     for name, idx in run.split_idx.items():
         if not len(idx):
             continue
-        loader = DataLoader(torch.utils.data.Subset(run.eval_ds, idx), shuffle=False,
-                            **run.loader_kw)
+        loader = DataLoader(torch.utils.data.Subset(run.eval_ds, rank_part(idx)),
+                            shuffle=False, **run.loader_kw)  # predict_rows joins the parts
         if name in ("val", "test"):
-            path = os.path.join(run.plots_dir, f"{name}_final_delta_learning.png")
+            path = os.path.join(run.plots_dir, f"{name}_final_delta_learning.png") \
+                if DIST.master else None
             predictions[name] = plot_regression(
                 model, loader, run.device, path, title=f"{name} set", amp_dtype=run.amp_dtype,
                 what=f"{name} evaluation", **run.failed_batches)
@@ -2878,43 +3318,49 @@ def final_report(run, model):
                                              what=f"{name} evaluation", **run.failed_batches)
     report = metrics_report(predictions, {r["id"]: r["group"] for r in run.rows if "group" in r})
     log_line(format_metrics_table(report))
-    atomic_write_json(report, os.path.join(run.models_dir, METRICS_FILE))
+    if DIST.master:
+        atomic_write_json(report, os.path.join(run.models_dir, METRICS_FILE))
     return report
 
 
 def finish(run, model, state):
     """Stage 5, final report: the best weights reloaded, the metrics report and plots, the
     history and learning curves, and the final checkpoint. Returns main's summary."""
+    if DIST.active:
+        dist.barrier()  # rank 0's last best checkpoint is on disk
     if state.best_epoch > 0:  # saved by this run (or by the run it resumes)
         reload_best_weights(run, model, state)
     try:
         final_metrics = final_report(run, model)
     except TooManyFailedBatchesError as exc:
         _exit(f"final evaluation: {exc}; the best weights are in {run.best_path}")
-    atomic_write_json(state.history, os.path.join(run.models_dir, HISTORY_FILE))
-    plot_learning_curves(state.history, os.path.join(run.plots_dir, LEARNING_CURVES_PLOT),
-                         state.best_epoch)
-    val_model = final_metrics.get("val", {}).get("model", {})
-    final = run.checkpoint(model, state.epoch, val_model.get("mape", float("nan")),
-                           val_model.get("mae", float("nan")))
-    final.update(weights_from_epoch=state.best_epoch, last_epoch=state.epoch,
-                 best_monitor=state.best, monitor=run.monitor_name, final_metrics=final_metrics,
-                 history=state.history)
-    final_path = os.path.join(run.models_dir, FINAL_CHECKPOINT)
-    atomic_torch_save(final, final_path)
-    log_line(f"saved {final_path}; metrics in {os.path.join(run.models_dir, METRICS_FILE)}; "
-             f"plots in {run.plots_dir}")
+    if DIST.active:
+        check_ranks_agree(model)
+    if DIST.master:
+        atomic_write_json(state.history, os.path.join(run.models_dir, HISTORY_FILE))
+        plot_learning_curves(state.history, os.path.join(run.plots_dir, LEARNING_CURVES_PLOT),
+                             state.best_epoch)
+        val_model = final_metrics.get("val", {}).get("model", {})
+        final = run.checkpoint(model, state.epoch, val_model.get("mape", float("nan")),
+                               val_model.get("mae", float("nan")))
+        final.update(weights_from_epoch=state.best_epoch, last_epoch=state.epoch,
+                     best_monitor=state.best, monitor=run.monitor_name,
+                     final_metrics=final_metrics, history=state.history)
+        final_path = os.path.join(run.models_dir, FINAL_CHECKPOINT)
+        atomic_torch_save(final, final_path)
+        log_line(f"saved {final_path}; metrics in {os.path.join(run.models_dir, METRICS_FILE)}"
+                 f"; plots in {run.plots_dir}")
     return {"best_epoch": state.best_epoch, "best_monitor": state.best,
             "best_path": run.best_path, "split_ids": run.split_ids,
             "final_metrics": final_metrics, "history": state.history}
 
 
-def train_one(args, resume=None, split=None):
+def train_one(args, device, resume=None, split=None):
     """One training run: the stages in order. ``resume``: a loaded resume state; ``split``: a
     fold of ``make_cv_folds`` instead of the seeded 80/10/10 split. An ensemble's member k is
     seeded with seed + k (its split still comes from seed). Returns ``finish``'s summary."""
     seed_everything(args.seed + (args.member or 0))
-    run = prepare_data(args, resume, split)  # check every row, cache, split, datasets, loaders
+    run = prepare_data(args, device, resume, split)  # rows, cache, split, datasets, loaders
     model = build_model(run)  # DeltaCoupling, compiled where that is faster
     optimizer, scheduler, scaler = make_training_tools(run, model)  # Adam, OneCycle, scaler
     write_run_files(run, model)  # models/ and plots/, split_ids.json, run_config.json
@@ -2929,9 +3375,8 @@ def training_state(model, optimizer, scheduler, scaler, state, run):
     Model, optimizer, scheduler and scaler states, the early-stopping counters, the torch,
     numpy and Python RNG states, the split, the config, the cache metadata and the per-epoch
     history (for the learning curves) and the run's id (stored in its best checkpoint too).
+    Under torchrun (every rank calls it) also the world size and every rank's RNG states.
     """
-    np_state = np.random.get_state()  # ('MT19937', keys (624,) uint32, pos, has_gauss, gauss)
-    py_state = random.getstate()  # (version, 625 ints, gauss_next)
     return {
         "format_version": RESUME_FORMAT_VERSION, "epoch": state.epoch, "best": state.best,
         "best_epoch": state.best_epoch, "stale": state.stale, "stopped": state.stopped,
@@ -2939,25 +3384,63 @@ def training_state(model, optimizer, scheduler, scaler, state, run):
         "optimizer_state": optimizer.state_dict(),
         "scheduler_state": scheduler.state_dict() if scheduler is not None else None,
         "scaler_state": scaler.state_dict() if scaler is not None else None,
+        **rng_states(), "world_size": DIST.world_size,
+        "rng_ranks": all_gather_objects(rng_states()) if DIST.active else [],
+        "config": dict(vars(run.args)), "metadata": run.metadata, "split_ids": run.split_ids,
+        "history": state.history, "run_id": run.run_id,
+    }
+
+
+def rng_states():
+    """This process's torch (CPU and CUDA), NumPy and Python RNG states, as tensors and plain
+    types."""
+    np_state = np.random.get_state()  # ('MT19937', keys (624,) uint32, pos, has_gauss, gauss)
+    py_state = random.getstate()  # (version, 625 ints, gauss_next)
+    return {
         "rng_torch": torch.get_rng_state(),  # (5056,) uint8
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "rng_numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
                       *map(int, np_state[2:4]), float(np_state[4])],
-        "rng_python": [py_state[0], list(py_state[1]), py_state[2]],
-        "config": dict(vars(run.args)), "metadata": run.metadata, "split_ids": run.split_ids,
-        "history": state.history, "run_id": run.run_id,
-    }
+        "rng_python": [py_state[0], list(py_state[1]), py_state[2]]}
+
+
+def set_rng_states(saved):
+    """Set the RNG states ``rng_states`` returned."""
+    torch.set_rng_state(saved["rng_torch"])
+    if torch.cuda.is_available() and len(saved["rng_cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(saved["rng_cuda"])
+    name, keys, pos, has_gauss, gauss = saved["rng_numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = saved["rng_python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def resume_command(path, world_size):
+    """The command that continues a run of ``world_size`` processes from ``path``."""
+    if world_size == 1 and not DIST.active:
+        return f"python delta_coupling.py --resume {shlex.quote(path)}"
+    nodes = max(1, world_size // DIST.local_world_size) if DIST.world_size == world_size else 1
+    launch = (f"torchrun --nnodes={nodes} --nproc_per_node={world_size // nodes} (and the "
+              f"rendezvous options of the first launch)" if nodes > 1
+              else f"torchrun --nproc_per_node={world_size}")
+    return f"{launch} delta_coupling.py --resume {shlex.quote(path)}"
 
 
 def restore_training_state(saved, model, optimizer, scheduler, scaler, run):
     """Check that ``saved`` (of ``training_state``) fits this run's data, split and model, then
     load it into the given objects and set the RNG states; return its ``TrainingProgress``.
     Call it after all other setup."""
-    problems = check_cache_metadata(saved["metadata"], run.payload["metadata"])
+    problems = check_cache_metadata(saved["metadata"], run.cache.metadata)
     if saved["split_ids"] != run.split_ids:
         problems.append("split: the train/val/test ids differ from the saved run's")
     if saved["model_config"] != model.config:
         problems.append(f"model_config: saved {saved['model_config']}, now {model.config}")
+    saved_world = saved.get("world_size", 1)
+    if saved_world != DIST.world_size:  # the data order and the RNG states belong to each rank
+        problems.append(f"world_size: saved by {saved_world} process"
+                        f"{'' if saved_world == 1 else 'es'}, this launch has "
+                        f"{DIST.world_size}; a run resumes with its own number of processes: "
+                        f"{resume_command(run.args.resume, saved_world)}")
     if problems:
         _exit("the resume state does not match this data and these settings:\n  "
               + "\n  ".join(problems)
@@ -2967,13 +3450,7 @@ def restore_training_state(saved, model, optimizer, scheduler, scaler, run):
     for obj, key in ((scheduler, "scheduler_state"), (scaler, "scaler_state")):
         if obj is not None and saved[key] is not None:
             obj.load_state_dict(saved[key])
-    torch.set_rng_state(saved["rng_torch"])
-    if torch.cuda.is_available() and len(saved["rng_cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(saved["rng_cuda"])
-    name, keys, pos, has_gauss, gauss = saved["rng_numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = saved["rng_python"]
-    random.setstate((version, tuple(internal), gauss_next))
+    set_rng_states(saved["rng_ranks"][DIST.rank] if DIST.active else saved)
     return TrainingProgress(epoch=saved["epoch"], best=saved["best"],
                             best_epoch=saved["best_epoch"], stale=saved["stale"],
                             stopped=saved["stopped"], history=saved["history"],
@@ -3045,17 +3522,19 @@ def check_run_kind(args, argv):
 
 
 def exit_interrupted(saved):
-    """After Ctrl-C: say where the last finished epoch's state is and how to resume; exit 130.
+    """After Ctrl-C or SIGTERM: say where the last finished epoch's state is and how to resume
+    (rank 0 under torchrun; every rank exits); exit 130.
 
     ``saved`` is (path, epoch) of the latest resume state, or None before the first epoch.
     """
-    if saved is None:
+    with contextlib.suppress(ValueError):  # (not the main thread)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stopping the others: say it
+    if DIST.master and saved is None:
         print("interrupted before the first epoch finished: nothing to resume; run the same "
               "command again to start over", file=sys.stderr)
-    else:
+    elif DIST.master:
         print(f"interrupted; the state after epoch {saved[1]} is in {saved[0]}\n"
-              f"continue with: python delta_coupling.py --resume {shlex.quote(saved[0])}",
-              file=sys.stderr)
+              f"continue with: {resume_command(saved[0], DIST.world_size)}", file=sys.stderr)
     raise SystemExit(EXIT_INTERRUPTED)
 
 
@@ -3111,7 +3590,7 @@ def run_predict(args, argv=None):
     metrics table (all rows, each group, and train/val/test when root_dir is the checkpoint's
     own training data) and writes ``<root_dir>/predictions_metrics.json``.
     """
-    parsed = check_data_or_exit(args)  # every problem at once; --check_data exits here
+    rows, parsed = check_data_or_exit(args)  # every problem at once; --check_data exits here
     path = args.checkpoint or default_predict_checkpoint(args.root_dir)
     if not os.path.isfile(path):
         _exit(f"checkpoint {path} not found; pass --checkpoint PATH (a {BEST_CHECKPOINT} or "
@@ -3130,9 +3609,12 @@ def run_predict(args, argv=None):
               f"{physical_cutoff:g} Angstrom the model in {path} was trained with; a model "
               f"works only at its own cutoff: leave --physical_cutoff out")
     check_level_of_theory(ckpt.get("level_of_theory"), args.root_dir, path)
-    rows = [dimer.row for dimer in parsed]
-    graphs = [make_graph(dimer, model.config["cutoff"])
-              for dimer in progress(parsed, args.quiet, desc="building graphs", unit="dimer")]
+    if parsed is not None:
+        graphs = [make_graph(dimer, model.config["cutoff"])
+                  for dimer in progress(parsed, args.quiet, desc="building graphs", unit="dimer")]
+    else:  # a large set: each dimer's files are read again when its batch comes
+        graphs = DimerDataset(args.root_dir, rows=rows, preload=False)
+        graphs.internal_cutoff = model.config["cutoff"]  # the model's own cutoff, exactly
     what = f"an ensemble of {len(models)} members" if len(models) > 1 else "model"
     log_line(f"{len(rows)} dimers from {args.root_dir}; {what} from {path} "
              f"(cutoff {physical_cutoff:g} Angstrom)")
@@ -3182,7 +3664,7 @@ def default_predict_checkpoint(root_dir):
 
 
 # --- ensembles: K members, each an ordinary checkpoint, tied together by ensemble.json
-def run_ensemble(args, resume=None):
+def run_ensemble(args, device, resume=None):
     """``--ensemble K``: members 0..K-1 one after the other, each exactly as ``--member k``
     trains it (seed + k, the same split and options, files in models/member_k), then
     ``combine_ensemble``. A resumed member continues; the members before it are on disk."""
@@ -3192,7 +3674,7 @@ def run_ensemble(args, resume=None):
         member_args = argparse.Namespace(**{**vars(args), "member": k,
                                             "resume": args.resume if resumed else None})
         log_line(f"--- ensemble member {k} of {args.ensemble} (seed {args.seed + k})")
-        train_one(member_args, resumed)
+        train_one(member_args, device, resumed)
     return combine_ensemble(args, members=range(args.ensemble))
 
 
@@ -3336,7 +3818,7 @@ def ensemble_report(args, path):
         payload = load_cache(os.path.join(args.root_dir, args.cache_file_name))
     except ValueError as exc:
         _exit(str(exc))
-    problems = check_cache_metadata(payload["metadata"], ckpts[0]["metadata"])
+    problems = check_cache_metadata(payload.metadata, ckpts[0]["metadata"])
     if problems:
         _exit(f"the cache of {args.root_dir} is not the members' data: {'; '.join(problems)}")
     dataset = CachedDimerDataset(payload)
@@ -3376,7 +3858,7 @@ def ensemble_report(args, path):
 
 
 # --- cross-validation: K folds by group, each a training run, then the out-of-fold report
-def run_cv(args, resume=None):
+def run_cv(args, device, resume=None):
     """``--cv K``: each fold of ``make_cv_folds`` trained as one run (files in
     models/cv/fold_f), then ``cv_report``. A resumed fold continues; the folds before it are
     on disk."""
@@ -3391,7 +3873,7 @@ def run_cv(args, resume=None):
         fold_args = argparse.Namespace(**{**vars(args), "fold": f,
                                           "resume": args.resume if resumed else None})
         log_line(f"--- cross-validation {folds[f][3]}")
-        train_one(fold_args, resumed, folds[f])
+        train_one(fold_args, device, resumed, folds[f])
     return cv_report(argparse.Namespace(**{**vars(args), "fold": None}), rows, folds)
 
 
@@ -3470,27 +3952,63 @@ def format_cv_table(metrics):
 
 def main(argv=None):
     """Train and evaluate (docs/DESIGN.md, section 8); with ``--predict``, predict. ``argv=None``
-    reads sys.argv; every argument has a default."""
+    reads sys.argv; every argument has a default. Under torchrun every rank runs it
+    (README.md, "Scaling out")."""
     args, resume = parse_main_args(argv)
-    try:
-        if args.predict:
-            seed_everything(args.seed)
+    if args.predict:
+        if launched_by_torchrun():
+            _exit("--predict runs in one process: python delta_coupling.py --predict ...")
+        seed_everything(args.seed)
+        try:
             return run_predict(args, argv)  # a checkpoint or an ensemble on new dimers
-        if args.combine_ensemble:
+        except OutputError as exc:  # an output that cannot be written: one line
+            _exit(str(exc))
+    if launched_by_torchrun() and (args.cv is not None or args.ensemble is not None
+                            or args.combine_ensemble):
+        _exit("--cv, --ensemble and --combine_ensemble run in one process; under torchrun "
+              "train one ensemble member per job with --member k, then --combine_ensemble")
+    if args.combine_ensemble:
+        try:
             return combine_ensemble(args)  # members trained with --member k -> ensemble.json
-        if args.cv is not None:
-            return run_cv(args, resume)  # train_one per fold, then the out-of-fold report
-        if args.ensemble is not None:
-            return run_ensemble(args, resume)  # train_one per member, then combine_ensemble
-        return train_one(args, resume)  # data, model, optimiser, epochs, final report
-    except OutputError as exc:  # an output that cannot be written: one line, no traceback
-        _exit(str(exc))
+        except OutputError as exc:
+            _exit(str(exc))
+    device = setup_distributed(args.device)  # torchrun: join the process group
+    with sigterm_as_interrupt():
+        try:
+            if args.cv is not None:
+                return run_cv(args, device, resume)  # train_one per fold, out-of-fold report
+            if args.ensemble is not None:
+                return run_ensemble(args, device, resume)  # train_one per member, combined
+            return train_one(args, device, resume)  # data, model, optimiser, epochs, report
+        except OutputError as exc:  # an output that cannot be written: one line, no traceback
+            _exit(str(exc))
+        finally:
+            teardown_distributed()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (torchrun passing on a stop, SLURM's end of a job) ends the run as Ctrl-C does:
+    the last epoch's resume state stays and rank 0 prints the command that continues."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:  # outside the epochs (those stop in main with the resume hint)
-        print("interrupted; caches and checkpoints are written atomically, so no file is left "
-              "half-written", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 speaks for all
+            print("interrupted; caches and checkpoints are written atomically, so no file is "
+                  "left half-written", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None

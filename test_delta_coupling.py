@@ -6,6 +6,7 @@ Run with ``pytest`` (the whole suite takes a minute or two on 2 cores).
 """
 import builtins
 import errno
+import hashlib
 import json
 import math
 import os
@@ -754,8 +755,8 @@ def test_cached_jitter_rebuilds_consistent_graph(tiny_root):
 
 def test_cache_round_trip_equals_dimer_dataset(tiny_root):
     path = build_cache(tiny_root, 12.0)
-    payload = torch.load(path, weights_only=True)  # plain types and tensors only
-    meta = payload["metadata"]
+    index = torch.load(path, weights_only=True)  # plain types and tensors only
+    meta = index["metadata"]
     assert meta["internal_cutoff"] == pytest.approx(1.2)
     assert meta["format_version"] == dc.CACHE_FORMAT_VERSION and meta["n_rows"] == 4
     assert meta["int_angstrom_scale"] == dc.INT_ANGSTROM_SCALE
@@ -770,6 +771,111 @@ def test_cache_round_trip_equals_dimer_dataset(tiny_root):
             torch.testing.assert_close(c[key], r[key], rtol=0, atol=0)
         assert c.edge_attr_sh.shape == (r.edge_index_atoms.size(1), 64)
     assert not [f for f in os.listdir(tiny_root) if ".tmp" in f]  # atomic write left nothing
+
+
+def mapped_from(tensor, path):
+    """True when ``tensor``'s memory lies in a mapping of the file ``path`` (/proc/self/maps)."""
+    ptr, real = tensor.untyped_storage().data_ptr(), os.path.realpath(path)
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5] == real:
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if lo <= ptr < hi:
+                    return True
+    return False
+
+
+def test_cache_shards_round_trip_memory_mapped(tiny_root):
+    path = build_cache(tiny_root, 12.0, shard_bytes=1)  # one dimer per shard
+    index = torch.load(path, weights_only=True)
+    assert [(os.path.basename(s["file"]), s["start"], s["count"]) for s in index["shards"]] == \
+        [(f"shard_{k:05d}.pt", k, 1) for k in range(4)]
+    shard_dir = os.path.join(tiny_root, "cached_graphs_shards")
+    for entry in index["shards"]:
+        shard = os.path.join(shard_dir, entry["file"])
+        assert entry["bytes"] == os.path.getsize(shard)
+        assert entry["sha256"] == hashlib.sha256(open(shard, "rb").read()).hexdigest()
+    path2 = build_cache(tiny_root, 12.0, cache_file_name="two.pt", shard_bytes=10 ** 9)
+    assert len(torch.load(path2, weights_only=True)["shards"]) == 1  # all four in one shard
+    raw = dc.DimerDataset(tiny_root, 12.0)
+    for cache_path in (path, path2):
+        cached = dc.CachedDimerDataset(cache_path)
+        for i in range(4):
+            c, r = cached[i], raw[i]
+            assert c.id == r.id
+            for key in r.keys():
+                if key != "id":
+                    torch.testing.assert_close(c[key], r[key], rtol=0, atol=0)
+        shard_file = cached.cache.shard_path(len(cached.cache.shards) - 1)
+        assert mapped_from(cached[3].edge_attr_sh, shard_file)  # a view of the mapped file
+    assert not [f for f in os.listdir(shard_dir) if ".tmp" in f]
+
+
+def test_interrupted_cache_build_continues_where_it_stopped(tiny_root, monkeypatch):
+    import preprocess_and_cache
+    real, built = dc.make_graph, []
+
+    def make_graph(parsed, *args, **kwargs):
+        if len(built) == 3 and not monkeypatch.resumed:
+            raise KeyboardInterrupt  # Ctrl-C while building the 4th graph
+        built.append(parsed.row["id"])
+        return real(parsed, *args, **kwargs)
+
+    monkeypatch.resumed = False
+    monkeypatch.setattr(preprocess_and_cache, "make_graph", make_graph)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(tiny_root, 12.0, shard_bytes=1)
+    assert not os.path.exists(os.path.join(tiny_root, dc.DEFAULT_CACHE_FILE))  # no index yet
+    monkeypatch.resumed = True
+    path = build_cache(tiny_root, 12.0, shard_bytes=1)
+    assert built == ["dimer0", "dimer1", "dimer2", "dimer3"]  # rows 1-3 were not built again
+    cache = dc.load_cache(path)
+    cache.verify()
+    raw = dc.DimerDataset(tiny_root, 12.0)
+    torch.testing.assert_close(dc.CachedDimerDataset(cache)[3].pos_atoms, raw[3].pos_atoms)
+    build_cache(tiny_root, 10.0, shard_bytes=1)  # other settings: nothing of the old is kept
+    assert built[4:] == ["dimer0", "dimer1", "dimer2", "dimer3"]
+    assert len(os.listdir(os.path.join(tiny_root, "cached_graphs_shards"))) == 1  # old removed
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "corrupt"])
+def test_a_missing_or_corrupt_shard_is_refused_by_name(tiny_root, capsys, damage):
+    cache = dc.load_cache(build_cache(tiny_root, 12.0, shard_bytes=1))
+    shard = cache.shard_path(2)  # cached_graphs_shards/build-.../shard_00002.pt
+    if damage == "missing":
+        os.remove(shard)
+        problem = "is missing"
+    elif damage == "truncated":
+        truncate_file(shard)
+        problem = f"has {os.path.getsize(shard)} bytes, the index recorded"
+    else:
+        data = bytearray(open(shard, "rb").read())
+        data[len(data) // 2] ^= 0xFF  # one byte flipped, the size unchanged
+        open(shard, "wb").write(bytes(data))
+        problem = "is corrupt (its SHA-256 differs"
+    with pytest.raises(SystemExit) as exc:
+        dc.main(["--root_dir", tiny_root, "--epochs", "1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"cache shard {shard} {problem}" in err, err
+    assert (f"Rebuild it: python preprocess_and_cache.py --root_dir {tiny_root} "
+            f"--physical_cutoff 12.0 --cache_file_name cached_graphs.pt") in err
+    if damage != "corrupt":  # opened without the check: the reader names it too
+        with pytest.raises(ValueError, match=f"cache shard {shard}.*Rebuild it"):
+            dc.CachedDimerDataset(os.path.join(tiny_root, dc.DEFAULT_CACHE_FILE))[2]
+
+
+def test_a_large_set_is_read_from_its_files_not_preloaded(tiny_root, monkeypatch):
+    monkeypatch.setattr(dc, "DIMER_PRELOAD_MAX", 3)  # tiny_root's 4 rows count as large
+    parsed, rows = [], []
+    assert dc.check_dataset(tiny_root, parsed, rows=rows) == (4, [])
+    assert parsed == [] and len(rows) == 4
+    ds = dc.DimerDataset(tiny_root, 12.0, rows=rows)
+    assert ds.parsed is None
+    preloaded = dc.DimerDataset(tiny_root, 12.0, preload=True)
+    for i in range(4):
+        torch.testing.assert_close(ds[i].pos_atoms, preloaded[i].pos_atoms, rtol=0, atol=0)
 
 
 def test_cache_with_pickled_objects_or_garbage_is_refused(tmp_path):
@@ -1515,8 +1621,8 @@ def test_main_refuses_a_bad_cache_with_the_rebuild_command(tiny_root, capsys, na
                                                "settings need 1.2"),
             "scale": ("int_angstrom_scale", 1.0, "int_angstrom_scale: saved 1.0, current data "
                                                  "and settings need 0.1"),
-            "format version": ("format_version", 0, "format_version: saved 0, current data and "
-                                                    f"settings need {dc.CACHE_FORMAT_VERSION}"),
+            "format version": ("format_version", 0, "format_version: saved 0, this code reads "
+                                                    f"{dc.CACHE_FORMAT_VERSION}"),
             "no data checksum": ("data_sha256", None, "data_sha256: saved None")}[name]
         payload["metadata"][key] = value
         torch.save(payload, cache)
@@ -1543,9 +1649,9 @@ def test_main_refuses_a_bad_cache_with_the_rebuild_command(tiny_root, capsys, na
 
 def test_rebuild_cache_replaces_a_stale_cache(tiny_root):
     build_cache(tiny_root, 10.0)
-    payload = dc.prepare_cache(dc.build_arg_parser().parse_args(
+    cache = dc.prepare_cache(dc.build_arg_parser().parse_args(
         ["--root_dir", tiny_root, "--rebuild_cache"]), dc.read_meta(tiny_root))
-    assert payload["metadata"]["internal_cutoff"] == pytest.approx(1.2)
+    assert cache.metadata["internal_cutoff"] == pytest.approx(1.2)
     assert torch.load(os.path.join(tiny_root, dc.DEFAULT_CACHE_FILE),
                       weights_only=True)["metadata"]["internal_cutoff"] == pytest.approx(1.2)
 
@@ -2850,3 +2956,195 @@ def test_s22x5_driver_reproduces_the_bundled_water_dimer(builder, tmp_path):
     assert builder.read_level_of_theory(out) == {
         **builder.read_level_of_theory(S22X5_DIR),
         "program_version": builder.read_level_of_theory(out)["program_version"]}
+
+
+# --- several processes: torchrun + DistributedDataParallel (gloo, two CPU processes)
+# Each launch starts two fresh interpreters (a few seconds each); the launches are shared.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+DDP_RUN = ["--epochs", "4", "--device", "cpu", "--compile", "off", "--quiet", *SMALL_RUN]
+
+
+def torchrun(script, *args, cwd=HERE):
+    """Launch ``script`` on two gloo processes; return the CompletedProcess (text)."""
+    import subprocess
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE}
+    return subprocess.run(TORCHRUN + [script, *map(str, args)], cwd=cwd, env=env, text=True,
+                          capture_output=True, timeout=600)
+
+
+def ddp_step_and_evaluation(data_dir, out_path):
+    """Run under torchrun (2 ranks, gloo, float64): one SGD step of DDP with batch 2 per rank,
+    then an evaluation and a prediction of rows 0-6 split between the ranks; rank 0 saves the
+    gradients, weights and figures to ``out_path``."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo")  # what torchrun's environment says
+    dc.DIST = dc.DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), active=True)
+    torch.set_default_dtype(torch.float64)
+    graphs = list(dc.DimerDataset(data_dir, 12.0))
+    torch.manual_seed(0)
+    model = small_model()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    mine = graphs[2 * dc.DIST.rank:2 * dc.DIST.rank + 2]
+    step = dc.run_epoch(ddp, DataLoader(mine, batch_size=2), torch.device("cpu"), optimizer,
+                        skip_failed_batches=False)
+    part = [graphs[i] for i in dc.rank_part(list(range(7)))]
+    evaluation = dc.run_epoch(model, DataLoader(part, batch_size=2), torch.device("cpu"),
+                              skip_failed_batches=False)
+    rows = dc.predict_rows(model, DataLoader(part, batch_size=2), torch.device("cpu"),
+                           skip_failed_batches=False)
+    if dc.DIST.master:
+        torch.save({"grads": {n: p.grad for n, p in model.named_parameters()},
+                    "state": model.state_dict(), "step_loss": step.loss, "n_part": len(part),
+                    "eval": {k: getattr(evaluation, k) for k in ("n_graphs", "mape", "mae",
+                                                                 "rmse", "baseline_mae")},
+                    "rows": {"id": rows["id"], "pred": torch.from_numpy(rows["pred"])}},
+                   out_path)
+    dc.DIST = dc.DistEnv()  # (the process group stays: main() takes it over)
+    torch.set_default_dtype(torch.float32)
+
+
+@pytest.fixture(scope="module")
+def torchrun_runs(tmp_path_factory):
+    """One 4-epoch torchrun training on 10 dimers; on a copy of the data the same run stopped
+    by Ctrl-C in epoch 3 (every rank) after the DDP step/evaluation checks of
+    ``ddp_step_and_evaluation``, and resumed by a third launch."""
+    base = tmp_path_factory.mktemp("torchrun")
+    straight = write_dataset(str(base / "straight"), 10)
+    resumed = str(base / "resumed")
+    shutil.copytree(straight, resumed)
+    wrapper = base / "interrupted.py"
+    wrapper.write_text(
+        "import sys\n"
+        "import delta_coupling as dc\n"
+        "import test_delta_coupling as t\n"
+        f"t.ddp_step_and_evaluation({straight!r}, {str(base / 'ddp_checks.pt')!r})\n"
+        "real, calls = dc.run_epoch, []\n"
+        "def run_epoch(model, loader, device, optimizer=None, *args, **kwargs):\n"
+        "    if optimizer is not None:\n"
+        "        calls.append(1)\n"
+        "        if len(calls) == 3:\n"
+        "            raise KeyboardInterrupt\n"
+        "    return real(model, loader, device, optimizer, *args, **kwargs)\n"
+        "dc.run_epoch = run_epoch\n"
+        "dc.main(sys.argv[1:])\n")
+    runs = {"base": str(base), "straight": straight, "resumed": resumed}
+    runs["straight_run"] = torchrun("delta_coupling.py", "--root_dir", straight, *DDP_RUN)
+    runs["interrupted_run"] = torchrun(str(wrapper), "--root_dir", resumed, *DDP_RUN)
+    runs["state_path"] = os.path.join(resumed, "models", dc.RESUME_CHECKPOINT)
+    runs["interrupted_state"] = torch.load(runs["state_path"], weights_only=True)
+    runs["resumed_run"] = torchrun("delta_coupling.py", "--resume", runs["state_path"],
+                                   "--device", "cpu")
+    return runs
+
+
+def test_rank_parts_are_contiguous_cover_everything_and_pad_nothing(monkeypatch):
+    for n in (0, 1, 5, 7, 12):
+        for world in (1, 2, 3, 4):
+            parts = []
+            for rank in range(world):
+                monkeypatch.setattr(dc, "DIST", dc.DistEnv(rank=rank, world_size=world))
+                parts.append(dc.rank_part(list(range(n))))
+            assert [i for p in parts for i in p] == list(range(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_more_processes_than_training_dimers_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    root = write_dataset(str(tmp_path / "three"), 3)  # split 1 / 1 / 1
+    monkeypatch.setattr(dc, "DIST", dc.DistEnv(world_size=2))
+    args = dc.build_arg_parser().parse_args(["--root_dir", root, "--quiet"])
+    with pytest.raises(SystemExit) as exc:
+        dc.prepare_data(args, torch.device("cpu"))
+    assert exc.value.code == 2
+    assert ("2 processes but only 1 training dimer: every process needs at least one"
+            in capsys.readouterr().err)
+
+
+def test_torchrun_trains_one_model_and_rank_0_alone_writes(torchrun_runs, tmp_path):
+    run = torchrun_runs["straight_run"]
+    assert run.returncode == 0, run.stderr[-3000:]
+    root = torchrun_runs["straight"]
+    assert run.stdout.count("10 dimers from") == 1  # rank 0 alone prints
+    assert run.stdout.count("saved ") == 1 and "error" not in run.stderr
+    assert sorted(os.listdir(os.path.join(root, "models"))) == sorted([
+        dc.BEST_CHECKPOINT, dc.FINAL_CHECKPOINT, dc.RESUME_CHECKPOINT, dc.METRICS_FILE,
+        dc.HISTORY_FILE, dc.RUN_CONFIG_FILE, "split_ids.json"])  # one set, no temp files
+    assert sorted(os.listdir(os.path.join(root, "plots"))) == sorted([
+        dc.LEARNING_CURVES_PLOT, "val_final_delta_learning.png", "test_final_delta_learning.png"])
+    final_path = os.path.join(root, "models", dc.FINAL_CHECKPOINT)
+    model, final = dc.load_checkpoint(final_path)  # no "module." prefix: loads as it is
+    assert not [k for k in final["model_state"] if k.startswith("module.")]
+    hashes = [line.split(": ")[1].split() for line in run.stdout.splitlines()
+              if line.startswith("parameter sha256 of the 2 ranks")]
+    assert len(hashes) == 1 and len(hashes[0]) == 2
+    assert hashes[0][0] == hashes[0][1] == dc.parameters_sha256(model)  # bitwise the same
+    with open(os.path.join(root, "models", dc.RUN_CONFIG_FILE)) as fh:
+        assert json.load(fh)["world_size"] == 2
+    # the checkpoint predicts in one process: its test rows give the run's test figures
+    copy = str(tmp_path / "copy")
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("models", "plots", "cached*"))
+    out = dc.main(["--predict", "--checkpoint", final_path, "--root_dir", copy, "--quiet",
+                   "--device", "cpu"])
+    for split in ("train", "val", "test"):
+        for who in ("model", "baseline"):
+            assert out["metrics"][split][who] == pytest.approx(
+                final["final_metrics"][split][who], rel=1e-5), (split, who)
+        assert out["metrics"][split]["n"] == len(final["split_ids"][split])
+
+
+def test_ddp_step_with_batch_b_per_rank_equals_one_process_with_batch_2b(torchrun_runs,
+                                                                        float64):
+    assert torchrun_runs["interrupted_run"].returncode != 0  # (stopped by the Ctrl-C below)
+    ddp = torch.load(os.path.join(torchrun_runs["base"], "ddp_checks.pt"), weights_only=True)
+    graphs = list(dc.DimerDataset(torchrun_runs["straight"], 12.0))
+    torch.manual_seed(0)
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = dc.run_epoch(model, DataLoader(graphs[:4], batch_size=4), torch.device("cpu"),
+                        optimizer, skip_failed_batches=False)
+    for name, p in model.named_parameters():  # the union's loss: the same gradient and step
+        torch.testing.assert_close(ddp["grads"][name], p.grad, rtol=1e-10, atol=1e-13)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(ddp["state"][key], value, rtol=1e-12, atol=1e-14)
+    assert ddp["step_loss"] == pytest.approx(step.loss, rel=1e-12)
+    assert any(p.grad.abs().max() > 1e-6 for p in model.parameters())  # a step that moved
+    # the evaluation of rows 0-6, split 3 / 4 between the ranks, gives one process's figures
+    assert ddp["n_part"] == 3
+    single = dc.run_epoch(model, DataLoader(graphs[:7], batch_size=2), torch.device("cpu"),
+                          skip_failed_batches=False)
+    assert ddp["eval"]["n_graphs"] == single.n_graphs == 7
+    for key in ("mape", "mae", "rmse", "baseline_mae"):
+        assert ddp["eval"][key] == pytest.approx(getattr(single, key), rel=1e-12), key
+    rows = dc.predict_rows(model, DataLoader(graphs[:7], batch_size=3), torch.device("cpu"))
+    assert ddp["rows"]["id"] == rows["id"]  # joined in rank order: the rows' order
+    np.testing.assert_allclose(ddp["rows"]["pred"].numpy(), rows["pred"], rtol=1e-12)
+
+
+def test_torchrun_interrupt_then_resume_reproduces_the_straight_run(torchrun_runs):
+    interrupted = torchrun_runs["interrupted_run"]
+    state_path = torchrun_runs["state_path"]
+    assert interrupted.stderr.count(
+        f"continue with: torchrun --nproc_per_node=2 delta_coupling.py --resume {state_path}") \
+        == 1, interrupted.stderr[-3000:]
+    state = torchrun_runs["interrupted_state"]
+    assert state["epoch"] == 2 and state["world_size"] == 2 and len(state["rng_ranks"]) == 2
+    assert not torch.equal(state["rng_ranks"][0]["rng_torch"], state["rng_ranks"][1]["rng_torch"])
+    resumed = torchrun_runs["resumed_run"]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count("resumed from") == 1
+    one, two = (torch.load(os.path.join(torchrun_runs[r], "models", dc.FINAL_CHECKPOINT),
+                           weights_only=True) for r in ("straight", "resumed"))
+    assert [h["epoch"] for h in two["history"]] == [1, 2, 3, 4]
+    assert [h["train_loss"] for h in two["history"]] == \
+        pytest.approx([h["train_loss"] for h in one["history"]], abs=1e-6)
+    for key, value in one["model_state"].items():
+        torch.testing.assert_close(two["model_state"][key], value, rtol=0, atol=1e-6)
+
+
+def test_a_torchrun_state_resumes_only_with_its_number_of_processes(torchrun_runs, capsys):
+    with pytest.raises(SystemExit) as exc:
+        dc.main(["--resume", torchrun_runs["state_path"], "--device", "cpu"])
+    assert exc.value.code == 2
+    assert ("world_size: saved by 2 processes, this launch has 1; a run resumes with its own "
+            "number of processes: torchrun --nproc_per_node=2 delta_coupling.py --resume "
+            f"{torchrun_runs['state_path']}") in capsys.readouterr().err

@@ -31,10 +31,12 @@ over the reference.
     python benchmarks/bench_training.py --device cuda --amp both
 """
 import argparse
+import atexit
 import copy
 import os
 import platform
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -77,13 +79,13 @@ def sync(device):
 class Mode:
     """One way to train: model path, training dataset and compile backend, with its own state."""
 
-    def __init__(self, name, args, device, amp_dtype, payload, split, init_state):
+    def __init__(self, name, args, device, amp_dtype, cache, split, init_state):
         self.name, self.device, self.amp_dtype = name, device, amp_dtype
         train_idx, val_idx, test_idx = split
         reference = name == "reference"
         train_ds = dc.DimerDataset(args.root_dir, args.physical_cutoff, augment=True,
                                    preload=not reference)
-        eval_ds = dc.CachedDimerDataset(payload)
+        eval_ds = dc.CachedDimerDataset(cache)
         subset = torch.utils.data.Subset
         self.train_loader = DataLoader(subset(train_ds, train_idx), batch_size=args.batch_size,
                                        shuffle=True)
@@ -92,7 +94,7 @@ class Mode:
                                       batch_size=args.batch_size)
         self.n_train, self.n_val = len(train_idx), len(val_idx)
         self.n_eval = len(val_idx) + len(test_idx)
-        self.model = dc.DeltaCoupling(cutoff=float(payload["metadata"]["internal_cutoff"]))
+        self.model = dc.DeltaCoupling(cutoff=float(cache.metadata["internal_cutoff"]))
         self.model.load_state_dict(init_state)
         self.model.use_fast_path(not reference).to(device)
         if name in ("aot_eager", "inductor"):
@@ -173,24 +175,25 @@ def parse_args(argv=None):
 def data_figures(args):
     """Cache build/load times and dataset items/s."""
     fig = {}
-    with tempfile.TemporaryDirectory(dir=args.root_dir) as tmp:
-        name = os.path.join(os.path.basename(tmp), "bench_cache.pt")
-        fig["cache_build_s"] = median_time(
-            lambda: build_cache(args.root_dir, args.physical_cutoff, cache_file_name=name),
-            max(1, args.repeats // 2), 0)
-        path = os.path.join(args.root_dir, name)
-        fig["cache_load_s"] = median_time(lambda: dc.load_cache(path), args.repeats, 1)
-        payload = dc.load_cache(path)
+    tmp = tempfile.mkdtemp(dir=args.root_dir)  # the shards are mapped while the runs read them
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    name = os.path.join(os.path.basename(tmp), "bench_cache.pt")
+    fig["cache_build_s"] = median_time(
+        lambda: build_cache(args.root_dir, args.physical_cutoff, cache_file_name=name,
+                            fresh=True), max(1, args.repeats // 2), 0)
+    path = os.path.join(args.root_dir, name)
+    fig["cache_load_s"] = median_time(lambda: dc.load_cache(path), args.repeats, 1)
+    cache = dc.load_cache(path)
     for key, ds in (
             ("items_per_s_dimer_dataset", dc.DimerDataset(args.root_dir, args.physical_cutoff,
                                                           augment=True)),
             ("items_per_s_dimer_dataset_reread", dc.DimerDataset(
                 args.root_dir, args.physical_cutoff, augment=True, preload=False)),
             ("items_per_s_cached_rotate_jitter", dc.CachedDimerDataset(
-                payload, rotate=True, jitter_std=dc.DEFAULT_JITTER_STD))):
+                cache, rotate=True, jitter_std=dc.DEFAULT_JITTER_STD))):
         fig[key] = len(ds) / median_time(lambda: [ds[i] for i in range(len(ds))],
                                          args.repeats, 1)
-    return fig, payload
+    return fig, cache
 
 
 def main(argv=None):
@@ -214,11 +217,11 @@ def main(argv=None):
 
     print(f"DeltaCoupling benchmark: {args.root_dir} on {device} "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}")
-    figures, payload = data_figures(args)
+    figures, cache = data_figures(args)
     rows = dc.read_meta(args.root_dir)
     split = dc.make_splits(rows, args.seed)[:3]
     init_state = copy.deepcopy(dc.DeltaCoupling(
-        cutoff=float(payload["metadata"]["internal_cutoff"])).state_dict())
+        cutoff=float(cache.metadata["internal_cutoff"])).state_dict())
 
     amp_choices = {"on": [True], "off": [False], "both": [True, False]}[args.amp]
     if device.type != "cuda":
@@ -229,7 +232,7 @@ def main(argv=None):
         suffix = "+amp" if use_amp else ""
         live = []
         for name in modes:
-            mode = Mode(name, args, device, amp_dtype, payload, split, init_state)
+            mode = Mode(name, args, device, amp_dtype, cache, split, init_state)
             if name in ("reference", "eager"):
                 for _ in range(max(1, args.warmup)):
                     mode.round(measured=False)
