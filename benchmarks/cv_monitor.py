@@ -60,11 +60,12 @@ def parallel(args, extra):
     if args.only_fold is not None:
         f = args.only_fold
         best_mae, stopped_early = track_lowest_mae()
-        dc.train_one(argparse.Namespace(**{**vars(cv_args), "fold": f}), None, folds[f])
+        device = dc.setup_distributed(cv_args.device)  # one process: the device alone
+        dc.train_one(argparse.Namespace(**{**vars(cv_args), "fold": f}), device, None, folds[f])
         dc.atomic_torch_save({"best": best_mae[f], "stopped_early": stopped_early.get(f)},
                              mae_file.format(f))
         return
-    dc.prepare_cache(cv_args, rows, dc.check_data_or_exit(cv_args))  # once, before the folds
+    dc.prepare_cache(cv_args, *dc.check_data_or_exit(cv_args))  # once, before the folds
     print(f"=== python delta_coupling.py {' '.join(argv)}, each fold in its own process",
           flush=True)
     procs = []
