@@ -3663,16 +3663,23 @@ def default_predict_checkpoint(root_dir):
                                                                   BEST_CHECKPOINT)
 
 
+def each_run(args, resume, key, count):
+    """The runs k = 0..count-1 of an ensemble (``key`` "member") or a cross-validation ("fold"),
+    as (k, the run's options, its resume state or None). A resumed run starts the loop at its
+    own k (the runs before it are on disk) and only it gets the resume state."""
+    first = getattr(args, key) if resume is not None else 0
+    for k in range(first, count):
+        resumed = resume if k == first else None
+        yield k, argparse.Namespace(**{**vars(args), key: k,
+                                       "resume": args.resume if resumed else None}), resumed
+
+
 # --- ensembles: K members, each an ordinary checkpoint, tied together by ensemble.json
 def run_ensemble(args, device, resume=None):
     """``--ensemble K``: members 0..K-1 one after the other, each exactly as ``--member k``
     trains it (seed + k, the same split and options, files in models/member_k), then
     ``combine_ensemble``. A resumed member continues; the members before it are on disk."""
-    first = args.member if resume is not None else 0
-    for k in range(first, args.ensemble):
-        resumed = resume if k == first else None
-        member_args = argparse.Namespace(**{**vars(args), "member": k,
-                                            "resume": args.resume if resumed else None})
+    for k, member_args, resumed in each_run(args, resume, "member", args.ensemble):
         log_line(f"--- ensemble member {k} of {args.ensemble} (seed {args.seed + k})")
         train_one(member_args, device, resumed)
     return combine_ensemble(args, members=range(args.ensemble))
@@ -3867,11 +3874,7 @@ def run_cv(args, device, resume=None):
         folds = make_cv_folds(rows, args.cv, args.seed)
     except (ValueError, FileNotFoundError) as exc:
         _exit(str(exc))
-    first = args.fold if resume is not None else 0
-    for f in range(first, args.cv):
-        resumed = resume if f == first else None
-        fold_args = argparse.Namespace(**{**vars(args), "fold": f,
-                                          "resume": args.resume if resumed else None})
+    for f, fold_args, resumed in each_run(args, resume, "fold", args.cv):
         log_line(f"--- cross-validation {folds[f][3]}")
         train_one(fold_args, device, resumed, folds[f])
     return cv_report(argparse.Namespace(**{**vars(args), "fold": None}), rows, folds)
