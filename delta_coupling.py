@@ -1280,12 +1280,18 @@ class DeltaCoupling(nn.Module):
                                      torch.cat([field_idx, atom_idx])])  # (2, 2N)
         vec_af = edge_vectors(pos_combined, edge_index_af)  # (2N, 3)
         edge_index = torch.cat([edge_index_atoms, edge_index_af], dim=1)  # (2, E + 2N)
+        # the dense kernels read one copy of the harmonics (16 columns; fast path section),
+        # e3nn's modules the four tiled copies (64)
+        single_copy = self.fast and self.fast_path.available
         if sh_atoms is None:  # harmonics and lengths of all edges at once
             edge_vec = torch.cat([edge_vectors(pos_atoms, edge_index_atoms), vec_af])  # (E+2N, 3)
-            edge_sh = edge_spherical_harmonics(edge_vec)  # (E + 2N, 64)
+            edge_sh = edge_spherical_harmonics(edge_vec, tiled=not single_copy)  # (E+2N, 16|64)
             edge_length = edge_vec.norm(dim=-1)  # (E + 2N,)
-        else:  # the cache's atom-atom harmonics and lengths
-            edge_sh = torch.cat([sh_atoms, edge_spherical_harmonics(vec_af)])  # (E + 2N, 64)
+        else:  # the cache's atom-atom harmonics (E, 64) and lengths
+            if single_copy:
+                sh_atoms = sh_atoms.index_select(1, self.fast_path.sh_first_copy)  # (E, 16)
+            edge_sh = torch.cat([sh_atoms, edge_spherical_harmonics(
+                vec_af, tiled=not single_copy)])  # (E + 2N, 16 or 64)
             edge_length = torch.cat([edge_attr_atoms.reshape(-1), vec_af.norm(dim=-1)])
         edge_src, edge_dst = edge_index[0], edge_index[1]
 
@@ -1607,13 +1613,13 @@ class FastPath(nn.Module):
                           for conv in self.convs])  # (L, H, numel / 4)
         return torch.bmm(hidden, w2.to(hidden.dtype)).unbind(0)  # L x (E, numel / 4)
 
-    def layer_inputs(self, edge_sh, basis):
-        """Per layer, the keyword arguments of its ``FastConvolution``: harmonics (E, 64) and
-        basis (E, K) -> [{edge_sh_single, summed_weights, dense_mats}]."""
+    def layer_inputs(self, edge_sh_single, basis):
+        """Per layer, the keyword arguments of its ``FastConvolution``: one copy of the
+        harmonics (E, 16) and the basis (E, K) -> [{edge_sh_single, summed_weights,
+        dense_mats}]."""
         if not self.available:
             return [{} for _ in self.convs]
         layers = len(self.convs)
-        edge_sh_single = edge_sh.index_select(1, self.sh_first_copy)  # (E, 16)
         radial = self.summed_radial_weights(basis) if self.stack_radial else [None] * layers
         mats = self.bilinear_stack()
         return [{"edge_sh_single": edge_sh_single, "summed_weights": radial[i],
@@ -3666,12 +3672,14 @@ def default_predict_checkpoint(root_dir):
 def each_run(args, resume, key, count):
     """The runs k = 0..count-1 of an ensemble (``key`` "member") or a cross-validation ("fold"),
     as (k, the run's options, its resume state or None). A resumed run starts the loop at its
-    own k (the runs before it are on disk) and only it gets the resume state."""
+    own k (the runs before it are on disk) and only it gets the resume state. --rebuild_cache
+    rebuilds the cache for the first run only; the others check and use that cache."""
     first = getattr(args, key) if resume is not None else 0
     for k in range(first, count):
         resumed = resume if k == first else None
         yield k, argparse.Namespace(**{**vars(args), key: k,
-                                       "resume": args.resume if resumed else None}), resumed
+                                       "resume": args.resume if resumed else None,
+                                       "rebuild_cache": args.rebuild_cache and k == first}), resumed
 
 
 # --- ensembles: K members, each an ordinary checkpoint, tied together by ensemble.json
@@ -3760,12 +3768,6 @@ def combine_ensemble(args, members=None):
     atomic_write_json(ensemble, path)
     log_line(f"wrote {path}: {len(paths)} members, config hash {ensemble['config_hash']}")
     return ensemble_report(args, path)
-
-
-def file_sha256(path):
-    """Hex SHA-256 of one file."""
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def load_ensemble(path, device="cpu"):
