@@ -445,7 +445,7 @@ def _electrons(symbols, charge):
 
 def precheck(dimer):
     """The reason this dimer cannot be computed (overlap, charge/spin), or None. Cheap."""
-    closest = float(intermonomer_distances(dimer.pos, dimer.n_a).min())
+    closest = dc.closest_pair(dimer.pos[:dimer.n_a], dimer.pos[dimer.n_a:])[0]  # Angstrom
     if closest < dc.MIN_INTERMONOMER_DISTANCE_ANGSTROM:
         return (f"overlapping monomers: atoms of A and B are {closest:.3f} Angstrom apart (< "
                 f"{dc.MIN_INTERMONOMER_DISTANCE_ANGSTROM}); check the geometry and "
@@ -493,9 +493,10 @@ def run_scf(symbols, pos, charge, spin, level, ghost=()):
     return mol, mf
 
 
-def mulliken_spd(mol, mf):
-    """Mulliken AO populations summed per atom and angular momentum: (N, 3) electrons."""
-    pop, _ = mf.mulliken_pop(verbose=0)  # (n_ao,), or (2, n_ao) alpha and beta
+def mulliken_spd(mol, mf, dm):
+    """Mulliken AO populations of density matrix ``dm`` summed per atom and angular momentum:
+    (N, 3) electrons."""
+    pop, _ = mf.mulliken_pop(dm=dm, verbose=0)  # (n_ao,), or (2, n_ao) alpha and beta
     pop = np.asarray(pop).reshape(-1, mol.nao).sum(0)  # (n_ao,) electrons
     out = np.zeros((mol.natm, len(ANGULAR_LETTERS)))
     for p, (atom, _sym, shell, _m) in zip(pop, mol.ao_labels(fmt=False)):
@@ -518,10 +519,11 @@ def compute_dimer(dimer, level):
     ghost_a = list(zip(sym[:n_a], pos[:n_a])) if level["counterpoise"] else ()
     _, mf_a = run_scf(sym[:n_a], pos[:n_a], dimer.charge_a, dimer.spin_a, level, ghost_b)
     _, mf_b = run_scf(sym[n_a:], pos[n_a:], dimer.charge_b, dimer.spin_b, level, ghost_a)
+    t2 = time.time()
     centroid_bohr = pos.mean(0) * ANGSTROM_TO_BOHR  # (3,) origin of dipole and quadrupole
     dm = mf_ab.make_rdm1()
     arrays = {
-        "mulliken_spd": mulliken_spd(mol_ab, mf_ab),  # (N, 3) electrons
+        "mulliken_spd": mulliken_spd(mol_ab, mf_ab, dm),  # (N, 3) electrons
         "dipole": np.asarray(mf_ab.dip_moment(  # (3,) Debye
             unit="Debye", dm=dm, origin=centroid_bohr, verbose=0)),
         "quadrupole": np.asarray(mf_ab.quad_moment(  # (3, 3) Debye*Angstrom, traceless
@@ -529,7 +531,7 @@ def compute_dimer(dimer, level):
     }
     energies = {"E_AB": float(mf_ab.e_tot), "E_A": float(mf_a.e_tot), "E_B": float(mf_b.e_tot),
                 "unit": "Hartree", "scf": [type(m).__name__ for m in (mf_ab, mf_a, mf_b)],
-                "seconds_dimer": t1 - t0, "seconds_monomers": time.time() - t1,
+                "seconds_dimer": t1 - t0, "seconds_monomers": t2 - t1,
                 "seconds": time.time() - t0}
     return energies, arrays
 
@@ -631,15 +633,7 @@ def write_meta(out, rows):
 
 def check_output(out, with_vref):
     """Problems delta_coupling finds in the folder (training's check, or prediction's)."""
-    if with_vref:
-        return dc.check_dataset(out)[1]
-    problems = []
-    for row in dc.read_meta(out, require_vref=False, problems=problems):
-        try:
-            dc.parse_dimer(out, row)
-        except (ValueError, FileNotFoundError) as exc:
-            problems.append(str(exc))
-    return problems
+    return dc.check_dataset(out, require_vref=with_vref)[1]
 
 
 # ----------------------------------------------------------------------------- driver
