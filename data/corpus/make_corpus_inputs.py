@@ -14,7 +14,7 @@ interaction energies in kcal/mol (``BIND``, which each module points at its best
 
 Then build the folder with the dataset builder (resumable; see README.md in this folder)::
 
-    python tools/build_dataset.py data/corpus/dimers.csv data/corpus/build
+    python tools/build_dataset.py data/corpus/dimers.csv --out data/corpus/build
 """
 import argparse
 import csv
@@ -148,6 +148,7 @@ def main(argv=None):
     import_qcdb(args.psi4)
     held_out = held_out_dimers()
     rows, excluded = [], []
+    n_atoms_b = {}  # id -> monomer B's atom count: with n_atoms_a, the sort key below
     for dbname, (bind_name, system_pattern) in DATABASES.items():
         db = importlib.import_module(dbname)
         bind = getattr(db, bind_name)
@@ -182,12 +183,13 @@ def main(argv=None):
             rel = os.path.join("inputs", dbname, f"{rxn}.xyz")
             write_xyz(os.path.join(args.out, rel), sa + sb,
                       np.concatenate([xa, xb]), f"n_atoms_a={len(sa)} source={dbname}:{rxn}")
+            n_atoms_b[dimer_id] = len(sb)
             rows.append({"id": dimer_id, "xyz": rel, "n_atoms_a": len(sa),
                          "Vref": f"{bind[key]:.4f}", "charge_a": qa, "charge_b": qb,
                          "spin_a": ma - 1, "spin_b": mb - 1,
                          "group": f"{dbname}-{system}"})
     # smallest dimers first: a partial (resumed) build then holds as many dimers as possible
-    rows.sort(key=lambda r: (sum(1 for _ in open(os.path.join(args.out, r["xyz"]))), r["id"]))
+    rows.sort(key=lambda r: (r["n_atoms_a"] + n_atoms_b[r["id"]], r["id"]))
     for name, records in (("dimers.csv", rows), ("excluded.csv", excluded)):
         with open(os.path.join(args.out, name), "w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(records[0]))
