@@ -171,10 +171,8 @@ UNCERTAINTY_PLOT = "uncertainty.png"  # in <root_dir>/plots: |error| vs std, cal
 PREDICTION_UNCERTAINTY_PLOT = "predictions_uncertainty.png"  # --predict, next to its CSV
 # options in which an ensemble's members may differ (how and where each was run); every other
 # option, the model config, the data and the split must be the same
-ENSEMBLE_FREE_OPTIONS = ("member", "ensemble", "combine_ensemble", "root_dir", "cache_file_name",
-                         "rebuild_cache", "check_data", "device", "num_workers", "compile",
-                         "quiet", "log_every", "skip_failed_batches", "resume", "predict",
-                         "checkpoint")
+ENSEMBLE_FREE_OPTIONS = RESUME_FREE_OPTIONS + ("member", "ensemble", "combine_ensemble", "predict",
+                                               "checkpoint")
 # grouped cross-validation (--cv K): folds in <root_dir>/models/cv/fold_f
 DEFAULT_CV_EPOCHS = 300  # --cv without --epochs: a 5-fold CV of examples/s22x5 in ~15 min (2 cores)
 CV_METRICS_FILE = "cv_metrics.json"  # in <root_dir>/models

@@ -142,13 +142,14 @@ if __name__ == "__main__":
                         help="start over instead of keeping an interrupted build's shards")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args()
-    meta_rows = []
-    report, n_problems = data_check_report(args.root_dir, rows=meta_rows)  # every problem at once
+    parsed, meta_rows = [], []  # the check's parsed dimers (all of them unless a large set)
+    report, n_problems = data_check_report(args.root_dir, parsed, rows=meta_rows)  # all at once
     if n_problems:
         sys.exit(report)
     try:
         path = build_cache(args.root_dir, args.physical_cutoff, args.cache_file_name,
-                           progress_bar=not args.quiet, rows=meta_rows, fresh=args.fresh)
+                           progress_bar=not args.quiet, rows=meta_rows, fresh=args.fresh,
+                           parsed=parsed if len(parsed) == len(meta_rows) else None)
     except KeyboardInterrupt:
         print("interrupted: the shards written so far are kept; run the same command again to "
               "continue the build", file=sys.stderr)
