@@ -101,7 +101,6 @@ CACHE_SHARD_BYTES = 64 * 2 ** 20  # a cache shard is closed once its graphs' ten
 # a larger set is re-read from its files per access, so memory does not grow with the data
 DIMER_PRELOAD_MAX = 20_000
 DEFAULT_PHYSICAL_CUTOFF = 12.0  # Angstrom
-DEFAULT_EPOCHS = 1500
 DEFAULT_BATCH_SIZE = 5
 DEFAULT_NUM_CONV_LAYERS = 6
 DEFAULT_NUM_RBF = 50
@@ -109,7 +108,17 @@ DEFAULT_LR = 1e-3
 DEFAULT_RADIAL_HIDDEN = 64  # hidden width of the MLP that maps RBF -> tensor-product weights
 DEFAULT_MLP_HIDDEN = 64  # hidden width of the readout MLP over [h, u]
 DEFAULT_JITTER_STD = 0.001  # internal units (= 0.01 Angstrom)
-DEFAULT_PATIENCE = 250  # epochs without improvement of the monitored figure before stopping
+# --schedule: how a run is trained and which epoch's weights it keeps (docs/DESIGN.md,
+# decision 19; README "Training schedule"). Each sets the defaults of --epochs (the OneCycle
+# length), --patience (stale epochs before early stopping) and --ema (0: off):
+# "spec" is the design's (docs/DESIGN.md, section 8), stale epochs counted from the first;
+# "anneal" a short OneCycle that anneals fully, stale epochs counted only once the learning
+# rate is down to ANNEAL_COUNT_LR_FRACTION of its peak, validation and checkpoints on an
+# exponential moving average of the weights
+SCHEDULES = {"anneal": {"epochs": 300, "patience": 50, "ema": 0.99},
+             "spec": {"epochs": 1500, "patience": 250, "ema": 0.0}}
+DEFAULT_SCHEDULE = "anneal"
+ANNEAL_COUNT_LR_FRACTION = 0.1
 MONITORS = ("mape", "mae")  # --monitor: the validation figure early stopping and the best
 DEFAULT_MONITOR = "mape"  # checkpoint watch (MAPE in %, MAE in Vref units)
 DEFAULT_SEED = 42
@@ -126,6 +135,10 @@ CPU_AUTO_COMPILE = {"linux": "inductor"}
 # example gains about 0.13 s, so shorter runs are faster eager
 CPU_COMPILE_MIN_EPOCHS = 500
 DEFAULT_ROOT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "s22x5")
+# the model shipped with the repository (data/corpus/README.md): --predict uses it for a folder
+# without a model of its own
+PRETRAINED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained",
+                                "ensemble.json")
 BEST_CHECKPOINT = "best_model_delta_learning.pt"
 FINAL_CHECKPOINT = "final_model_delta_learning.pt"
 METRICS_FILE = "metrics.json"  # in <root_dir>/models: the final metrics report
@@ -174,7 +187,6 @@ PREDICTION_UNCERTAINTY_PLOT = "predictions_uncertainty.png"  # --predict, next t
 ENSEMBLE_FREE_OPTIONS = RESUME_FREE_OPTIONS + ("member", "ensemble", "combine_ensemble", "predict",
                                                "checkpoint")
 # grouped cross-validation (--cv K): folds in <root_dir>/models/cv/fold_f
-DEFAULT_CV_EPOCHS = 300  # --cv without --epochs: a 5-fold CV of examples/s22x5 in ~15 min (2 cores)
 CV_METRICS_FILE = "cv_metrics.json"  # in <root_dir>/models
 CV_PREDICTIONS_FILE = "cv_predictions.csv"  # in <root_dir>/models: out-of-fold predictions
 CV_PLOT = "cv_predictions.png"  # in <root_dir>/plots
@@ -2026,8 +2038,10 @@ def predict_batch(model, data, amp_dtype=None):
 
 
 def run_epoch(model, loader, device, optimizer=None, scheduler=None, scaler=None,
-              amp_dtype=None, skip_failed_batches=True, log=print, traceback_path=None):
-    """One pass over ``loader``: trains when ``optimizer`` is given, else evaluates.
+              amp_dtype=None, skip_failed_batches=True, log=print, traceback_path=None,
+              ema=None):
+    """One pass over ``loader``: trains when ``optimizer`` is given, else evaluates; a
+    ``WeightsEMA`` given as ``ema`` is updated after every training step.
 
     Returns an ``EpochResult``. A batch that fails (its loss or a gradient is NaN/Inf, or the
     GPU runs out of memory) is logged with its ids and reason, counted and skipped when
@@ -2077,6 +2091,8 @@ def run_epoch(model, loader, device, optimizer=None, scheduler=None, scaler=None
         try:
             if training:
                 optimizer_step(loss, optimizer, scheduler, scaler)
+                if ema is not None:
+                    ema.update()
         except FailedBatches.ERRORS as exc:
             failures.record(data, exc)
             continue
@@ -2149,6 +2165,56 @@ def optimizer_step(loss, optimizer, scheduler=None, scaler=None):
         optimizer.step()
     if scheduler is not None:
         scheduler.step()
+
+
+class WeightsEMA:
+    """An exponential moving average of a model's parameters, updated after every training
+    step (``--ema DECAY``; MACE and most interatomic-potential codes evaluate such an average).
+
+    The average after step n is ``a <- d a + (1 - d) w`` with ``d = min(decay, (1 + n) /
+    (10 + n))``: the usual warm-up, so the first steps do not tie the average to the initial
+    weights. ``applied()`` puts the average into the model for a block (validation, a
+    checkpoint) and the trained weights back after it; training itself never sees it. Buffers
+    are constants and are not averaged.
+    """
+
+    def __init__(self, model, decay):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay {decay} is not between 0 and 1")
+        self.decay, self.n_updates = float(decay), 0
+        self.params = list(model.parameters())
+        self.average = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self):
+        self.n_updates += 1
+        decay = min(self.decay, (1.0 + self.n_updates) / (10.0 + self.n_updates))
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - decay)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """The averaged weights in the model inside the block, the trained ones after it."""
+        with torch.no_grad():
+            trained = [p.detach().clone() for p in self.params]
+            torch._foreach_copy_([p.data for p in self.params], self.average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.data for p in self.params], trained)
+
+    def state_dict(self):
+        return {"decay": self.decay, "n_updates": self.n_updates,
+                "average": [a.clone() for a in self.average]}
+
+    def load_state_dict(self, state):
+        if len(state["average"]) != len(self.average):
+            raise ValueError(f"EMA state of {len(state['average'])} tensors for a model of "
+                             f"{len(self.average)}")
+        self.decay, self.n_updates = float(state["decay"]), int(state["n_updates"])
+        with torch.no_grad():
+            torch._foreach_copy_(self.average, [a.to(self.average[0].device)
+                                                for a in state["average"]])
 
 
 @torch.no_grad()
@@ -2737,6 +2803,33 @@ def positive_float(text):
     return value
 
 
+def ema_decay(text):
+    """argparse type of --ema: 0 (off) or a decay in (0, 1)."""
+    value = float(text)
+    if not (value == 0.0 or 0.0 < value < 1.0):
+        raise argparse.ArgumentTypeError(f"{text}: give 0 (off) or a decay between 0 and 1, "
+                                         f"e.g. 0.99")
+    return value
+
+
+def describe_schedule(name):
+    """E.g. '300 epochs, patience 50 counted once the lr is down to 10% of its peak, EMA
+    0.99'."""
+    d = SCHEDULES[name]
+    counted = (f"counted once the lr is down to {ANNEAL_COUNT_LR_FRACTION:.0%} of its peak"
+               if name == "anneal" else "counted from the first epoch")
+    return (f"{d['epochs']} epochs, patience {d['patience']} {counted}, "
+            + (f"EMA {d['ema']:g}" if d["ema"] else "no EMA"))
+
+
+def apply_schedule(args):
+    """Fill --epochs, --patience and --ema that were not given from --schedule's defaults."""
+    for key, value in SCHEDULES[args.schedule].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
 def build_arg_parser():
     p = argparse.ArgumentParser(
         description="Train DeltaCoupling: learn dV so that V0 + dV matches Vref; or, with "
@@ -2747,8 +2840,13 @@ def build_arg_parser():
     p.add_argument("--cache_file_name", default=DEFAULT_CACHE_FILE,
                    help="cache file inside root_dir")
     p.add_argument("--rebuild_cache", action="store_true", help="rebuild the cache first")
-    p.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS,
-                   help="training epochs")
+    p.add_argument("--schedule", default=DEFAULT_SCHEDULE, choices=tuple(SCHEDULES),
+                   help="training schedule: the defaults of --epochs, --patience and --ema and "
+                        "when early stopping counts; anneal: "
+                        f"{describe_schedule('anneal')}; spec: the design's, "
+                        f"{describe_schedule('spec')}".replace("%", "%%"))
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help="training epochs, the OneCycle length; None: the schedule's")
     p.add_argument("--batch_size", type=positive_int, default=DEFAULT_BATCH_SIZE,
                    help="dimers per batch")
     p.add_argument("--physical_cutoff", type=positive_float, default=DEFAULT_PHYSICAL_CUTOFF,
@@ -2769,8 +2867,12 @@ def build_arg_parser():
                    default=False, help="augment cached training graphs instead of re-reading")
     p.add_argument("--jitter_std", type=float, default=DEFAULT_JITTER_STD,
                    help="position noise, internal units (0.001 = 0.01 Angstrom)")
-    p.add_argument("--patience", type=positive_int, default=DEFAULT_PATIENCE,
-                   help="early-stopping patience on the monitored validation figure, epochs")
+    p.add_argument("--patience", type=positive_int, default=None,
+                   help="early-stopping patience on the monitored validation figure, epochs; "
+                        "None: the schedule's")
+    p.add_argument("--ema", type=ema_decay, default=None, metavar="DECAY",
+                   help="validate and keep an exponential moving average of the weights, "
+                        "updated every step with this decay; 0: off; None: the schedule's")
     p.add_argument("--monitor", default=DEFAULT_MONITOR, choices=MONITORS,
                    help="validation figure that early stopping and the best checkpoint watch "
                         "(MAPE in %%, MAE in Vref units)")
@@ -2809,8 +2911,8 @@ def build_arg_parser():
                         f"(models/{ENSEMBLE_FILE}) and report the ensemble; refuses members "
                         f"trained with other options")
     p.add_argument("--cv", type=int, default=None, metavar="K",
-                   help=f"K-fold cross-validation, folds by the group column (else by row); "
-                        f"without --epochs each fold trains {DEFAULT_CV_EPOCHS} epochs")
+                   help="K-fold cross-validation, folds by the group column (else by row); "
+                        "each fold trains as a single run would")
     p.add_argument("--fold", type=int, default=None, help=argparse.SUPPRESS)  # set by --cv
     p.add_argument("--resume", default=None, metavar="PATH",
                    help=f"continue an interrupted run from its <root_dir>/models/"
@@ -2879,7 +2981,7 @@ def prepare_cache(args, rows, parsed=None):
     return cache
 
 
-def resolve_compile_backend(choice, device, epochs=DEFAULT_EPOCHS):
+def resolve_compile_backend(choice, device, epochs):
     """The torch.compile backend for ``--compile choice`` on ``device``; None means eager.
 
     ``auto`` (docs/DESIGN.md, decision 10): on CUDA inductor, aot_eager on Windows. On a CPU what
@@ -3011,15 +3113,16 @@ class TrainingProgress:
     history: list = field(default_factory=list)  # one record per epoch
     saved: tuple = None  # (path, epoch) of the latest resume state
 
-    def update(self, value, patience, comparable=True):
+    def update(self, value, patience, comparable=True, counting=True):
         """Early stopping's rule for the epoch ``self.epoch`` whose monitored figure is
         ``value``: a new best when lower than every earlier one and ``comparable`` (no failed
-        batch, so over every dimer), else one more stale epoch; stopped after ``patience``
-        stale epochs. Returns True on a new best."""
+        batch, so over every dimer), else one more stale epoch when ``counting``
+        (``stale_epochs_count``); stopped after ``patience`` stale epochs. Returns True on a
+        new best."""
         improved = comparable and value < self.best
         if improved:
             self.best, self.best_epoch, self.stale = value, self.epoch, 0
-        else:
+        elif counting:
             self.stale += 1
         self.stopped = self.stale >= patience
         return improved
@@ -3138,10 +3241,25 @@ def make_optimizer(model, lr, device):
     return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
 
 
+@dataclass
+class TrainingTools:
+    """What steps the weights: the optimizer, its learning-rate schedule, the float16 scaler and
+    the weights' moving average (the last three None when not used)."""
+    optimizer: torch.optim.Optimizer
+    scheduler: object = None  # OneCycleLR
+    scaler: object = None  # torch.amp.GradScaler
+    ema: WeightsEMA = None  # --ema DECAY > 0
+
+    def evaluated_weights(self):
+        """A block in which the model holds the weights that are validated and saved: the
+        moving average with --ema, else the trained ones."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
+
 def make_training_tools(run, model):
     """Stage 3, optimiser: Adam, the OneCycle schedule over every batch of the run (none
-    without training data; under torchrun the batches of one rank, its steps) and, for float16
-    autocast, a GradScaler."""
+    without training data; under torchrun the batches of one rank, its steps), for float16
+    autocast a GradScaler, and with ``--ema`` the weights' moving average."""
     args = run.args
     optimizer = make_optimizer(model, args.lr, run.device)
     scheduler = None
@@ -3151,7 +3269,16 @@ def make_training_tools(run, model):
                                                         total_steps=total_steps,
                                                         pct_start=ONECYCLE_PCT_START)
     scaler = torch.amp.GradScaler("cuda") if run.use_scaler else None
-    return optimizer, scheduler, scaler
+    ema = WeightsEMA(model, args.ema) if args.ema else None
+    return TrainingTools(optimizer, scheduler, scaler, ema)
+
+
+def stale_epochs_count(args, lr):
+    """Whether an epoch without improvement counts towards ``--patience``: always under
+    ``--schedule spec``; under ``anneal`` once the learning rate ``lr`` is down to
+    ``ANNEAL_COUNT_LR_FRACTION`` of its peak (``--lr``), so early stopping cannot cut the
+    low-learning-rate end of the schedule short."""
+    return args.schedule == "spec" or lr <= ANNEAL_COUNT_LR_FRACTION * args.lr
 
 
 def write_run_files(run, model):
@@ -3177,10 +3304,11 @@ def write_run_files(run, model):
                       os.path.join(run.models_dir, RUN_CONFIG_FILE))
 
 
-def train(run, model, optimizer, scheduler, scaler, resume=None):
-    """Stage 4, training loop: an epoch of training and a validation pass per epoch; the best
-    checkpoint on improvement, early stopping after ``patience`` stale epochs, and the resume
-    state after every epoch. Ctrl-C (or SIGTERM) exits with the command that resumes. Returns
+def train(run, model, tools, resume=None):
+    """Stage 4, training loop: an epoch of training and a validation pass per epoch (of the
+    weights' moving average with ``--ema``); the best checkpoint on improvement, early stopping
+    after ``patience`` stale epochs (``stale_epochs_count``), and the resume state after every
+    epoch. Ctrl-C (or SIGTERM) exits with the command that resumes. Returns
     the ``TrainingProgress``.
 
     Under torchrun the training steps go through DistributedDataParallel around ``model`` (its
@@ -3192,7 +3320,7 @@ def train(run, model, optimizer, scheduler, scaler, resume=None):
     state = TrainingProgress()
     t_start = time.time()
     if resume is not None:  # after all setup: the restored RNG states continue the saved run
-        state = restore_training_state(resume, model, optimizer, scheduler, scaler, run)
+        state = restore_training_state(resume, model, tools, run)
         t_start -= state.history[-1]["seconds"] if state.history else 0.0  # the clock goes on
         log_line(f"resumed from {args.resume} after epoch {state.epoch}")
     elif DIST.active:
@@ -3210,14 +3338,15 @@ def train(run, model, optimizer, scheduler, scaler, resume=None):
             state.epoch = epoch
             if DIST.active:
                 run.train_loader.sampler.set_epoch(state.epoch)
-            train_result = run_epoch(step_model, run.train_loader, run.device, optimizer,
-                                     scheduler, scaler, run.amp_dtype, **run.failed_batches)
-            with torch.no_grad():
+            train_result = run_epoch(step_model, run.train_loader, run.device, tools.optimizer,
+                                     tools.scheduler, tools.scaler, run.amp_dtype,
+                                     **run.failed_batches, ema=tools.ema)
+            with torch.no_grad(), tools.evaluated_weights():
                 val_result = (run_epoch(model, run.val_loader, run.device,
                                         amp_dtype=run.amp_dtype, **run.failed_batches)
                               if len(run.split_idx["val"]) else EpochResult())
-            end_of_epoch(run, model, optimizer, scheduler, scaler, state, train_result,
-                         val_result, time.time() - t_start)
+            end_of_epoch(run, model, tools, state, train_result, val_result,
+                         time.time() - t_start)
             bar.set_postfix_str(f"loss {train_result.loss:.4f}, val MAPE "
                                 f"{val_result.mape:.2f}%, best {run.monitor_name} "
                                 f"{state.best:.3f} (epoch {state.best_epoch})", refresh=False)
@@ -3239,26 +3368,28 @@ def train(run, model, optimizer, scheduler, scaler, resume=None):
     return state
 
 
-def end_of_epoch(run, model, optimizer, scheduler, scaler, state, train_result, val_result,
-                 seconds):
-    """Early stopping's bookkeeping after an epoch: the best checkpoint on improvement, the
-    epoch's history record, the resume state and the periodic log line."""
+def end_of_epoch(run, model, tools, state, train_result, val_result, seconds):
+    """Early stopping's bookkeeping after an epoch: the best checkpoint (of the evaluated
+    weights) on improvement, the epoch's history record, the resume state and the periodic log
+    line."""
     args = run.args
+    lr = tools.optimizer.param_groups[0]["lr"]
     has_val = len(run.split_idx["val"]) > 0
     monitored = val_result if has_val else train_result
     monitor = monitored_value(args.monitor, train_result, val_result, has_val)
     if monitor < state.best and monitored.n_skipped:  # over fewer dimers: not comparable
         log_line(f"epoch {state.epoch}: {run.monitor_name} {monitor:.4g} is not taken as the "
                  f"best: {monitored.n_skipped} of its {monitored.n_batches} batches failed")
-    improved = state.update(monitor, args.patience, comparable=not monitored.n_skipped)
+    improved = state.update(monitor, args.patience, comparable=not monitored.n_skipped,
+                            counting=stale_epochs_count(args, lr))
     if improved and DIST.master:
-        atomic_torch_save(run.checkpoint(model, state.epoch, val_result.mape, val_result.mae),
-                          run.best_path)
-    lr = optimizer.param_groups[0]["lr"]
+        with tools.evaluated_weights():
+            atomic_torch_save(run.checkpoint(model, state.epoch, val_result.mape,
+                                             val_result.mae), run.best_path)
     state.history.append({"epoch": state.epoch, "train_loss": train_result.loss,
                           "val_mape": val_result.mape, "val_mae": val_result.mae, "lr": lr,
                           "seconds": seconds})
-    resume_state = training_state(model, optimizer, scheduler, scaler, state, run)
+    resume_state = training_state(model, tools, state, run)
     if DIST.master:
         atomic_torch_save(resume_state, run.resume_path)
     state.saved = (run.resume_path, state.epoch)
@@ -3366,18 +3497,18 @@ def train_one(args, device, resume=None, split=None):
     seed_everything(args.seed + (args.member or 0))
     run = prepare_data(args, device, resume, split)  # rows, cache, split, datasets, loaders
     model = build_model(run)  # DeltaCoupling, compiled where that is faster
-    optimizer, scheduler, scaler = make_training_tools(run, model)  # Adam, OneCycle, scaler
+    tools = make_training_tools(run, model)  # Adam, OneCycle, scaler, EMA
     write_run_files(run, model)  # models/ and plots/, split_ids.json, run_config.json
-    state = train(run, model, optimizer, scheduler, scaler, resume)  # the epochs
+    state = train(run, model, tools, resume)  # the epochs
     return finish(run, model, state)  # best weights, metrics, plots, final checkpoint
 
 
 # --- resume: the training state after every epoch, and continuing from it
-def training_state(model, optimizer, scheduler, scaler, state, run):
+def training_state(model, tools, state, run):
     """Everything a run needs to continue after ``state.epoch`` (tensors and plain types only).
 
-    Model, optimizer, scheduler and scaler states, the early-stopping counters, the torch,
-    numpy and Python RNG states, the split, the config, the cache metadata and the per-epoch
+    Model (the trained weights), optimizer, scheduler, scaler and moving-average states, the
+    early-stopping counters, the torch, numpy and Python RNG states, the split, the config, the cache metadata and the per-epoch
     history (for the learning curves) and the run's id (stored in its best checkpoint too).
     Under torchrun (every rank calls it) also the world size and every rank's RNG states.
     """
@@ -3385,9 +3516,11 @@ def training_state(model, optimizer, scheduler, scaler, state, run):
         "format_version": RESUME_FORMAT_VERSION, "epoch": state.epoch, "best": state.best,
         "best_epoch": state.best_epoch, "stale": state.stale, "stopped": state.stopped,
         "model_state": model.state_dict(), "model_config": model.config,
-        "optimizer_state": optimizer.state_dict(),
-        "scheduler_state": scheduler.state_dict() if scheduler is not None else None,
-        "scaler_state": scaler.state_dict() if scaler is not None else None,
+        "optimizer_state": tools.optimizer.state_dict(),
+        "scheduler_state": (tools.scheduler.state_dict() if tools.scheduler is not None
+                            else None),
+        "scaler_state": tools.scaler.state_dict() if tools.scaler is not None else None,
+        "ema_state": tools.ema.state_dict() if tools.ema is not None else None,
         **rng_states(), "world_size": DIST.world_size,
         "rng_ranks": all_gather_objects(rng_states()) if DIST.active else [],
         "config": dict(vars(run.args)), "metadata": run.metadata, "split_ids": run.split_ids,
@@ -3430,7 +3563,7 @@ def resume_command(path, world_size):
     return f"{launch} delta_coupling.py --resume {shlex.quote(path)}"
 
 
-def restore_training_state(saved, model, optimizer, scheduler, scaler, run):
+def restore_training_state(saved, model, tools, run):
     """Check that ``saved`` (of ``training_state``) fits this run's data, split and model, then
     load it into the given objects and set the RNG states; return its ``TrainingProgress``.
     Call it after all other setup."""
@@ -3450,9 +3583,10 @@ def restore_training_state(saved, model, optimizer, scheduler, scaler, run):
               + "\n  ".join(problems)
               + "\nResume with the data and options of the saved run, or start a new run.")
     model.load_state_dict(saved["model_state"])
-    optimizer.load_state_dict(saved["optimizer_state"])
-    for obj, key in ((scheduler, "scheduler_state"), (scaler, "scaler_state")):
-        if obj is not None and saved[key] is not None:
+    tools.optimizer.load_state_dict(saved["optimizer_state"])
+    for obj, key in ((tools.scheduler, "scheduler_state"), (tools.scaler, "scaler_state"),
+                     (tools.ema, "ema_state")):
+        if obj is not None and saved.get(key) is not None:
             obj.load_state_dict(saved[key])
     set_rng_states(saved["rng_ranks"][DIST.rank] if DIST.active else saved)
     return TrainingProgress(epoch=saved["epoch"], best=saved["best"],
@@ -3472,8 +3606,8 @@ def parse_main_args(argv=None):
     parser = build_arg_parser()
     args = parser.parse_args(argv)
     if not args.resume:
-        check_run_kind(args, argv)
-        return args, None
+        check_run_kind(args)
+        return apply_schedule(args), None
     if not os.path.exists(args.resume):
         _exit(f"--resume {args.resume}: file not found; it is written to "
               f"<root_dir>/models/{RESUME_CHECKPOINT} after every finished epoch")
@@ -3487,6 +3621,8 @@ def parse_main_args(argv=None):
               f"{RESUME_CHECKPOINT} written by training (best/final checkpoints hold weights "
               f"only)")
     saved = state["config"]
+    saved.setdefault("schedule", "spec")  # saved before --schedule and --ema: the design's
+    saved.setdefault("ema", 0.0)
     parser.set_defaults(**{k: v for k, v in saved.items()
                            if k in vars(args) and k not in RESUME_NOT_INHERITED})
     args = parser.parse_args(argv)
@@ -3496,7 +3632,7 @@ def parse_main_args(argv=None):
         _exit(f"--resume continues the saved run with its own options; these differ: "
               f"{', '.join(changed)}. Leave them out to resume, or start a new run without "
               f"--resume")
-    return args, state
+    return apply_schedule(args), state
 
 
 def option_given(argv, name):
@@ -3506,9 +3642,9 @@ def option_given(argv, name):
     return getattr(parser.parse_args(argv), name)
 
 
-def check_run_kind(args, argv):
+def check_run_kind(args):
     """Refuse combinations of --ensemble, --member, --combine_ensemble and --cv that make no
-    sense; a --cv run without --epochs trains ``DEFAULT_CV_EPOCHS`` epochs per fold."""
+    sense."""
     if args.cv is not None and (args.ensemble is not None or args.member is not None
                                 or args.combine_ensemble):
         _exit("--cv trains single models per fold; it does not combine with --ensemble, "
@@ -3521,8 +3657,6 @@ def check_run_kind(args, argv):
         _exit(f"--member {args.member}: members are numbered 0, 1, ...")
     if args.fold is not None:
         _exit("--fold is set by --cv itself; run --cv K")
-    if args.cv is not None and option_given(argv, "epochs") is None:
-        args.epochs = DEFAULT_CV_EPOCHS
 
 
 def exit_interrupted(saved):
@@ -3599,6 +3733,10 @@ def run_predict(args, argv=None):
     if not os.path.isfile(path):
         _exit(f"checkpoint {path} not found; pass --checkpoint PATH (a {BEST_CHECKPOINT} or "
               f"{FINAL_CHECKPOINT} written by training, or an {ENSEMBLE_FILE})")
+    if path == PRETRAINED_MODEL and not args.checkpoint:
+        log_line(f"{os.path.join(args.root_dir, 'models')} holds no model of its own: using "
+                 f"the pretrained model {PRETRAINED_MODEL} (data/corpus/README.md; "
+                 f"--checkpoint PATH for another)")
     device = resolve_device(args.device)
     try:
         models, ckpts = load_models(path, device)
@@ -3660,11 +3798,14 @@ def run_predict(args, argv=None):
 
 
 def default_predict_checkpoint(root_dir):
-    """``--predict`` without ``--checkpoint``: ``<root_dir>/models/ensemble.json`` when there is
-    one, else ``<root_dir>/models/best_model_delta_learning.pt``."""
-    ensemble = os.path.join(root_dir, "models", ENSEMBLE_FILE)
-    return ensemble if os.path.isfile(ensemble) else os.path.join(root_dir, "models",
-                                                                  BEST_CHECKPOINT)
+    """``--predict`` without ``--checkpoint``: the folder's own model, ``<root_dir>/models/
+    ensemble.json`` or else ``best_model_delta_learning.pt``; when it has neither, the shipped
+    ``PRETRAINED_MODEL`` (if present; else the missing best checkpoint's path)."""
+    own = [os.path.join(root_dir, "models", name) for name in (ENSEMBLE_FILE, BEST_CHECKPOINT)]
+    for path in own + [PRETRAINED_MODEL]:
+        if os.path.isfile(path):
+            return path
+    return own[1]
 
 
 def each_run(args, resume, key, count):

@@ -4,6 +4,7 @@ Tiny synthetic dimers are written in the format of docs/DATA_FORMAT.md by fixtur
 checks run in float64 against independent references (e3nn's D matrices, hand-computed numbers).
 Run with ``pytest`` (the whole suite takes a minute or two on 2 cores).
 """
+import argparse
 import builtins
 import errno
 import hashlib
@@ -1911,15 +1912,18 @@ def interrupt_at_epoch(monkeypatch, epoch):
     monkeypatch.setattr(dc, "run_epoch", run_epoch)
 
 
-def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("schedule", dc.SCHEDULES)
+def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(schedule, tmp_path, monkeypatch,
+                                                             capsys):
     straight = write_dataset(str(tmp_path / "straight"), 5)
     resumed = str(tmp_path / "resumed")
     shutil.copytree(straight, resumed)
-    dc.main(["--root_dir", straight, "--epochs", "4", *SMALL_RUN])
+    run = ["--epochs", "4", "--schedule", schedule, *SMALL_RUN]
+    dc.main(["--root_dir", straight, *run])
 
     interrupt_at_epoch(monkeypatch, 3)
     with pytest.raises(SystemExit) as exc:
-        dc.main(["--root_dir", resumed, "--epochs", "4", *SMALL_RUN])
+        dc.main(["--root_dir", resumed, *run])
     assert exc.value.code == 130
     state_path = os.path.join(resumed, "models", dc.RESUME_CHECKPOINT)
     err = capsys.readouterr().err
@@ -1945,6 +1949,11 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypat
             torch.testing.assert_close(two["optimizer_state"]["state"][k][name], v[name],
                                        rtol=0, atol=1e-6)
     assert one["scheduler_state"]["last_epoch"] == two["scheduler_state"]["last_epoch"] > 0
+    assert (one["ema_state"] is None) == (two["ema_state"] is None) == (schedule == "spec")
+    if one["ema_state"] is not None:  # the weights' average goes on where it was
+        assert one["ema_state"]["n_updates"] == two["ema_state"]["n_updates"] > 0
+        for a, b in zip(one["ema_state"]["average"], two["ema_state"]["average"]):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
     assert torch.equal(one["rng_torch"], two["rng_torch"])  # the same augmentations were drawn
     final = [torch.load(os.path.join(r, "models", dc.FINAL_CHECKPOINT), weights_only=True)
              for r in (straight, resumed)]
@@ -2134,11 +2143,11 @@ def test_cuda_main_trains_under_amp_and_its_checkpoint_predicts_on_the_cpu(tmp_p
     assert len(table) == 5 and table["Vref_pred"].notna().all()
 
 
-def test_default_arguments_are_specs():
-    args = dc.build_arg_parser().parse_args([])
+def test_schedule_spec_gives_the_designs_arguments():
+    args, _ = dc.parse_main_args(["--schedule", "spec"])
     assert (args.epochs, args.batch_size, args.physical_cutoff, args.num_conv_layers,
-            args.num_rbf, args.lr, args.apply_augmentations, args.patience) == \
-        (1500, 5, 12.0, 6, 50, 1e-3, True, 250)
+            args.num_rbf, args.lr, args.apply_augmentations, args.patience, args.ema) == \
+        (1500, 5, 12.0, 6, 50, 1e-3, True, 250, 0.0)
     assert os.path.samefile(args.root_dir, S22X5_DIR)
 
 
@@ -2306,6 +2315,26 @@ def test_predict_without_vref(trained_run, tmp_path):
                                                                     "predictions_metrics.json"))
 
 
+def test_predict_falls_back_to_the_pretrained_model_only_without_a_model_of_its_own(
+        trained_run, tmp_path, monkeypatch, capsys):
+    shipped = trained_run["result"]["best_path"]  # stands in for pretrained/ensemble.json
+    monkeypatch.setattr(dc, "PRETRAINED_MODEL", shipped)
+    root = write_dataset(str(tmp_path / "new"), 3, seed=7)  # no models/ folder
+    out = dc.main(["--predict", "--root_dir", root, "--quiet", *ON_CPU])
+    assert out["checkpoint"] == shipped
+    assert "holds no model of its own: using the pretrained model" in capsys.readouterr().out
+    assert pd.read_csv(out["predictions_path"])["Vref_pred"].notna().all()
+    own = str(tmp_path / "own")  # with its own models/
+    shutil.copytree(trained_run["root"], own)
+    out = dc.main(["--predict", "--root_dir", own, "--quiet", *ON_CPU])
+    assert out["checkpoint"] == os.path.join(own, "models", dc.BEST_CHECKPOINT)
+    assert "pretrained" not in capsys.readouterr().out
+    monkeypatch.setattr(dc, "PRETRAINED_MODEL", str(tmp_path / "not_shipped.json"))
+    with pytest.raises(SystemExit) as exc:  # neither: the folder's missing checkpoint is named
+        dc.main(["--predict", "--root_dir", root, "--quiet", *ON_CPU])
+    assert os.path.join(root, "models", dc.BEST_CHECKPOINT) in capsys.readouterr().err
+
+
 LEVEL = {"method": "hf", "basis": "def2-svp", "density_fit": True,
          "auxbasis": "def2-universal-jkfit", "counterpoise": False, "program": "pyscf"}
 
@@ -2385,6 +2414,129 @@ def test_predict_refuses_foreign_or_tampered_checkpoints(trained_run, tmp_path, 
     assert "not found" in refused(tmp_path / "missing.pt")
 
 
+# --- training schedules: OneCycle length, when early stopping counts, the weights' average
+def test_schedule_fills_only_the_options_not_given(capsys):
+    for name, defaults in dc.SCHEDULES.items():
+        args, _ = dc.parse_main_args(["--schedule", name])
+        assert {k: getattr(args, k) for k in defaults} == defaults
+        args, _ = dc.parse_main_args(["--schedule", name, "--epochs", "7", "--patience", "3",
+                                      "--ema", "0.5"])
+        assert (args.epochs, args.patience, args.ema) == (7, 3, 0.5)
+    args, _ = dc.parse_main_args([])
+    assert args.schedule == dc.DEFAULT_SCHEDULE == "anneal" and args.ema > 0
+    for bad in ("1", "1.5", "-0.1", "nan"):
+        with pytest.raises(SystemExit) as exc:
+            dc.parse_main_args(["--ema", bad])
+        assert exc.value.code == 2 and "give 0 (off) or a decay" in capsys.readouterr().err
+
+
+def test_weights_ema_by_hand():
+    layer = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    ema = dc.WeightsEMA(layer, 0.9)
+    expected = 1.0
+    for n, w in enumerate([3.0, 5.0, -1.0, 2.0], start=1):
+        with torch.no_grad():
+            layer.weight.fill_(w)
+        ema.update()
+        d = min(0.9, (1 + n) / (10 + n))  # warm-up: 2/11, 3/12, 4/13, then 0.9 from n = 8 on
+        expected = d * expected + (1 - d) * w
+    assert ema.average[0].item() == pytest.approx(expected, rel=1e-6)
+    with ema.applied():
+        assert layer.weight.item() == pytest.approx(expected, rel=1e-6)
+    assert layer.weight.item() == 2.0  # the trained weight is back
+    copy = dc.WeightsEMA(layer, 0.5)
+    copy.load_state_dict(ema.state_dict())
+    assert (copy.decay, copy.n_updates) == (0.9, 4)
+    assert torch.equal(copy.average[0], ema.average[0])
+    with pytest.raises(ValueError, match="not between 0 and 1"):
+        dc.WeightsEMA(layer, 1.0)
+
+
+def test_stale_epochs_count_per_schedule():
+    spec = argparse.Namespace(schedule="spec", lr=1e-3)
+    anneal = argparse.Namespace(schedule="anneal", lr=1e-3)
+    assert dc.stale_epochs_count(spec, 1e-3) and dc.stale_epochs_count(spec, 1e-6)
+    assert not dc.stale_epochs_count(anneal, 1e-3)
+    assert not dc.stale_epochs_count(anneal, 1.01e-4)
+    assert dc.stale_epochs_count(anneal, 1e-4) and dc.stale_epochs_count(anneal, 1e-6)
+    state = dc.TrainingProgress()
+    for state.epoch, (value, counting) in enumerate([(1.0, False), (2.0, False), (3.0, True),
+                                                     (4.0, True)], start=1):
+        state.update(value, patience=2, counting=counting)
+    assert (state.best_epoch, state.stale, state.stopped) == (1, 2, True)
+
+
+def worsening_validation(monkeypatch):
+    """Make every validation pass report a worse MAPE and MAE than the one before it, so the
+    first epoch stays the best and every later one is stale."""
+    real, calls = dc.run_epoch, []
+
+    def run_epoch(model, loader, device, optimizer=None, *args, **kwargs):
+        result = real(model, loader, device, optimizer, *args, **kwargs)
+        if optimizer is None and len(calls) < 1000:
+            calls.append(1)
+            result.mape, result.mae = 10.0 * len(calls), 1.0 * len(calls)
+        return result
+
+    monkeypatch.setattr(dc, "run_epoch", run_epoch)
+
+
+@pytest.mark.parametrize("schedule", ["spec", "anneal"])
+def test_learning_rate_trace_and_early_stopping_of_each_schedule(schedule, tmp_path,
+                                                                 monkeypatch):
+    root = write_dataset(str(tmp_path / "data"), 10)  # 8 training dimers: 4 steps per epoch
+    worsening_validation(monkeypatch)
+    epochs, patience, lr = 20, 2, 2e-3
+    out = dc.main(["--root_dir", root, "--schedule", schedule, "--epochs", str(epochs),
+                   "--patience", str(patience), "--lr", str(lr), "--quiet", *SMALL_RUN])
+    history = out["history"]
+    # the independent reference: torch's OneCycleLR over every batch of the whole schedule
+    reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    one_cycle = torch.optim.lr_scheduler.OneCycleLR(reference, max_lr=lr,
+                                                    total_steps=epochs * 4,
+                                                    pct_start=dc.ONECYCLE_PCT_START)
+    trace = []
+    for _ in range(epochs):
+        for _ in range(4):
+            reference.step()
+            one_cycle.step()
+        trace.append(reference.param_groups[0]["lr"])
+    assert [h["lr"] for h in history] == pytest.approx(trace[:len(history)], rel=1e-9)
+    assert out["best_epoch"] == 1
+    if schedule == "spec":  # stale epochs from the first: epochs 2 and 3, stopped at 3
+        assert len(history) == 1 + patience
+    else:  # stale epochs only once the lr is down to a tenth of the peak
+        first_low = next(i for i, v in enumerate(trace, start=1) if v <= 0.1 * lr)
+        assert first_low > 1 + patience
+        assert len(history) == min(epochs, first_low + patience - 1)
+
+
+def test_ema_weights_are_validated_checkpointed_and_resumed(tmp_path):
+    root = write_dataset(str(tmp_path / "data"), 10)
+    out = dc.main(["--root_dir", root, "--ema", "0.9", "--epochs", "1", "--quiet", *SMALL_RUN])
+    models = os.path.join(root, "models")
+    state = torch.load(os.path.join(models, dc.RESUME_CHECKPOINT), weights_only=True)
+    best = torch.load(out["best_path"], weights_only=True)
+    assert best["config"]["ema"] == 0.9 and state["ema_state"]["n_updates"] == 4
+    names = [n for n, _ in dc.DeltaCoupling(**state["model_config"]).named_parameters()]
+    assert len(names) == len(state["ema_state"]["average"])
+    moved = 0
+    for name, average in zip(names, state["ema_state"]["average"]):
+        assert torch.equal(best["model_state"][name], average)  # the checkpoint: the average
+        moved += not torch.equal(state["model_state"][name], average)  # resume: trained ones
+    assert moved > 0
+    # the validation figure of the epoch is the average's: the checkpoint reproduces it
+    model, _ = dc.load_checkpoint(out["best_path"])
+    ds = dc.CachedDimerDataset(os.path.join(root, dc.DEFAULT_CACHE_FILE))
+    val = [ds.ids.index(i) for i in best["split_ids"]["val"]]
+    res = dc.run_epoch(model, DataLoader(torch.utils.data.Subset(ds, val), batch_size=2),
+                       torch.device("cpu"), skip_failed_batches=False)
+    assert res.mae == pytest.approx(out["history"][0]["val_mae"], rel=1e-6)
+    assert state["history"][0]["val_mae"] == out["history"][0]["val_mae"]
+
+
 # --- model selection, ensembles and cross-validation
 def test_monitor_chooses_the_best_epoch_by_mae_or_mape():
     # a constructed validation history where the two figures disagree
@@ -2409,10 +2561,12 @@ def test_monitor_chooses_the_best_epoch_by_mae_or_mape():
     assert dc.build_arg_parser().parse_args([]).monitor == "mape"
 
 
-def test_cv_epoch_default_and_refused_combinations(capsys):
-    assert dc.parse_main_args(["--cv", "5"])[0].epochs == dc.DEFAULT_CV_EPOCHS == 300
-    assert dc.parse_main_args(["--cv", "5", "--epochs", "1500"])[0].epochs == 1500
-    assert dc.parse_main_args(["--ensemble", "3"])[0].epochs == 1500
+def test_cv_epochs_are_the_schedules_and_refused_combinations(capsys):
+    default = dc.SCHEDULES[dc.DEFAULT_SCHEDULE]["epochs"]
+    assert dc.parse_main_args(["--cv", "5"])[0].epochs == default
+    assert dc.parse_main_args(["--cv", "5", "--schedule", "spec"])[0].epochs == 1500
+    assert dc.parse_main_args(["--cv", "5", "--epochs", "70"])[0].epochs == 70
+    assert dc.parse_main_args(["--ensemble", "3"])[0].epochs == default
     for argv, message in ((["--cv", "3", "--ensemble", "2"], "does not combine"),
                           (["--ensemble", "3", "--member", "1"], "give one of the two"),
                           (["--ensemble", "1"], "at least 2 members"),

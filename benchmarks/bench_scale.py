@@ -125,7 +125,7 @@ def child_train(args):
     device = dc.setup_distributed("cpu")
     run = dc.prepare_data(run_args, device)
     model = dc.build_model(run)
-    optimizer, scheduler, scaler = dc.make_training_tools(run, model)
+    optimizer = dc.make_training_tools(run, model).optimizer
     t_setup = time.time() - t0
     step_model = model
     if dc.DIST.active:

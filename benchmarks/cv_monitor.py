@@ -96,14 +96,13 @@ def track_lowest_mae():
     best_mae, stopped_early = {}, {}
     real_end_of_epoch = dc.end_of_epoch
 
-    def end_of_epoch(run, model, optimizer, scheduler, scaler, state, train_result, val_result,
-                     seconds):
-        real_end_of_epoch(run, model, optimizer, scheduler, scaler, state, train_result,
-                          val_result, seconds)
+    def end_of_epoch(run, model, tools, state, train_result, val_result, seconds):
+        real_end_of_epoch(run, model, tools, state, train_result, val_result, seconds)
         best = best_mae.setdefault(run.args.fold, {"mae": math.inf})
         if val_result.mae < best["mae"]:  # TrainingProgress.update's rule
-            best.update(mae=val_result.mae, epoch=state.epoch,
-                        state={k: v.detach().clone() for k, v in model.state_dict().items()})
+            with tools.evaluated_weights():  # the weights validated (--ema: the average)
+                best.update(mae=val_result.mae, epoch=state.epoch,
+                            state={k: v.detach().clone() for k, v in model.state_dict().items()})
         if state.stopped and state.epoch < run.args.epochs:
             stopped_early[run.args.fold] = state.epoch
 
