@@ -2981,18 +2981,20 @@ def prepare_cache(args, rows, parsed=None):
     return cache
 
 
-def resolve_compile_backend(choice, device, epochs):
+def resolve_compile_backend(choice, device, epochs=None):
     """The torch.compile backend for ``--compile choice`` on ``device``; None means eager.
 
     ``auto`` (docs/DESIGN.md, decision 10): on CUDA inductor, aot_eager on Windows. On a CPU what
     ``benchmarks/bench_training.py`` measured faster than eager: inductor on Linux when a C++
     compiler is on PATH (``CPU_AUTO_COMPILE``) and the run has ``CPU_COMPILE_MIN_EPOCHS``
-    epochs or more, else eager (aot_eager measured slower).
+    epochs or more (``epochs`` None: a run long enough), else eager (aot_eager measured
+    slower).
     """
     if choice == "auto":
         if device.type == "cuda":
             return "aot_eager" if sys.platform.startswith("win") else "inductor"
-        if epochs < CPU_COMPILE_MIN_EPOCHS or not shutil.which(os.environ.get("CXX") or "g++"):
+        short = epochs is not None and epochs < CPU_COMPILE_MIN_EPOCHS
+        if short or not shutil.which(os.environ.get("CXX") or "g++"):
             return None
         return CPU_AUTO_COMPILE.get(sys.platform)
     if choice == "off":
@@ -4046,8 +4048,11 @@ def cv_report(args, rows, folds):
             _exit(f"{path} was trained on another fold (other test rows); run the CV again")
         loader = DataLoader(torch.utils.data.Subset(dataset, [index[i] for i in test_ids]),
                             batch_size=args.batch_size, shuffle=False)
-        p = predict_rows(model, loader, device, amp_settings(device)[0],
-                         args.skip_failed_batches, log_line)
+        try:
+            p = predict_rows(model, loader, device, amp_settings(device)[0],
+                             args.skip_failed_batches, log_line)
+        except TooManyFailedBatchesError as exc:
+            _exit(f"fold {f}'s test prediction with {path}: {exc}")
         figures = regression_metrics(p["pred"], p["true"], p["v0"])
         fold_figures.append({"fold": f, "rule": rule, "n_train": len(train_idx),
                              "n_val": len(val_idx), "n_test": len(test_idx),

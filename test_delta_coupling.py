@@ -2729,7 +2729,7 @@ def test_combining_refuses_members_trained_otherwise(ensemble_runs, tmp_path, ca
         dc.load_ensemble(os.path.join(root, "models", dc.ENSEMBLE_FILE))
 
 
-def test_cv_trains_k_folds_and_writes_out_of_fold_predictions(tmp_path):
+def test_cv_trains_k_folds_and_writes_out_of_fold_predictions(tmp_path, monkeypatch, capsys):
     root = write_dataset(str(tmp_path / "cv"), 12, groups=True)
     out = dc.main(["--root_dir", root, "--cv", "3", *TINY_RUN])
     table = pd.read_csv(os.path.join(root, "models", dc.CV_PREDICTIONS_FILE))
@@ -2762,6 +2762,16 @@ def test_cv_trains_k_folds_and_writes_out_of_fold_predictions(tmp_path):
         {"g0", "g1", "g2", "g3"}
     assert json.loads(json.dumps(dc._json_ready(out))) == metrics  # returned as written
     assert os.path.getsize(os.path.join(root, "plots", dc.CV_PLOT)) > 0
+    # a fold whose test rows cannot be predicted stops the report with a message, no traceback
+    def failing(*args, **kwargs):
+        raise dc.TooManyFailedBatchesError("2 of 2 batches failed; first: ids ['g0_0']")
+
+    monkeypatch.setattr(dc, "predict_rows", failing)
+    args, _ = dc.parse_main_args(["--root_dir", root, "--cv", "3", *TINY_RUN])
+    with pytest.raises(SystemExit) as exc:
+        dc.cv_report(args, dc.read_meta(root), dc.make_cv_folds(dc.read_meta(root), 3))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "fold 0's test prediction with" in err and "g0_0" in err
 
 
 # --- install
