@@ -3327,6 +3327,12 @@ def train(run, model, tools, resume=None):
         log_line(f"resumed from {args.resume} after epoch {state.epoch}")
     elif DIST.active:
         seed_everything(args.seed + DIST.rank)  # the same weights, each rank its own draws
+    counted = ("from the first epoch" if args.schedule == "spec" else
+               f"once the lr is down to {ANNEAL_COUNT_LR_FRACTION * args.lr:.2g}")
+    log_line(f"schedule {args.schedule}: {args.epochs} epochs of OneCycle (peak lr {args.lr:g}), "
+             f"early stopping after {args.patience} stale epochs counted {counted}; "
+             + (f"validating and keeping a moving average of the weights (--ema {args.ema:g})"
+                if tools.ema is not None else "validating and keeping the trained weights"))
     step_model = model
     if DIST.active:
         step_model = torch.nn.parallel.DistributedDataParallel(
