@@ -29,6 +29,7 @@ weights and augmentations) train on the same folds: their spread is the seed noi
 Options after the known ones go to ``delta_coupling.py`` unchanged (e.g. ``--compile``).
 """
 import argparse
+import gzip
 import json
 import math
 import os
@@ -198,14 +199,14 @@ def apply_rule(fold, weights, monitor, patience, count_from):
 def report(paths, patiences, fractions):
     rows = []
     for path in paths:
-        with open(path) as fh:
+        with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as fh:
             rec = json.load(fh)
         planned = int(rec["argv"][rec["argv"].index("--epochs") + 1])
         run_patience = int(rec["argv"][rec["argv"].index("--patience") + 1])
         seed = int(rec["argv"][rec["argv"].index("--seed") + 1])
         for fold in rec["folds"]:
             fold["planned_epochs"] = planned
-        data = os.path.basename(path).split("_")[0]
+        data = os.path.basename(path).split("_")[0]  # s22x5_e300p100000_s42.json: s22x5
         weights = ["raw"] + [f"ema{d:g}" for d in rec["ema"] or []]
         stops = [("none", None, 1)]
         stops += [(f"p{p} from 1", p, 1) for p in sorted(set(patiences + [run_patience]))
