@@ -2839,13 +2839,22 @@ def ema_decay(text):
     return value
 
 
+def describe_stale_counting(schedule, peak_lr=None):
+    """When ``stale_epochs_count`` counts, in words: 'from the first epoch' (spec), or for
+    anneal 'once the lr is down to 10% of its peak' (with ``peak_lr``: to that value)."""
+    if schedule == "spec":
+        return "from the first epoch"
+    threshold = (f"{ANNEAL_COUNT_LR_FRACTION * peak_lr:.2g}" if peak_lr is not None
+                 else f"{ANNEAL_COUNT_LR_FRACTION:.0%} of its peak")
+    return f"once the lr is down to {threshold}"
+
+
 def describe_schedule(name):
-    """E.g. '300 epochs, patience 50 counted once the lr is down to 10% of its peak, EMA
-    0.99'."""
+    """E.g. '300 epochs, patience 50 counted once the lr is down to 10% of its peak, no
+    EMA'."""
     d = SCHEDULES[name]
-    counted = (f"counted once the lr is down to {ANNEAL_COUNT_LR_FRACTION:.0%} of its peak"
-               if name == "anneal" else "counted from the first epoch")
-    return (f"{d['epochs']} epochs, patience {d['patience']} {counted}, "
+    return (f"{d['epochs']} epochs, patience {d['patience']} counted "
+            f"{describe_stale_counting(name)}, "
             + (f"EMA {d['ema']:g}" if d["ema"] else "no EMA"))
 
 
@@ -2943,7 +2952,7 @@ def build_arg_parser():
                         f"trained with other options")
     p.add_argument("--cv", type=int, default=None, metavar="K",
                    help="K-fold cross-validation, folds by the group column (else by row); "
-                        "each fold trains as a single run would")
+                        f"without --schedule each fold trains {CV_DEFAULT_SCHEDULE}")
     p.add_argument("--fold", type=int, default=None, help=argparse.SUPPRESS)  # set by --cv
     p.add_argument("--resume", default=None, metavar="PATH",
                    help=f"continue an interrupted run from its <root_dir>/models/"
@@ -3358,10 +3367,9 @@ def train(run, model, tools, resume=None):
         log_line(f"resumed from {args.resume} after epoch {state.epoch}")
     elif DIST.active:
         seed_everything(args.seed + DIST.rank)  # the same weights, each rank its own draws
-    counted = ("from the first epoch" if args.schedule == "spec" else
-               f"once the lr is down to {ANNEAL_COUNT_LR_FRACTION * args.lr:.2g}")
     log_line(f"schedule {args.schedule}: {args.epochs} epochs of OneCycle (peak lr {args.lr:g}), "
-             f"early stopping after {args.patience} stale epochs counted {counted}; "
+             f"early stopping after {args.patience} stale epochs counted "
+             f"{describe_stale_counting(args.schedule, args.lr)}; "
              + (f"validating and keeping a moving average of the weights (--ema {args.ema:g})"
                 if tools.ema is not None else "validating and keeping the trained weights"))
     step_model = model
@@ -3547,8 +3555,9 @@ def training_state(model, tools, state, run):
     """Everything a run needs to continue after ``state.epoch`` (tensors and plain types only).
 
     Model (the trained weights), optimizer, scheduler, scaler and moving-average states, the
-    early-stopping counters, the torch, numpy and Python RNG states, the split, the config, the cache metadata and the per-epoch
-    history (for the learning curves) and the run's id (stored in its best checkpoint too).
+    early-stopping counters, the torch, numpy and Python RNG states, the split, the config,
+    the cache metadata and the per-epoch history (for the learning curves) and the run's id
+    (stored in its best checkpoint too).
     Under torchrun (every rank calls it) also the world size and every rank's RNG states.
     """
     return {
@@ -3923,12 +3932,15 @@ def combine_ensemble(args, members=None):
     if unfinished:
         _exit(f"these members have no final checkpoint (still training, or interrupted: "
               f"continue them with --resume): {', '.join(unfinished)}")
-    ckpts = []
+    device = resolve_device(args.device)
+    models, ckpts = [], []
     for path in paths:
         try:
-            ckpts.append(load_checkpoint(path)[1])
+            model, ckpt = load_checkpoint(path, device)
         except ValueError as exc:
             _exit(str(exc))
+        models.append(model)
+        ckpts.append(ckpt)
     keys = [ensemble_key(c) for c in ckpts]
     refused = [f"member_{k} ({path}): {'; '.join(key_differences(key, keys[0]))}"
                for k, path, key in zip(members, paths, keys) if key != keys[0]]
@@ -3945,7 +3957,7 @@ def combine_ensemble(args, members=None):
     path = os.path.join(models_dir, ENSEMBLE_FILE)
     atomic_write_json(ensemble, path)
     log_line(f"wrote {path}: {len(paths)} members, config hash {ensemble['config_hash']}")
-    return ensemble_report(args, path)
+    return ensemble_report(args, path, (models, ckpts))  # checked and hashed just now
 
 
 def load_ensemble(path, device="cpu"):
@@ -3994,14 +4006,16 @@ def predict_models(models, loader, device, amp_dtype=None, skip_failed_batches=T
     return rows[0] if len(rows) == 1 else ensemble_rows(rows)
 
 
-def ensemble_report(args, path):
+def ensemble_report(args, path, loaded=None):
     """The ensemble of ``path`` on its members' train/val/test split: the metrics table of the
     members' mean with the uncertainty report (printed and in ``models/ensemble_metrics.json``),
     val/test plots with +-1 std error bars and ``plots/uncertainty.png`` of the test split
-    (validation if there is none). Returns {"ensemble_path", "metrics", "predictions"}."""
+    (validation if there is none). ``loaded``: its (models, checkpoints) on ``--device`` when
+    the caller has them (``combine_ensemble``), else ``load_ensemble`` reads them. Returns
+    {"ensemble_path", "metrics", "predictions"}."""
     device = resolve_device(args.device)
     try:
-        models, ckpts = load_ensemble(path, device)
+        models, ckpts = loaded or load_ensemble(path, device)
         payload = load_cache(os.path.join(args.root_dir, args.cache_file_name))
     except ValueError as exc:
         _exit(str(exc))
@@ -4150,7 +4164,7 @@ def main(argv=None):
         except OutputError as exc:  # an output that cannot be written: one line
             _exit(str(exc))
     if launched_by_torchrun() and (args.cv is not None or args.ensemble is not None
-                            or args.combine_ensemble):
+                                   or args.combine_ensemble):
         _exit("--cv, --ensemble and --combine_ensemble run in one process; under torchrun "
               "train one ensemble member per job with --member k, then --combine_ensemble")
     if args.combine_ensemble:

@@ -62,7 +62,7 @@ def run(args, extra):
         while todo and len(procs) < args.parallel:
             f = todo.pop(0)
             cmd = [sys.executable, os.path.abspath(__file__), "run", "--only_fold", str(f)]
-            cmd += [a for a in sys.argv[2:]]
+            cmd += sys.argv[2:]
             log = open(f"{args.out}.fold{f}.log", "w")
             procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, f))
         time.sleep(2)
@@ -98,7 +98,7 @@ class EMAs:
 def run_fold(args, cv_args, folds):
     f = args.only_fold
     torch.set_num_threads(args.threads)
-    epochs, extra_seconds, emas = [], [0.0], {}
+    epochs, extra_seconds, emas, test_loaders = [], [0.0], {}, {}
     real_run_epoch, real_end_of_epoch = dc.run_epoch, dc.end_of_epoch
 
     def run_epoch(model, loader, device, optimizer=None, *a, **kw):
@@ -111,8 +111,11 @@ def run_fold(args, cv_args, folds):
     def end_of_epoch(run, model, tools, state, train_result, val_result, seconds):
         real_end_of_epoch(run, model, tools, state, train_result, val_result, seconds)
         t0, extra_before = time.time(), extra_seconds[0]
-        test_loader = dc.DataLoader(torch.utils.data.Subset(run.eval_ds, run.split_idx["test"]),
-                                    shuffle=False, **run.loader_kw)
+        if "test" not in test_loaders:  # the fold's test rows, unaugmented, made once
+            test_loaders["test"] = dc.DataLoader(
+                torch.utils.data.Subset(run.eval_ds, run.split_idx["test"]), shuffle=False,
+                **run.loader_kw)
+        test_loader = test_loaders["test"]
 
         def evaluate(loader):
             with torch.no_grad():
