@@ -30,6 +30,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     import_qcdb(args.psi4)
     db = importlib.import_module("S66")
+    category = {**{r: "hydrogen-bonded" for r in db.HB}, **{r: "dispersion" for r in db.DD},
+                **{r: "mixed" for r in db.MX}}
     rows = []
     for rxn in db.HRXN:
         key = f"{db.dbse}-{rxn}"
@@ -41,7 +43,7 @@ def main(argv=None):
                   f"n_atoms_a={len(sa)} source=S66:{rxn}")
         rows.append({"id": f"S66-{rxn}", "xyz": rel, "n_atoms_a": len(sa),
                      "Vref": f"{db.BIND[key]:.4f}", "charge_a": 0, "charge_b": 0,
-                     "spin_a": ma - 1, "spin_b": mb - 1})
+                     "spin_a": ma - 1, "spin_b": mb - 1, "group": category[rxn]})
     with open(os.path.join(args.out, "dimers.csv"), "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
