@@ -2337,6 +2337,30 @@ def test_predict_falls_back_to_the_pretrained_model_only_without_a_model_of_its_
     assert os.path.join(root, "models", dc.BEST_CHECKPOINT) in capsys.readouterr().err
 
 
+def test_the_shipped_pretrained_model_loads_weights_only_and_predicts_the_bundled_example(
+        tmp_path, capsys):
+    pretrained = os.path.dirname(dc.PRETRAINED_MODEL)
+    with open(dc.PRETRAINED_MODEL) as f:
+        ensemble = json.load(f)
+    assert len(ensemble["members"]) >= 2
+    for member in ensemble["members"]:  # tensors and plain types only, as --predict loads it
+        path = os.path.join(pretrained, member["checkpoint"])
+        ckpt = torch.load(path, weights_only=True)
+        assert {k: ckpt["level_of_theory"][k] for k in LEVEL} == LEVEL  # HF/def2-SVP, DF, no CP
+        assert dc.file_sha256(path) == member["sha256"]
+    root = str(tmp_path / "s22x5")  # a copy: --predict writes its CSV into the folder
+    shutil.copytree(S22X5_DIR, root, ignore=shutil.ignore_patterns(
+        "models", "plots", "cached_graphs*", "predictions*"))
+    out = dc.main(["--predict", "--root_dir", root, "--quiet", *ON_CPU])
+    assert out["checkpoint"] == dc.PRETRAINED_MODEL
+    assert "using the pretrained model" in capsys.readouterr().out
+    table = pd.read_csv(out["predictions_path"])
+    assert len(table) == len(pd.read_excel(os.path.join(root, "meta.xlsx")))
+    assert np.isfinite(table[["dV", "Vref_pred", "Vref_std"]].to_numpy()).all()
+    assert (table["Vref_std"] > 0).all()  # the members differ
+    assert table["split"].isna().all()  # not the model's own training folder
+
+
 LEVEL = {"method": "hf", "basis": "def2-svp", "density_fit": True,
          "auxbasis": "def2-universal-jkfit", "counterpoise": False, "program": "pyscf"}
 

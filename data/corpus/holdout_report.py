@@ -17,6 +17,7 @@ S22x5 rows that are not in the corpus (the two S66 duplicates' curves):
 """
 import argparse
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -48,7 +49,8 @@ def main():
                              f"data (the corpus build folder) to get one")
         table = table[table["split"] == args.split]
     if args.match is not None:
-        table = table[table["id"].astype(str).str.contains(args.match, regex=True)]
+        pattern = re.compile(args.match)
+        table = table[[pattern.search(str(i)) is not None for i in table["id"]]]
     table = table.dropna(subset=["Vref", "Vref_pred"])
     if table.empty:
         raise SystemExit(f"{args.csv}: no row with Vref and a prediction is selected")
