@@ -117,15 +117,16 @@ def run_fold(args, cv_args, folds):
                 **run.loader_kw)
         test_loader = test_loaders["test"]
 
-        def evaluate(loader):
-            with torch.no_grad():
-                r = real_run_epoch(model, loader, run.device, amp_dtype=run.amp_dtype,
-                                   **run.failed_batches)
+        def figures(r):
             return {"mape": r.mape, "mae": r.mae, "rmse": r.rmse, "skipped": r.n_skipped}
 
+        def evaluate(loader):
+            with torch.no_grad():
+                return figures(real_run_epoch(model, loader, run.device,
+                                              amp_dtype=run.amp_dtype, **run.failed_batches))
+
         with torch.random.fork_rng():  # the training's random draws stay the --cv run's
-            val = {"raw": {"mape": val_result.mape, "mae": val_result.mae,
-                           "rmse": val_result.rmse, "skipped": val_result.n_skipped}}
+            val = {"raw": figures(val_result)}
             test = {"raw": evaluate(test_loader)}
             for name, ema in (emas["all"].items.items() if emas else ()):
                 with ema.applied():
