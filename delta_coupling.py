@@ -52,6 +52,14 @@ from torch_geometric.data import Data
 from torch_geometric.loader import DataLoader
 from tqdm import tqdm
 
+# One module, however it is started. `python delta_coupling.py` runs this file as __main__
+# (__mp_main__ in a spawned worker); preprocess_and_cache.py, tools/ and benchmarks/ import
+# `delta_coupling`, which would otherwise load a second copy, with its own OutputError (that
+# main()'s handler does not catch) and its own constants. Registering this module under its
+# name first makes every companion's import return this very module.
+if __name__ in ("__main__", "__mp_main__"):
+    sys.modules["delta_coupling"] = sys.modules[__name__]
+
 try:  # optional fast neighbour search (docs/DESIGN.md, decision 3); the pure-torch one is exact
     import torch_cluster
 except ImportError:  # pragma: no cover - depends on the environment

@@ -34,6 +34,9 @@ import os
 import shutil
 import sys
 
+if __name__ in ("__main__", "__mp_main__"):  # one module however started (delta_coupling.py)
+    sys.modules["preprocess_and_cache"] = sys.modules[__name__]
+
 from delta_coupling import (CACHE_SHARD_BYTES, DEFAULT_CACHE_FILE, DEFAULT_PHYSICAL_CUTOFF,
                             DEFAULT_ROOT_DIR, EXIT_INTERRUPTED, INT_ANGSTROM_SCALE, OutputError,
                             atomic_torch_save, cache_metadata, cache_shard_dir, cache_shard_name,
@@ -144,8 +147,9 @@ if __name__ == "__main__":
     args = parser.parse_args()
     parsed, meta_rows = [], []  # the check's parsed dimers (all of them unless a large set)
     report, n_problems = data_check_report(args.root_dir, parsed, rows=meta_rows)  # all at once
-    if n_problems:
-        sys.exit(report)
+    if n_problems:  # as training stops on bad data: the whole report, exit status 2
+        print(f"error: {report}", file=sys.stderr)
+        sys.exit(2)
     try:
         path = build_cache(args.root_dir, args.physical_cutoff, args.cache_file_name,
                            progress_bar=not args.quiet, rows=meta_rows, fresh=args.fresh,
@@ -155,5 +159,6 @@ if __name__ == "__main__":
               "continue the build", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except OutputError as exc:  # cannot write the cache: one line, the previous one is kept
-        sys.exit(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {path} and its shards in {cache_shard_dir(path)}")

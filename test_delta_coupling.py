@@ -124,6 +124,60 @@ def batch_of(graphs):
     return next(iter(DataLoader(graphs, batch_size=len(graphs))))
 
 
+# ----------------------------------------------------------------------------- tolerances
+# Two evaluations of one model that differ only in batching, process or thread count or
+# summation order agree to a few rounding steps of the largest numbers they add up, not to a
+# fraction of their difference: V0 + dV is a float32 sum of numbers of a few kcal/mol, so a
+# dimer's error of 0.004 kcal/mol is exact only to about eps * |Vref|, and a relative tolerance
+# on it (or on an MAE made of such errors) asks for digits float32 does not have. Such
+# comparisons therefore use an absolute tolerance scaled to the operands' magnitude and dtype.
+ROUNDING_STEPS = 64  # float32 rounding steps two evaluations of one network may differ by
+
+
+def scaled_atol(*values, dtype=torch.float32, floor=0.0, steps=ROUNDING_STEPS):
+    """``steps`` rounding steps of ``dtype`` at the largest |value| among ``values`` (arrays,
+    tensors or numbers), or at ``floor`` when that is larger: the network's activations are of
+    order 1, so a dV of 0.01 carries the rounding of numbers of 1 (``floor=1``)."""
+    scale = max([floor] + [float(np.max(np.abs(np.array(v, dtype=np.float64)), initial=0.0))
+                           for v in (torch.as_tensor(v).double().numpy() if
+                                     isinstance(v, torch.Tensor) else v for v in values)])
+    return steps * torch.finfo(dtype).eps * scale
+
+
+def figure_tolerances(vref, *others, dtype=torch.float32):
+    """{figure: absolute tolerance} for ``ErrorSums`` figures of two evaluations whose
+    predictions each agree within ``scaled_atol`` of the Vref (and V0, ...) values: MAE, RMSE
+    and max |error| move at most as much as the largest prediction does, MAPE (%) at most
+    100 times that over the smallest |Vref|."""
+    atol = scaled_atol(vref, *others, dtype=dtype)
+    mape = 100.0 * atol / (float(np.min(np.abs(np.asarray(vref, dtype=np.float64)))) +
+                           dc.MAPE_EPS)
+    return {"mape": mape, "mae": atol, "rmse": atol, "max_abs": atol}
+
+
+def meta_figure_tolerances(root, dtype=torch.float32):
+    """``figure_tolerances`` for the dimers of the data folder ``root`` (its meta.xlsx)."""
+    meta = pd.read_excel(os.path.join(root, "meta.xlsx"))
+    return figure_tolerances(meta["Vref"].to_numpy(), meta["V0"].to_numpy(), dtype=dtype)
+
+
+def assert_tensors_close(got, want, what=""):
+    """Two float32 runs of the same steps (straight and resumed, one process and two): each
+    tensor within ``scaled_atol`` of its own largest entry (weights of order 1, Adam's second
+    moments of order 1e-6 each get their own scale); integer tensors exactly."""
+    if not want.is_floating_point():
+        assert torch.equal(got, want), what
+        return
+    torch.testing.assert_close(got, want, rtol=0, atol=scaled_atol(want), msg=what)
+
+
+def assert_figures_close(got, want, tolerances, what=""):
+    """Every figure of ``want`` (a dict such as ``ErrorSums.figures()``) in ``got``, each
+    within its own absolute tolerance."""
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=0, abs=tolerances[key]), (what, key)
+
+
 # ----------------------------------------------------------------------------- constants & units
 # Unit conversions against hand-computed numbers; the multipoles transform as e3nn's irreps.
 def test_unit_conversions_against_hand_computed_values():
@@ -727,7 +781,8 @@ def test_cached_rotation_rotates_stored_harmonics(tiny_root, float64, monkeypatc
         axis0 = plain[i].pos_atoms[3:].mean(0) - plain[i].pos_atoms[:3].mean(0)
         axis1 = g.pos_atoms[3:].mean(0) - g.pos_atoms[:3].mean(0)
         dip0, dip1 = plain[i].field_node_features[0, :3], g.field_node_features[0, :3]
-        assert float(axis0 @ dip0) == pytest.approx(float(axis1 @ dip1), rel=1e-5)
+        assert float(axis0 @ dip0) == pytest.approx(  # a dot product: to its factors' scale
+            float(axis1 @ dip1), abs=scaled_atol(axis0.norm() * dip0.norm()))
 
 
 def test_cached_jitter_rebuilds_consistent_graph(tiny_root):
@@ -958,7 +1013,8 @@ def test_model_accepts_cached_harmonics_and_matches_on_the_fly(tiny_root):
         no_sh = [cached[i] for i in range(4)]
         for g in no_sh:
             del g.edge_attr_sh
-        torch.testing.assert_close(model(batch_of(no_sh)), with_sh, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model(batch_of(no_sh)), with_sh, rtol=0,
+                                   atol=scaled_atol(with_sh, floor=1.0))
 
 
 def test_bessel_basis_matches_formula_and_vanishes_beyond_cutoff(float64):
@@ -1371,11 +1427,14 @@ def test_run_epoch_metrics_are_weighted_by_graphs(tiny_root):
     rows = dc.predict_rows(model, DataLoader(ds, batch_size=4), torch.device("cpu"))
     pred, true, v0 = rows["pred"], rows["true"], rows["v0"]
     assert res.n_graphs == 4
-    assert res.mae == pytest.approx(float(np.abs(pred - true).mean()), rel=1e-5)
-    assert res.rmse == pytest.approx(float(np.sqrt(((pred - true) ** 2).mean())), rel=1e-5)
-    assert res.mape == pytest.approx(float(100 * np.mean(np.abs(pred - true) / np.abs(true))),
-                                     rel=1e-5)
-    assert res.baseline_mae == pytest.approx(float(np.abs(v0 - true).mean()), rel=1e-6)
+    # batches of 3 and of 4: the same predictions up to float32 rounding of |Vref|
+    assert_figures_close({"mae": res.mae, "rmse": res.rmse, "mape": res.mape},
+                         {"mae": float(np.abs(pred - true).mean()),
+                          "rmse": float(np.sqrt(((pred - true) ** 2).mean())),
+                          "mape": float(100 * np.mean(np.abs(pred - true) / np.abs(true)))},
+                         figure_tolerances(true, v0, pred))
+    assert res.baseline_mae == pytest.approx(float(np.abs(v0 - true).mean()),
+                                             abs=scaled_atol(v0, true))
 
 
 def test_amp_settings(monkeypatch):
@@ -1945,26 +2004,27 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(schedule, tmp_path,
         (two["best"], two["best_epoch"], two["stale"])
     assert one["best_epoch"] == out["best_epoch"]
     for key, value in one["model_state"].items():
-        torch.testing.assert_close(two["model_state"][key], value, rtol=0, atol=1e-6)
+        assert_tensors_close(two["model_state"][key], value, key)
     for k, v in one["optimizer_state"]["state"].items():  # Adam moments and step count too
         for name in ("exp_avg", "exp_avg_sq", "step"):
-            torch.testing.assert_close(two["optimizer_state"]["state"][k][name], v[name],
-                                       rtol=0, atol=1e-6)
+            assert_tensors_close(two["optimizer_state"]["state"][k][name], v[name], name)
     assert one["scheduler_state"]["last_epoch"] == two["scheduler_state"]["last_epoch"] > 0
     assert (one["ema_state"] is None) == (two["ema_state"] is None) == ("--ema" not in schedule)
     if one["ema_state"] is not None:  # the weights' average goes on where it was
         assert one["ema_state"]["n_updates"] == two["ema_state"]["n_updates"] > 0
         for a, b in zip(one["ema_state"]["average"], two["ema_state"]["average"]):
-            torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+            assert_tensors_close(b, a)
     assert torch.equal(one["rng_torch"], two["rng_torch"])  # the same augmentations were drawn
     final = [torch.load(os.path.join(r, "models", dc.FINAL_CHECKPOINT), weights_only=True)
              for r in (straight, resumed)]
-    assert final[0]["final_metrics"]["val"]["model"]["mae"] == \
-        pytest.approx(final[1]["final_metrics"]["val"]["model"]["mae"], abs=1e-6)
+    assert_figures_close(final[1]["final_metrics"]["val"]["model"],
+                         final[0]["final_metrics"]["val"]["model"],
+                         meta_figure_tolerances(straight))
     # the learning curves of the resumed run cover all four epochs, as the straight run's
     assert [h["epoch"] for h in final[1]["history"]] == [1, 2, 3, 4]
+    losses = [h["train_loss"] for h in final[0]["history"]]  # weighted |error|s: Vref's scale
     assert [h["train_loss"] for h in final[1]["history"]] == \
-        pytest.approx([h["train_loss"] for h in final[0]["history"]], abs=1e-6)
+        pytest.approx(losses, rel=0, abs=meta_figure_tolerances(straight)["mae"])
     # a parameter that moved between epochs 2 and 4: resuming did train
     assert any(not torch.allclose(state["model_state"][k], v)
                for k, v in two["model_state"].items() if v.is_floating_point())
@@ -2170,15 +2230,18 @@ def test_main_end_to_end_and_best_checkpoint_reproduces_val(tmp_path):
     ds = dc.CachedDimerDataset(os.path.join(root, "cached_graphs.pt"))
     res = dc.run_epoch(model, DataLoader(torch.utils.data.Subset(ds, val_idx), batch_size=4),
                        torch.device("cpu"), skip_failed_batches=False)
-    assert res.mape == pytest.approx(ckpt["val_mape"], rel=1e-6)
+    tol = meta_figure_tolerances(root)
+    assert res.mape == pytest.approx(ckpt["val_mape"], rel=0, abs=tol["mape"])
     final_model, final = dc.load_checkpoint(os.path.join(root, "models",
                                                          "final_model_delta_learning.pt"))
     assert final["weights_from_epoch"] == out["best_epoch"] and final["last_epoch"] == 2
     for key, value in model.state_dict().items():
         torch.testing.assert_close(final_model.state_dict()[key], value, rtol=0, atol=0)
-    assert final["final_metrics"]["val"]["model"]["mape"] == pytest.approx(res.mape, rel=1e-6)
+    assert final["final_metrics"]["val"]["model"]["mape"] == pytest.approx(res.mape, rel=0,
+                                                                             abs=tol["mape"])
     assert final["final_metrics"]["val"]["baseline"]["mae"] == pytest.approx(res.baseline_mae,
-                                                                               rel=1e-6)
+                                                                               rel=0,
+                                                                               abs=tol["mae"])
     with open(os.path.join(root, "models", "split_ids.json")) as fh:
         assert json.load(fh)["val"] == ckpt["split_ids"]["val"]
 
@@ -2224,8 +2287,10 @@ def test_main_writes_metrics_report_curves_history_and_run_config(trained_run):
     val_idx = [ds.ids.index(i) for i in ckpt["split_ids"]["val"]]
     res = dc.run_epoch(model, DataLoader(torch.utils.data.Subset(ds, val_idx), batch_size=2),
                        torch.device("cpu"), skip_failed_batches=False)
-    assert metrics["val"]["model"]["mae"] == pytest.approx(res.mae, rel=1e-6)
-    assert metrics["val"]["baseline"]["rmse"] == pytest.approx(res.baseline_rmse, rel=1e-6)
+    tol = meta_figure_tolerances(root)
+    assert metrics["val"]["model"]["mae"] == pytest.approx(res.mae, rel=0, abs=tol["mae"])
+    assert metrics["val"]["baseline"]["rmse"] == pytest.approx(res.baseline_rmse, rel=0,
+                                                               abs=tol["rmse"])
     # history: one record per epoch, in the final checkpoint too
     with open(os.path.join(models, "history.json")) as fh:
         history = json.load(fh)
@@ -2277,9 +2342,11 @@ def test_predict_csv_equals_a_direct_forward_pass(trained_run, tmp_path, capsys)
         dv = model.eval()(batch_of([ds[i] for i in range(len(ds))])).double().numpy()  # (12,)
     meta = pd.read_excel(os.path.join(root, "meta.xlsx"))
     assert table["id"].tolist() == meta["id"].tolist()
-    np.testing.assert_allclose(table["dV"], dv, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(table["Vref_pred"], meta["V0"] + dv, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(table["error"], meta["V0"] + dv - meta["Vref"], rtol=0, atol=1e-5)
+    # batches of 5 against one of 12: float32 rounding of the activations (dV) and of V0 + dV
+    np.testing.assert_allclose(table["dV"], dv, rtol=0, atol=scaled_atol(dv, floor=1.0))
+    atol = scaled_atol(meta["V0"], meta["Vref"], dv, floor=1.0)
+    np.testing.assert_allclose(table["Vref_pred"], meta["V0"] + dv, rtol=0, atol=atol)
+    np.testing.assert_allclose(table["error"], meta["V0"] + dv - meta["Vref"], rtol=0, atol=atol)
     # the same data as training: each row carries its split, and the report has them all
     split_of = {i: s for s, ids in ckpt["split_ids"].items() for i in ids}
     assert table["split"].tolist() == [split_of[i] for i in table["id"]]
@@ -2290,8 +2357,8 @@ def test_predict_csv_equals_a_direct_forward_pass(trained_run, tmp_path, capsys)
     assert report["all"]["groups"]["g0"]["n"] == 3
     with open(os.path.join(trained_run["root"], "models", "metrics.json")) as fh:
         trained = json.load(fh)
-    assert report["test"]["model"]["mae"] == pytest.approx(trained["test"]["model"]["mae"],
-                                                           rel=1e-5)
+    assert_figures_close(report["test"]["model"], trained["test"]["model"],
+                         meta_figure_tolerances(root), "test")
 
 
 def test_predict_without_vref(trained_run, tmp_path):
@@ -2559,7 +2626,8 @@ def test_ema_weights_are_validated_checkpointed_and_resumed(tmp_path):
     val = [ds.ids.index(i) for i in best["split_ids"]["val"]]
     res = dc.run_epoch(model, DataLoader(torch.utils.data.Subset(ds, val), batch_size=2),
                        torch.device("cpu"), skip_failed_batches=False)
-    assert res.mae == pytest.approx(out["history"][0]["val_mae"], rel=1e-6)
+    assert res.mae == pytest.approx(out["history"][0]["val_mae"], rel=0,
+                                    abs=meta_figure_tolerances(root)["mae"])
     assert state["history"][0]["val_mae"] == out["history"][0]["val_mae"]
 
 
@@ -2668,9 +2736,10 @@ def test_members_trained_apart_and_combined_equal_the_ensemble(ensemble_runs):
         model, _ = dc.load_checkpoint(_member_checkpoint(together, k))
         with torch.no_grad():
             members.append(dc.predict_batch(model.eval(), graphs.clone())[0].double().numpy())
-    np.testing.assert_allclose(preds["pred"], (members[0] + members[1]) / 2, atol=1e-6)
+    atol = scaled_atol(*members, floor=1.0)  # each member's batching against one batch
+    np.testing.assert_allclose(preds["pred"], (members[0] + members[1]) / 2, rtol=0, atol=atol)
     np.testing.assert_allclose(preds["std"], np.abs(members[0] - members[1]) / math.sqrt(2),
-                               atol=1e-6)
+                               rtol=0, atol=atol)
 
 
 def test_an_interrupted_ensemble_resumes_its_member_then_the_rest(ensemble_runs, tmp_path,
@@ -2692,7 +2761,7 @@ def test_an_interrupted_ensemble_resumes_its_member_then_the_rest(ensemble_runs,
         two = torch.load(_member_checkpoint(root, k), weights_only=True)
         assert [h["epoch"] for h in two["history"]] == [1, 2, 3]
         for key, value in one["model_state"].items():
-            torch.testing.assert_close(two["model_state"][key], value, rtol=0, atol=1e-6)
+            assert_tensors_close(two["model_state"][key], value, key)
 
 
 def test_monitor_mae_picks_the_epoch_of_the_lowest_val_mae(ensemble_runs):
@@ -2775,13 +2844,15 @@ def test_cv_trains_k_folds_and_writes_out_of_fold_predictions(tmp_path, monkeypa
         assert ckpt["split_ids"]["test"] == rows["id"].tolist()
         assert not set(rows["id"]) & set(ckpt["split_ids"]["train"] + ckpt["split_ids"]["val"])
         assert ckpt["split_ids"]["val"]  # each fold validates on part of its training groups
-        # (the metrics use the graphs' float32 Vref, the CSV meta.xlsx's float64 one)
-        assert fold["model"]["mae"] == pytest.approx(rows["error"].abs().mean(), rel=1e-6)
+        # (the metrics use the graphs' float32 Vref, the CSV meta.xlsx's float64 one: they
+        # agree to float32 rounding of |Vref|, not to a fraction of a small MAE)
+        tol = figure_tolerances(rows["Vref"], rows["V0"])
+        assert fold["model"]["mae"] == pytest.approx(rows["error"].abs().mean(), rel=0,
+                                                     abs=tol["mae"])
         assert fold["baseline"]["rmse"] == pytest.approx(
-            math.sqrt(((rows["V0"] - rows["Vref"]) ** 2).mean()), rel=1e-6)
+            math.sqrt(((rows["V0"] - rows["Vref"]) ** 2).mean()), rel=0, abs=tol["rmse"])
         # the out-of-fold predictions are the fold's own final test report
-        assert fold["model"]["mae"] == pytest.approx(ckpt["final_metrics"]["test"]["model"]["mae"],
-                                                     rel=1e-6)
+        assert_figures_close(fold["model"], ckpt["final_metrics"]["test"]["model"], tol, f)
     maes = [fold["model"]["mae"] for fold in metrics["folds"]]
     assert metrics["mean"]["model"]["mae"] == pytest.approx(np.mean(maes))
     assert metrics["std"]["model"]["mae"] == pytest.approx(np.std(maes, ddof=1))
@@ -2960,7 +3031,8 @@ def test_counterpoise_makes_the_interaction_less_attractive(builder, water_built
     assert bsse["w0"] > bsse["w1"] > 0.01  # less attractive, and more so at contact
     assert cp.loc["w2", "V0"] == pytest.approx(plain.loc["w2", "V0"], abs=1e-3)
     e_cp, e_plain = energies_of(out, "w0"), energies_of(water_built["out"], "w0")
-    assert e_cp["E_AB"] == pytest.approx(e_plain["E_AB"], abs=1e-8)  # the dimer is the same
+    assert e_cp["E_AB"] == pytest.approx(e_plain["E_AB"], rel=0,  # the dimer is the same,
+                                         abs=10 * builder.SCF_CONV_TOL)  # to SCF convergence
     assert e_cp["E_A"] < e_plain["E_A"] and e_cp["E_B"] < e_plain["E_B"]  # more basis: lower
     assert builder.read_level_of_theory(out)["counterpoise"] is True
 
@@ -3134,12 +3206,17 @@ def test_s22x5_driver_reproduces_the_bundled_water_dimer(builder, tmp_path):
     out = str(tmp_path / "s22")
     assert build_s22x5.main(["--out", out, "--only", "Water_dimer", "--multipliers", "1.0"]) == 0
     new, old = meta_of(out), meta_of(S22X5_DIR)
+    # the bundled folder was computed on another machine: the SCF energies agree to their
+    # convergence threshold (three of them in V0), the density, and so the populations and
+    # multipoles, to its square root (PySCF's default gradient threshold); geometry exactly
+    scf = {"V0": 3 * builder.SCF_CONV_TOL * builder.HARTREE_TO_KCAL_MOL}
     for col in ("R_nm", "theta_deg", "V0", "Vref", "PR"):
         assert new.loc["Water_dimer_1.0", col] == pytest.approx(
-            old.loc["Water_dimer_1.0", col], abs=1e-6), col
+            old.loc["Water_dimer_1.0", col], rel=0, abs=scf.get(col, 1e-9)), col
     assert new.loc["Water_dimer_1.0", "group"] == "Water_dimer"
     for key, arr in npz_of(out, "Water_dimer_1.0").items():
-        np.testing.assert_allclose(arr, npz_of(S22X5_DIR, "Water_dimer_1.0")[key], atol=1e-6)
+        np.testing.assert_allclose(arr, npz_of(S22X5_DIR, "Water_dimer_1.0")[key], rtol=0,
+                                   atol=math.sqrt(builder.SCF_CONV_TOL), err_msg=key)
     for pdb in ("A.pdb", "B.pdb"):
         with open(os.path.join(out, "Water_dimer_1.0", pdb)) as a, \
                 open(os.path.join(S22X5_DIR, "Water_dimer_1.0", pdb)) as b:
@@ -3276,10 +3353,11 @@ def test_torchrun_trains_one_model_and_rank_0_alone_writes(torchrun_runs, tmp_pa
     shutil.copytree(root, copy, ignore=shutil.ignore_patterns("models", "plots", "cached*"))
     out = dc.main(["--predict", "--checkpoint", final_path, "--root_dir", copy, "--quiet",
                    "--device", "cpu"])
+    tol = meta_figure_tolerances(root)  # two processes' batches against one process's
     for split in ("train", "val", "test"):
         for who in ("model", "baseline"):
-            assert out["metrics"][split][who] == pytest.approx(
-                final["final_metrics"][split][who], rel=1e-5), (split, who)
+            assert_figures_close(out["metrics"][split][who], final["final_metrics"][split][who],
+                                 tol, (split, who))
         assert out["metrics"][split]["n"] == len(final["split_ids"][split])
 
 
@@ -3304,11 +3382,14 @@ def test_ddp_step_with_batch_b_per_rank_equals_one_process_with_batch_2b(torchru
     single = dc.run_epoch(model, DataLoader(graphs[:7], batch_size=2), torch.device("cpu"),
                           skip_failed_batches=False)
     assert ddp["eval"]["n_graphs"] == single.n_graphs == 7
+    tol = meta_figure_tolerances(torchrun_runs["straight"], dtype=torch.float64)
+    tol["baseline_mae"] = tol["mae"]
     for key in ("mape", "mae", "rmse", "baseline_mae"):
-        assert ddp["eval"][key] == pytest.approx(getattr(single, key), rel=1e-12), key
+        assert ddp["eval"][key] == pytest.approx(getattr(single, key), rel=0, abs=tol[key]), key
     rows = dc.predict_rows(model, DataLoader(graphs[:7], batch_size=3), torch.device("cpu"))
     assert ddp["rows"]["id"] == rows["id"]  # joined in rank order: the rows' order
-    np.testing.assert_allclose(ddp["rows"]["pred"].numpy(), rows["pred"], rtol=1e-12)
+    np.testing.assert_allclose(ddp["rows"]["pred"].numpy(), rows["pred"], rtol=0,
+                               atol=scaled_atol(rows["pred"], dtype=torch.float64, floor=1.0))
 
 
 def test_torchrun_interrupt_then_resume_reproduces_the_straight_run(torchrun_runs):
@@ -3326,10 +3407,11 @@ def test_torchrun_interrupt_then_resume_reproduces_the_straight_run(torchrun_run
     one, two = (torch.load(os.path.join(torchrun_runs[r], "models", dc.FINAL_CHECKPOINT),
                            weights_only=True) for r in ("straight", "resumed"))
     assert [h["epoch"] for h in two["history"]] == [1, 2, 3, 4]
-    assert [h["train_loss"] for h in two["history"]] == \
-        pytest.approx([h["train_loss"] for h in one["history"]], abs=1e-6)
+    assert [h["train_loss"] for h in two["history"]] == pytest.approx(
+        [h["train_loss"] for h in one["history"]], rel=0,
+        abs=meta_figure_tolerances(torchrun_runs["straight"])["mae"])
     for key, value in one["model_state"].items():
-        torch.testing.assert_close(two["model_state"][key], value, rtol=0, atol=1e-6)
+        assert_tensors_close(two["model_state"][key], value, key)
 
 
 def test_a_torchrun_state_resumes_only_with_its_number_of_processes(torchrun_runs, capsys):
@@ -3339,3 +3421,149 @@ def test_a_torchrun_state_resumes_only_with_its_number_of_processes(torchrun_run
     assert ("world_size: saved by 2 processes, this launch has 1; a run resumes with its own "
             "number of processes: torchrun --nproc_per_node=2 delta_coupling.py --resume "
             f"{torchrun_runs['state_path']}") in capsys.readouterr().err
+
+
+# --- the command line as a user meets it: `python delta_coupling.py` and
+# `python preprocess_and_cache.py` in their own interpreters (run as __main__, the module
+# imported by its companions), each error ending in its one line and its exit status
+CLI_RUN = ["--device", "cpu", "--compile", "off", "--quiet", *SMALL_RUN]
+
+
+def run_script(script, *args, timeout=300):
+    """``python <script> args`` from the repository, one torch thread; CompletedProcess."""
+    import subprocess
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)],
+                          cwd=HERE, env=env, text=True, capture_output=True, timeout=timeout)
+
+
+def temp_files(root):
+    """The atomic writers' temp files (``.<name>.tmp.<pid>``) left anywhere under root."""
+    return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files if ".tmp." in f]
+
+
+def assert_one_line_error(proc, code, *fragments):
+    """Exit status ``code``; stderr's last line is ``error: ...`` naming every fragment; no
+    traceback."""
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), proc.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in last, (fragment, last)
+
+
+@pytest.mark.parametrize("script", ["delta_coupling.py", "preprocess_and_cache.py"])
+def test_cli_cache_folder_blocked_by_a_file(tmp_path, script):
+    """The OutputError is raised in preprocess_and_cache's build_cache (imported lazily by
+    the script): main() catches it only when both see one delta_coupling module."""
+    root = write_dataset(str(tmp_path / "data"), 6)
+    blocker = os.path.join(root, "cached_graphs_shards")
+    open(blocker, "w").close()
+    proc = run_script(script, "--root_dir", root, *(CLI_RUN if script == "delta_coupling.py"
+                                                    else ["--quiet"]), "--epochs", "1") \
+        if script == "delta_coupling.py" else run_script(script, "--root_dir", root, "--quiet")
+    assert_one_line_error(proc, 2, blocker, "a file is in the way")
+    assert os.path.isfile(blocker) and not os.path.exists(os.path.join(root, "cached_graphs.pt"))
+    assert temp_files(root) == []
+
+
+def test_cli_models_folder_blocked_by_a_file(tmp_path):
+    root = write_dataset(str(tmp_path / "data"), 6)
+    blocker = os.path.join(root, "models")
+    open(blocker, "w").close()
+    proc = run_script("delta_coupling.py", "--root_dir", root, "--epochs", "1", *CLI_RUN)
+    assert_one_line_error(proc, 2, blocker, "a file is in the way")
+    assert os.path.isfile(blocker) and temp_files(root) == []
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bytes changed"])
+def test_cli_damaged_cache_shard(tmp_path, damage):
+    root = write_dataset(str(tmp_path / "data"), 6)
+    built = run_script("preprocess_and_cache.py", "--root_dir", root, "--quiet")
+    assert built.returncode == 0, built.stderr[-3000:]
+    [shard] = glob_shards(root)
+    with open(shard, "rb") as fh:
+        blob = bytearray(fh.read())
+    if damage == "truncated":
+        blob = blob[:len(blob) // 2]
+    else:  # same size, other bytes: only the checksum can tell
+        blob[len(blob) // 2] ^= 0xFF
+    with open(shard, "wb") as fh:
+        fh.write(blob)
+    proc = run_script("delta_coupling.py", "--root_dir", root, "--epochs", "1", *CLI_RUN)
+    assert_one_line_error(proc, 2, shard, "python preprocess_and_cache.py --root_dir")
+    assert not os.path.exists(os.path.join(root, "models", dc.BEST_CHECKPOINT))
+    assert temp_files(root) == []
+
+
+def glob_shards(root):
+    import glob
+    return sorted(glob.glob(os.path.join(root, "cached_graphs_shards", "*", "shard_*.pt")))
+
+
+@pytest.mark.parametrize("script", ["delta_coupling.py", "preprocess_and_cache.py"])
+def test_cli_bad_data_folder_lists_the_row_and_writes_nothing(tmp_path, script):
+    root = write_dataset(str(tmp_path / "data"), 6)
+    with open(os.path.join(root, "d2", "A.pdb"), "w") as fh:
+        fh.write("not a PDB\n")
+    args = ["--epochs", "1", *CLI_RUN] if script == "delta_coupling.py" else ["--quiet"]
+    proc = run_script(script, "--root_dir", root, *args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0] == f"error: checked 6 rows of {root}: 1 problem", proc.stderr
+    assert any(os.path.join(root, "meta.xlsx") + ", row 4 (id dimer2)" in line and
+               "no ATOM/HETATM records" in line for line in lines), proc.stderr
+    assert sorted(os.listdir(root)) == ["d0", "d1", "d2", "d3", "d4", "d5", "meta.xlsx"]
+
+
+def test_cli_ctrl_c_during_training_keeps_the_state_and_says_how_to_resume(tmp_path):
+    import signal
+    import subprocess
+    import time
+    root = write_dataset(str(tmp_path / "data"), 6)
+    state = os.path.join(root, "models", dc.RESUME_CHECKPOINT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "delta_coupling.py"),
+                             "--root_dir", root, "--epochs", "100000", *CLI_RUN], cwd=HERE,
+                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not os.path.exists(state) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None and os.path.exists(state), "no epoch finished in time"
+        time.sleep(0.5)  # into a later epoch, or a checkpoint write: either must end cleanly
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == dc.EXIT_INTERRUPTED, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert f"continue with: python delta_coupling.py --resume {state}" in err, err[-3000:]
+    saved = torch.load(state, weights_only=True)  # whole, and not the final checkpoint
+    assert saved["epoch"] >= 1 and saved["config"]["epochs"] == 100000
+    assert not os.path.exists(os.path.join(root, "models", dc.FINAL_CHECKPOINT))
+    assert temp_files(root) == []
+
+
+def test_one_module_when_run_as_a_script(tmp_path):
+    """Run as __main__, delta_coupling is also what `import delta_coupling` gives, so the
+    companions share its classes and constants (checked in a child interpreter running the
+    file by runpy, as `python delta_coupling.py` does)."""
+    import subprocess
+    code = ("import runpy, sys\n"
+            f"sys.argv = [{os.path.join(HERE, 'delta_coupling.py')!r}, '--help']\n"
+            "try:\n"
+            "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "except SystemExit:  # --help\n"
+            "    pass\n"
+            "import delta_coupling, preprocess_and_cache\n"
+            "assert delta_coupling.__name__ == '__main__', 'two copies of delta_coupling'\n"
+            "assert preprocess_and_cache.OutputError is delta_coupling.OutputError\n"
+            "assert preprocess_and_cache.DEFAULT_CACHE_FILE is delta_coupling.DEFAULT_CACHE_FILE\n"
+            "print('one module')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), text=True,
+                          capture_output=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and "one module" in proc.stdout, proc.stderr[-3000:]
