@@ -165,7 +165,9 @@ PREDICTION_FAILED_BATCHES_LOG = "predictions_failed_batches.log"
 # The baseline's level of theory, as tools/build_dataset.py records it in a data folder; a
 # checkpoint carries its training folder's record, and --predict compares them on these keys
 LEVEL_OF_THEORY_FILE = "level_of_theory.json"
-LEVEL_OF_THEORY_KEYS = ("method", "basis", "density_fit", "auxbasis", "counterpoise")
+LEVEL_OF_THEORY_KEYS = ("method", "basis", "density_fit", "auxbasis", "counterpoise",
+                        "dispersion")  # must agree between a model and a folder
+LEVEL_OF_THEORY_DEFAULTS = {"dispersion": "none"}  # keys records made before them lack
 LOG_AXIS_MIN_RATIO = 10.0  # learning curves: a log y axis when max / min spans a decade
 # columns of the metrics table: (key, header, format); MAPE in %, the others in Vref units
 METRIC_COLUMNS = (("mape", "MAPE %", ".2f"), ("mae", "MAE", ".4f"), ("rmse", "RMSE", ".4f"),
@@ -381,7 +383,8 @@ def closest_pair(pos_a, pos_b=None, chunk=512):
 
 def read_level_of_theory(root_dir):
     """The baseline's level of theory recorded in ``<root_dir>/level_of_theory.json`` (a dict
-    with at least ``LEVEL_OF_THEORY_KEYS``), or None for a folder without the record."""
+    with at least ``LEVEL_OF_THEORY_KEYS``; a key a record predates gets its default from
+    ``LEVEL_OF_THEORY_DEFAULTS``), or None for a folder without the record."""
     path = os.path.join(root_dir, LEVEL_OF_THEORY_FILE)
     if not os.path.isfile(path):
         return None
@@ -391,25 +394,32 @@ def read_level_of_theory(root_dir):
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path}: unreadable level-of-theory record ({exc}); rewrite it or "
                          f"rebuild the folder with tools/build_dataset.py") from None
-    missing = [k for k in LEVEL_OF_THEORY_KEYS if not isinstance(level, dict) or k not in level]
+    missing = [k for k in LEVEL_OF_THEORY_KEYS if not isinstance(level, dict) or
+               (k not in level and k not in LEVEL_OF_THEORY_DEFAULTS)]
     if missing:
         raise ValueError(f"{path}: the level-of-theory record lacks {', '.join(missing)}; "
                          f"rebuild the folder with tools/build_dataset.py")
-    return level
+    return {**LEVEL_OF_THEORY_DEFAULTS, **level}
 
 
 def describe_level_of_theory(level):
     """One line: ``hf/def2-svp, density fitting (def2-universal-jkfit), no counterpoise``."""
     fit = f"density fitting ({level['auxbasis']})" if level["density_fit"] else "no density fit"
     cp = "counterpoise" if level["counterpoise"] else "no counterpoise"
-    return f"{level['method']}/{level['basis']}, {fit}, {cp}"
+    disp = level.get("dispersion", "none")
+    return f"{level['method']}/{level['basis']}{'' if disp == 'none' else '-' + disp.upper()}, " \
+           f"{fit}, {cp}"
 
 
 def level_of_theory_mismatch(trained, folder):
     """The differences between a model's level of theory and a folder's, as text; '' when
     they agree. Both are records as ``read_level_of_theory`` returns them."""
-    return "; ".join(f"{k}: {trained[k]!r} for the model, {folder[k]!r} in the folder"
-                     for k in LEVEL_OF_THEORY_KEYS if trained[k] != folder[k])
+    def value(level, k):  # a record made before key k existed had its default
+        return level.get(k, LEVEL_OF_THEORY_DEFAULTS.get(k))
+
+    return "; ".join(f"{k}: {value(trained, k)!r} for the model, {value(folder, k)!r} in the "
+                     f"folder" for k in LEVEL_OF_THEORY_KEYS
+                     if value(trained, k) != value(folder, k))
 
 
 def _hash_file(digest, path):

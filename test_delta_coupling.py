@@ -2441,9 +2441,11 @@ def test_level_of_theory_travels_from_folder_to_checkpoint_and_predict_checks_it
                    *SMALL_MODEL_ARGS])
     assert "baseline level of theory: hf/def2-svp, density fitting" in capsys.readouterr().out
     ckpt = torch.load(out["best_path"], weights_only=True)
-    assert ckpt["level_of_theory"] == LEVEL  # the record round-trips into the checkpoint
+    # the record round-trips into the checkpoint; one made before the dispersion key reads
+    # as a folder without a dispersion term
+    assert ckpt["level_of_theory"] == {**LEVEL, "dispersion": "none"}
     with open(os.path.join(root, "models", "run_config.json")) as fh:
-        assert json.load(fh)["level_of_theory"] == LEVEL
+        assert json.load(fh)["level_of_theory"] == {**LEVEL, "dispersion": "none"}
 
     def predict_on(level, checkpoint=out["best_path"]):
         folder = write_dataset(str(tmp_path / f"new{len(os.listdir(tmp_path))}"), 3, seed=9)
@@ -2464,6 +2466,21 @@ def test_level_of_theory_travels_from_folder_to_checkpoint_and_predict_checks_it
     assert "basis: 'def2-svp' for the model, 'sto-3g' in the folder" in text
     assert "counterpoise: False for the model, True in the folder" in text
     assert "corrects hf/def2-svp, density fitting" in text
+    with pytest.raises(SystemExit) as stop:  # HF V0 for the model, HF + D4 in the folder
+        predict_on(dict(LEVEL, dispersion="d4"))
+    assert stop.value.code == 2
+    assert "dispersion: 'none' for the model, 'd4' in the folder" in capsys.readouterr().err
+    d4_root = write_dataset(str(tmp_path / "d4"), 8, seed=4)  # and the reverse
+    with open(os.path.join(d4_root, "level_of_theory.json"), "w") as fh:
+        json.dump(dict(LEVEL, dispersion="d4"), fh)
+    d4 = dc.main(["--root_dir", d4_root, "--epochs", "1", "--quiet", "--device", "cpu",
+                  *SMALL_MODEL_ARGS])
+    with pytest.raises(SystemExit) as stop:
+        predict_on(LEVEL, checkpoint=d4["best_path"])
+    assert stop.value.code == 2
+    text = capsys.readouterr().err
+    assert "dispersion: 'd4' for the model, 'none' in the folder" in text
+    assert "corrects hf/def2-svp-D4, density fitting" in text
     result, text = predict_on(None)  # an older folder: a warning, not a refusal
     assert os.path.isfile(result["predictions_path"])
     assert "has no level_of_theory.json, so it cannot be checked" in text
@@ -2980,7 +2997,7 @@ def test_builder_output_trains_predicts_and_follows_the_frame(builder, water_bui
         "method": "hf", "basis": "sto-3g", "density_fit": True,
         "auxbasis": "def2-universal-jkfit", "counterpoise": False, "program": "pyscf",
         "program_version": builder.read_level_of_theory(out)["program_version"],
-        "builder_version": builder.BUILDER_VERSION}
+        "builder_version": builder.BUILDER_VERSION, "dispersion": "none"}
     symbols, pos = water_dimer()
     c_a, c_b = pos[:3].mean(0), pos[3:].mean(0)
     z_a, pos_a = dc.parse_pdb(os.path.join(out, "w0", "A.pdb"))
@@ -3019,6 +3036,77 @@ def test_builder_output_trains_predicts_and_follows_the_frame(builder, water_bui
     table = pd.read_csv(out_pred["predictions_path"])
     assert len(table) == 3 and np.isfinite(table["Vref_pred"]).all()
     np.testing.assert_allclose(table["V0"], meta["V0"].to_numpy(), atol=1e-9)
+
+
+def d4_interaction_by_pairs(symbols, pos, n_a):
+    """E_D4(AB) - E_D4(A) - E_D4(B) in kcal/mol from dftd4's own per-pair energies (additive
+    and three-body parts summed over every pair), with the parameters dftd4 loads itself for
+    HF: independent of the builder's parameter table and of its total-energy call."""
+    from dftd4.interface import DampingParam, DispersionModel
+    numbers = np.array([dc.ELEMENT_TO_Z[s.upper()] for s in symbols])
+
+    def energy(sl):
+        model = DispersionModel(numbers[sl], np.asarray(pos)[sl] / 0.52917721092)
+        pairs = model.get_pairwise_dispersion(DampingParam(method="hf", atm=True))
+        return float(pairs["additive pairwise energy"].sum() +
+                     pairs["non-additive pairwise energy"].sum())
+
+    return (energy(slice(None)) - energy(slice(0, n_a)) - energy(slice(n_a, None))) * \
+        627.5094740631
+
+
+def test_dispersion_d4_adds_the_d4_interaction_energy_without_repeating_an_scf(
+        builder, water_built, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("dftd4")
+    plain = meta_of(water_built["out"])
+    out = str(tmp_path / "d4")
+    shutil.copytree(water_built["out"], out)
+    with open(os.path.join(out, "w0", "energies.json")) as fh:
+        scf_before = json.load(fh)
+
+    def no_scf(*args, **kwargs):
+        raise AssertionError("an SCF was run")
+
+    monkeypatch.setattr(builder, "compute_dimer", no_scf)
+    assert builder.main([water_built["csv"], "--out", out, "--dispersion", "d4", *MINIMAL]) == 0
+    assert "adding the d4 dispersion term" in capsys.readouterr().out
+    d4 = meta_of(out)
+    for dimer in builder.read_input_csv(water_built["csv"]):  # the geometry the SCF had
+        rid = dimer.id
+        want = d4_interaction_by_pairs(dimer.symbols, dimer.pos, dimer.n_a)
+        assert d4.loc[rid, "E_disp"] == pytest.approx(want, rel=1e-9, abs=1e-12), rid
+        assert d4.loc[rid, "V0_HF"] == pytest.approx(plain.loc[rid, "V0"], rel=0, abs=1e-12)
+        assert d4.loc[rid, "V0"] == pytest.approx(d4.loc[rid, "V0_HF"] + d4.loc[rid, "E_disp"],
+                                                  rel=0, abs=1e-12)
+    # dispersion binds, and more so at contact (w0) than 5 Angstrom apart (w2)
+    assert d4.loc["w0", "E_disp"] < d4.loc["w2", "E_disp"] < 0
+    with open(os.path.join(out, "w0", "energies.json")) as fh:
+        after = json.load(fh)
+    assert {k: after[k] for k in ("E_AB", "E_A", "E_B", "seconds")} == \
+        {k: scf_before[k] for k in ("E_AB", "E_A", "E_B", "seconds")}
+    level = builder.read_level_of_theory(out)
+    assert level["dispersion"] == "d4" and level["dispersion_parameters"] == \
+        builder.d4_parameters("hf") and level["dispersion_parameters"]["s9"] == 1.0
+    with pytest.raises(SystemExit) as exc:  # the folder trains as it is
+        dc.main(["--root_dir", out, "--check_data"])
+    assert exc.value.code == 0
+    # one folder, one level: without --dispersion d4 it is another level, refused
+    assert builder.main([water_built["csv"], "--out", out, *MINIMAL]) == 2
+    assert "dispersion: 'd4' in the folder, 'none' asked" in capsys.readouterr().err
+    # a folder built with the term from the start gets the same numbers
+    monkeypatch.undo()
+    fresh = str(tmp_path / "fresh")
+    assert builder.main([water_built["csv"], "--out", fresh, "--dispersion", "d4",
+                         *MINIMAL]) == 0
+    np.testing.assert_allclose(meta_of(fresh)["E_disp"], d4["E_disp"], rtol=1e-12, atol=0)
+
+
+def test_dispersion_d4_refuses_a_method_without_parameters(builder, water_built, tmp_path,
+                                                           capsys):
+    pytest.importorskip("dftd4")
+    assert builder.main([water_built["csv"], "--out", str(tmp_path / "x"), "--dispersion", "d4",
+                         "--method", "lda", *MINIMAL]) == 2
+    assert "dftd4 has no bj-eeq-atm parameters for --method 'lda'" in capsys.readouterr().err
 
 
 def test_counterpoise_makes_the_interaction_less_attractive(builder, water_built, tmp_path):

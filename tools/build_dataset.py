@@ -2,8 +2,9 @@
 
 Usage::
 
-    pip install pyscf ase                     # build-time only (see examples/requirements.txt)
+    pip install pyscf ase dftd4               # build-time only (see examples/requirements.txt)
     python tools/build_dataset.py dimers.csv --out my_dimers [--basis def2-svp] [--method hf]
+                                  [--dispersion d4]
     python delta_coupling.py --root_dir my_dimers            # train (every row has a Vref)
     python delta_coupling.py --predict --checkpoint BEST.pt --root_dir my_dimers   # no Vref
 
@@ -37,6 +38,13 @@ between the monomers' first principal axes (largest-variance direction of the at
 all atoms. ``PR`` when not given: the contact ratio, min over atom pairs a in A, b in B of
 d_ab / (r_vdW(a) + r_vdW(b)) with the van der Waals radii below (about 1 at van der Waals
 contact, smaller for hydrogen bonds and ion contacts, larger when the monomers are apart).
+
+Dispersion: ``--dispersion d4`` adds the DFT-D4 interaction dispersion energy E_D4(AB) - E_D4(A)
+- E_D4(B) (the ``dftd4`` package: the method's damping parameters, EEQ charges from each
+molecule's charge, the three-body term on) to V0, milliseconds per dimer; meta.xlsx keeps
+``V0_HF`` and ``E_disp`` beside V0, energies.json ``E_disp_AB``, ``E_disp_A``, ``E_disp_B``
+(Hartree). Run on a folder built without it, it adds the term to every finished dimer from its
+geometry, no SCF repeated.
 
 Baseline: V0 = E_AB - E_A - E_B in kcal/mol, Hartree-Fock (default) or a DFT functional, with
 density fitting (def2-universal-jkfit) unless ``--no-density-fit``; closed-shell singlets are
@@ -93,6 +101,11 @@ VDW_RADII_ANGSTROM = {
 CSV_COLUMNS = ("id", "xyz", "n_atoms_a", "geom_a", "geom_b", "Vref", "charge_a", "charge_b",
                "spin_a", "spin_b", "group", "PR")
 META_COLUMNS = ("id", "pdb_a", "pdb_b", "npz", "R_nm", "theta_deg", "V0", "Vref", "PR", "group")
+DISPERSION_META_COLUMNS = ("V0_HF", "E_disp")  # with --dispersion d4: V0's parts, kcal/mol
+DISPERSION_MODELS = ("none", "d4")
+DEFAULT_DISPERSION = "none"
+D4_PARAMETER_SET = "bj-eeq-atm"  # rational (BJ) damping, EEQ charges, three-body ATM term on
+D4_KEYS = ("E_disp_AB", "E_disp_A", "E_disp_B")  # energies.json: Hartree, like E_AB, E_A, E_B
 
 
 class BuildInputError(ValueError):
@@ -374,9 +387,11 @@ def read_input_csv(csv_path):
 
 # ----------------------------------------------------------------------------- level of theory
 def level_of_theory(method=DEFAULT_METHOD, basis=DEFAULT_BASIS, density_fit=True,
-                    auxbasis=DEFAULT_AUXBASIS, counterpoise=False):
+                    auxbasis=DEFAULT_AUXBASIS, counterpoise=False,
+                    dispersion=DEFAULT_DISPERSION):
     """The record written to ``<out>/level_of_theory.json``; raises ``ValueError`` for an
-    unknown method, basis or auxiliary basis, or a basis with f (or higher) functions."""
+    unknown method, basis or auxiliary basis, a basis with f (or higher) functions, or a
+    dispersion model without parameters for the method."""
     import pyscf
     from pyscf import gto
     from pyscf.dft import libxc
@@ -401,9 +416,74 @@ def level_of_theory(method=DEFAULT_METHOD, basis=DEFAULT_BASIS, density_fit=True
             raise ValueError(f"--basis {name!r} has f (or higher) functions on carbon; the data "
                              f"format keeps Mulliken s, p and d populations only: choose a "
                              f"basis with s, p and d functions (def2-svp, 6-31g*, cc-pvdz, ...)")
-    return {"method": method, "basis": basis, "density_fit": bool(density_fit),
-            "auxbasis": auxbasis, "counterpoise": bool(counterpoise), "program": "pyscf",
-            "program_version": pyscf.__version__, "builder_version": BUILDER_VERSION}
+    record = {"method": method, "basis": basis, "density_fit": bool(density_fit),
+              "auxbasis": auxbasis, "counterpoise": bool(counterpoise), "program": "pyscf",
+              "program_version": pyscf.__version__, "builder_version": BUILDER_VERSION,
+              "dispersion": dispersion}
+    if dispersion not in DISPERSION_MODELS:
+        raise ValueError(f"--dispersion {dispersion!r}: choose one of "
+                         f"{', '.join(DISPERSION_MODELS)}")
+    if dispersion == "d4":
+        import dftd4
+        record["dispersion_parameters"] = d4_parameters(method)
+        record["dispersion_program"] = f"dftd4 {dftd4.__version__} ({D4_PARAMETER_SET})"
+    return record
+
+
+# ----------------------------------------------------------------------------- dispersion
+# --dispersion d4 adds the DFT-D4 interaction dispersion energy E_D4(AB) - E_D4(A) - E_D4(B) to
+# V0 (milliseconds per dimer, no SCF): the dftd4 package's model with EEQ charges for each
+# molecule's total charge, rational damping and the three-body (ATM) term, with the damping
+# parameters dftd4 publishes for the builder's --method. HF has no dispersion at all, so
+# without it dV has to learn all of it (docs/DESIGN.md, decision 25).
+def d4_parameters(method):
+    """The D4 damping parameters of ``method`` (``bj-eeq-atm``: s6, s8, s9, a1, a2, alp) from
+    the dftd4 package's own parameter table; ``ValueError`` when it has none for the method."""
+    import tomllib
+
+    import dftd4
+    with open(os.path.join(os.path.dirname(dftd4.__file__), "parameters.toml"), "rb") as fh:
+        table = tomllib.load(fh)
+    params = dict(table["default"]["parameter"]["d4"][D4_PARAMETER_SET])
+    entry = table["parameter"].get(method.lower().replace("-", ""), {}).get("d4", {})
+    if D4_PARAMETER_SET not in entry:
+        raise ValueError(f"--dispersion d4: dftd4 has no {D4_PARAMETER_SET} parameters for "
+                         f"--method {method!r}; use a method it lists (hf, pbe0, b3lyp, ...) "
+                         f"or --dispersion none")
+    params.update(entry[D4_PARAMETER_SET])
+    return {k: float(params[k]) for k in ("s6", "s8", "s9", "a1", "a2", "alp")}
+
+
+def d4_energy(symbols, pos, charge, params):
+    """DFT-D4 dispersion energy (Hartree) of one molecule: ``pos`` (N, 3) Angstrom, EEQ
+    charges for the total ``charge``."""
+    from dftd4.interface import DampingParam, DispersionModel
+    numbers = np.array([dc.ELEMENT_TO_Z[s.upper()] for s in symbols])
+    model = DispersionModel(numbers, np.asarray(pos, dtype=float) * ANGSTROM_TO_BOHR,
+                            charge=float(charge))
+    return float(model.get_dispersion(DampingParam(**params), grad=False)["energy"])
+
+
+def d4_energies(dimer, params):
+    """{E_disp_AB, E_disp_A, E_disp_B} in Hartree: D4 of the dimer and of each monomer in
+    its place in the dimer."""
+    n = dimer.n_a
+    return {"E_disp_AB": d4_energy(dimer.symbols, dimer.pos, dimer.charge_a + dimer.charge_b,
+                                   params),
+            "E_disp_A": d4_energy(dimer.symbols[:n], dimer.pos[:n], dimer.charge_a, params),
+            "E_disp_B": d4_energy(dimer.symbols[n:], dimer.pos[n:], dimer.charge_b, params)}
+
+
+def add_dispersion(out, dimer, record, level):
+    """A finished dimer's record with the D4 energies of ``level`` (computed and written into
+    its energies.json, atomically, when it lacks them or has other parameters)."""
+    params = level["dispersion_parameters"]
+    if record.get("dispersion_parameters") == params and all(k in record for k in D4_KEYS):
+        return record
+    record = {**record, **d4_energies(dimer, params), "dispersion_parameters": params}
+    record["meta"] = meta_row(dimer, record, level)
+    dc.atomic_write_json(record, os.path.join(out, dimer.id, FINISHED_FILE))
+    return record
 
 
 def read_level_of_theory(folder):
@@ -428,8 +508,13 @@ def claim_folder(out, level, dimers):
                 f"folder (or write the record by hand if you know it)"])
         dc.atomic_write_json(level, os.path.join(out, LEVEL_FILE))
         return []
+    existing = {**existing, "dispersion": existing.get("dispersion", "none")}
     differ = [f"{k}: {existing.get(k)!r} in the folder, {level[k]!r} asked"
               for k in LEVEL_KEYS if existing.get(k) != level[k]]
+    if [k for k in LEVEL_KEYS if existing.get(k) != level[k]] == ["dispersion"] and \
+            existing["dispersion"] == "none":  # the D4 term added to a finished folder
+        return [f"note: adding the {level['dispersion']} dispersion term to the dimers of "
+                f"{out} (no SCF repeated); {LEVEL_FILE} records it once all have it"]
     if differ:
         raise BuildInputError([
             f"{out} was built at another level of theory ({'; '.join(differ)}); one folder "
@@ -595,9 +680,13 @@ def write_dimer(out, dimer, energies, arrays, level):
     with dc._atomic_target(os.path.join(folder, "dimer.npz")) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
+    if level.get("dispersion") == "d4":
+        energies = {**energies, **d4_energies(dimer, level["dispersion_parameters"]),
+                    "dispersion_parameters": level["dispersion_parameters"]}
     record = {**energies, "basis": level["basis"], "method": describe_level(level),
               "level_of_theory": level, "charge_a": dimer.charge_a, "charge_b": dimer.charge_b,
-              "spin_a": dimer.spin_a, "spin_b": dimer.spin_b, "meta": meta_row(dimer, energies)}
+              "spin_a": dimer.spin_a, "spin_b": dimer.spin_b,
+              "meta": meta_row(dimer, energies, level)}
     dc.atomic_write_json(record, os.path.join(folder, FINISHED_FILE))
 
 
@@ -605,23 +694,32 @@ def describe_level(level):
     """E.g. 'RHF, density fitting (def2-universal-jkfit), no counterpoise'."""
     name = "RHF" if level["method"] == "hf" else f"DFT {level['method'].upper()}"
     fit = f"density fitting ({level['auxbasis']})" if level["density_fit"] else "no density fit"
-    return f"{name}, {fit}, {'counterpoise' if level['counterpoise'] else 'no counterpoise'}"
+    disp = " + D4 dispersion" if level.get("dispersion") == "d4" else ""
+    return (f"{name}{disp}, {fit}, "
+            f"{'counterpoise' if level['counterpoise'] else 'no counterpoise'}")
 
 
-def meta_row(dimer, energies):
-    """The meta.xlsx row of a finished dimer (V0 in kcal/mol)."""
+def meta_row(dimer, energies, level=None):
+    """The meta.xlsx row of a finished dimer (V0 in kcal/mol). With a D4 ``level``, V0 is
+    V0_HF (the SCF's E_AB - E_A - E_B; HF or the DFT method) + E_disp, both kept as columns."""
     pr = dimer.pr if dimer.pr is not None else contact_ratio(dimer.symbols, dimer.pos, dimer.n_a)
+    v0 = (energies["E_AB"] - energies["E_A"] - energies["E_B"]) * HARTREE_TO_KCAL_MOL
     row = {"id": dimer.id, "pdb_a": f"{dimer.id}/A.pdb", "pdb_b": f"{dimer.id}/B.pdb",
            "npz": f"{dimer.id}/dimer.npz", "R_nm": dimer.r_angstrom / dc.NM_TO_ANGSTROM,
-           "theta_deg": theta_deg(dimer.pos, dimer.n_a),
-           "V0": (energies["E_AB"] - energies["E_A"] - energies["E_B"]) * HARTREE_TO_KCAL_MOL,
+           "theta_deg": theta_deg(dimer.pos, dimer.n_a), "V0": v0,
            "Vref": dimer.vref, "PR": pr, "group": dimer.group}
+    if level is not None and level.get("dispersion") == "d4":
+        e_disp = (energies["E_disp_AB"] - energies["E_disp_A"] - energies["E_disp_B"]) * \
+            HARTREE_TO_KCAL_MOL
+        row.update({"V0": v0 + e_disp, "V0_HF": v0, "E_disp": e_disp})
     return row
 
 
 def write_meta(out, rows):
-    """meta.xlsx from ``rows`` (atomically); Vref and group columns only when used."""
-    frame = pd.DataFrame(rows, columns=META_COLUMNS)
+    """meta.xlsx from ``rows`` (atomically); Vref and group columns only when used, V0's
+    parts (V0_HF, E_disp) when the folder has a dispersion term."""
+    extra = DISPERSION_META_COLUMNS if "E_disp" in rows[0] else ()
+    frame = pd.DataFrame(rows, columns=META_COLUMNS + extra)
     if frame["Vref"].isna().all():
         frame = frame.drop(columns=["Vref"])
     if frame["group"].isna().all():
@@ -651,14 +749,14 @@ class BuildSummary:
 
 def build_dataset(csv_path, out, method=DEFAULT_METHOD, basis=DEFAULT_BASIS, density_fit=True,
                   auxbasis=DEFAULT_AUXBASIS, counterpoise=False, threads=None, processes=1,
-                  quiet=False, log=print):
+                  quiet=False, log=print, dispersion=DEFAULT_DISPERSION):
     """Build (or continue) the data folder ``out`` from the dimers of ``csv_path``.
 
     Raises ``BuildInputError`` (every problem listed) before any calculation for bad CSV rows,
     an unknown method/basis, or a folder built at another level. Returns a ``BuildSummary``.
     """
     try:
-        level = level_of_theory(method, basis, density_fit, auxbasis, counterpoise)
+        level = level_of_theory(method, basis, density_fit, auxbasis, counterpoise, dispersion)
     except ValueError as exc:
         raise BuildInputError([str(exc)]) from None
     dimers = read_input_csv(csv_path)
@@ -675,6 +773,17 @@ def build_dataset(csv_path, out, method=DEFAULT_METHOD, basis=DEFAULT_BASIS, den
     os.makedirs(out, exist_ok=True)
     for note in claim_folder(out, level, dimers):
         log(note)
+    if level["dispersion"] != "none":  # finished dimers without the term (or with other
+        for d in dimers:               # parameters) gain it from their geometry: no SCF
+            record = finished_record(out, d)
+            if record is not None:
+                add_dispersion(out, d, record, level)
+        recorded = read_level_of_theory(out)
+        if [recorded.get(k) for k in ("dispersion", "dispersion_parameters")] != \
+                [level[k] for k in ("dispersion", "dispersion_parameters")]:
+            dc.atomic_write_json({**recorded, **{k: level[k] for k in (
+                "dispersion", "dispersion_parameters", "dispersion_program")}},
+                os.path.join(out, LEVEL_FILE))
     failed = {d.id: reason for d in dimers
               if finished_record(out, d) is None and (reason := precheck(d))}
     todo = [d for d in dimers if d.id not in failed and finished_record(out, d) is None]
@@ -703,7 +812,7 @@ def build_dataset(csv_path, out, method=DEFAULT_METHOD, basis=DEFAULT_BASIS, den
             write_dimer(out, by_id[rid], energies, arrays, level)
             computed.append(rid)
             if not quiet:
-                v0 = meta_row(by_id[rid], energies)["V0"]
+                v0 = meta_row(by_id[rid], energies)["V0"]  # the SCF's part
                 dc.log_line(f"{rid}: V0 {v0:.3f} kcal/mol ({energies['seconds']:.1f} s)")
     finally:
         if pool is not None:
@@ -716,7 +825,7 @@ def build_dataset(csv_path, out, method=DEFAULT_METHOD, basis=DEFAULT_BASIS, den
             record = finished_record(out, d)
             if record is not None:
                 done.append(d.id)
-                rows.append(meta_row(d, record))
+                rows.append(meta_row(d, record, level))
         if rows:
             write_meta(out, rows)
         failed_path = os.path.join(out, FAILED_FILE)
@@ -786,6 +895,11 @@ See README.md, "Your own dimers".""",
                                       "(default: on)")
     p.add_argument("--auxbasis", default=DEFAULT_AUXBASIS,
                    help=f"density-fitting basis (default: {DEFAULT_AUXBASIS})")
+    p.add_argument("--dispersion", default=DEFAULT_DISPERSION, choices=DISPERSION_MODELS,
+                   help="d4: add the DFT-D4 interaction dispersion energy (dftd4 package, "
+                        "the --method's damping parameters, EEQ charges, three-body term) to "
+                        "V0; meta.xlsx keeps V0_HF and E_disp. Adds the term to a folder "
+                        "built without it, with no SCF repeated")
     p.add_argument("--counterpoise", action="store_true",
                    help="E_A and E_B in the dimer basis (the partner as ghost atoms): no "
                         "basis-set superposition error in V0 (default: off)")
@@ -805,7 +919,8 @@ def main(argv=None):
         summary = build_dataset(args.csv, args.out, method=args.method, basis=args.basis,
                                 density_fit=args.density_fit, auxbasis=args.auxbasis,
                                 counterpoise=args.counterpoise, threads=args.threads,
-                                processes=args.processes, quiet=args.quiet)
+                                processes=args.processes, quiet=args.quiet,
+                                dispersion=args.dispersion)
     except BuildInputError as exc:
         print(f"error: {len(exc.problems)} problem(s), nothing computed:", file=sys.stderr)
         for problem in exc.problems:
