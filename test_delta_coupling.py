@@ -3038,6 +3038,21 @@ def test_builder_output_trains_predicts_and_follows_the_frame(builder, water_bui
     np.testing.assert_allclose(table["V0"], meta["V0"].to_numpy(), atol=1e-9)
 
 
+def test_builder_frame_rotation_is_proper_for_every_direction(builder):
+    """B's centroid straight below A's (NCIAtlas has such dimers) or nearly so: the Rodrigues
+    formula divides by 1 + cos, which is 0 there; the frame must stay a proper rotation."""
+    rng = np.random.default_rng(0)
+    directions = list(rng.normal(size=(50, 3))) + [
+        [0, 0, 1], [0, 0, -1], [1e-9, 0, -1], [0, -1e-13, -2], [3e-17, 0, -1], [1, 0, 0],
+        [0, 1e-9, 1], [1, 1, -1e-12]]
+    for d in directions:
+        r = builder.rotation_to_z(d)
+        unit = np.asarray(d, float) / np.linalg.norm(d)
+        np.testing.assert_allclose(r @ r.T, np.eye(3), rtol=0, atol=1e-12, err_msg=str(d))
+        assert np.linalg.det(r) == pytest.approx(1.0, abs=1e-12), d
+        np.testing.assert_allclose(r @ unit, [0, 0, 1], rtol=0, atol=1e-12, err_msg=str(d))
+
+
 def d4_interaction_by_pairs(symbols, pos, n_a):
     """E_D4(AB) - E_D4(A) - E_D4(B) in kcal/mol from dftd4's own per-pair energies (additive
     and three-body parts summed over every pair), with the parameters dftd4 loads itself for

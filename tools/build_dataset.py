@@ -86,6 +86,7 @@ DEFAULT_AUXBASIS = "def2-universal-jkfit"  # density-fitting basis, H to Rn
 SCF_CONV_TOL = 1e-9  # Hartree: SCF energy convergence
 ANGULAR_LETTERS = "spd"  # Mulliken populations kept per atom: l = 0, 1, 2
 PDB_DECIMALS_ANGSTROM = 1.5e-3  # a finished dimer's PDB must match its input this well
+ANTIPARALLEL_TOL = 1e-6  # 1 + cos below this: the frame's rotation goes by a turn about x
 LEVEL_FILE = dc.LEVEL_OF_THEORY_FILE  # <out>/: the level every dimer of the folder has
 FAILED_FILE = "failed.json"  # <out>/: id -> reason, of the dimers that failed in the last run
 FINISHED_FILE = "energies.json"  # <out>/<id>/: raw energies; written last, marks it finished
@@ -143,10 +144,11 @@ def rotation_to_z(direction):
     """Proper rotation matrix R (3, 3) with R @ unit(direction) = +z (Rodrigues)."""
     d = np.asarray(direction, float) / np.linalg.norm(direction)  # (3,)
     z = np.array([0.0, 0.0, 1.0])
-    v = np.cross(d, z)  # (3,) rotation axis * sin
     c = float(d @ z)  # cos of the angle
-    if np.linalg.norm(v) < 1e-12:
-        return np.eye(3) if c > 0 else np.diag([1.0, -1.0, -1.0])  # 180 deg about x
+    if 1.0 + c < ANTIPARALLEL_TOL:  # at and near -z, 1 + c has lost its digits (0 on -z):
+        flip = np.diag([1.0, -1.0, -1.0])  # turn 180 deg about x first, then from near +z
+        return rotation_to_z(flip @ d) @ flip
+    v = np.cross(d, z)  # (3,) rotation axis * sin
     vx = np.array([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]])
     return np.eye(3) + vx + vx @ vx / (1.0 + c)
 
@@ -774,10 +776,14 @@ def build_dataset(csv_path, out, method=DEFAULT_METHOD, basis=DEFAULT_BASIS, den
     for note in claim_folder(out, level, dimers):
         log(note)
     if level["dispersion"] != "none":  # finished dimers without the term (or with other
-        for d in dimers:               # parameters) gain it from their geometry: no SCF
+        t0, added = time.time(), 0     # parameters) gain it from their geometry: no SCF
+        for d in dimers:
             record = finished_record(out, d)
             if record is not None:
-                add_dispersion(out, d, record, level)
+                added += add_dispersion(out, d, record, level) is not record
+        if added:
+            log(f"added the {level['dispersion']} term to {added} finished dimers in "
+                f"{time.time() - t0:.1f} s (no SCF)")
         recorded = read_level_of_theory(out)
         if [recorded.get(k) for k in ("dispersion", "dispersion_parameters")] != \
                 [level[k] for k in ("dispersion", "dispersion_parameters")]:
