@@ -102,7 +102,8 @@ U_DIM = IRREPS_U.dim  # 4
 MULLIKEN_DIM = 3  # s, p, d populations per atom
 NODE_ATTR_DIM = 8  # width of the embedded Mulliken attributes ("8x0e")
 
-CACHE_FORMAT_VERSION = 2  # bump when the cache layout changes (2: an index + memory-mapped shards)
+CACHE_FORMAT_VERSION = 3  # bump when the cache layout changes (2: an index + memory-mapped shards;
+# 3: each graph's closest A-B contact, contact_internal)
 DEFAULT_CACHE_FILE = "cached_graphs.pt"  # the cache's index; its shards in cached_graphs_shards/
 CACHE_SHARD_BYTES = 64 * 2 ** 20  # a cache shard is closed once its graphs' tensors reach this
 # DimerDataset and the data check keep every row's parsed files in memory up to this many rows;
@@ -116,6 +117,13 @@ DEFAULT_LR = 1e-3
 DEFAULT_RADIAL_HIDDEN = 64  # hidden width of the MLP that maps RBF -> tensor-product weights
 DEFAULT_MLP_HIDDEN = 64  # hidden width of the readout MLP over [h, u]
 DEFAULT_JITTER_STD = 0.001  # internal units (= 0.01 Angstrom)
+# --dv_switch contact: dV times a smooth switch of the closest A-B atom distance, 1 up to
+# SWITCH_ON and exactly 0 from SWITCH_OFF on (docs/DESIGN.md, decision 25: chosen from what is
+# left for dV to learn at each contact distance, benchmarks/residual_by_contact.txt)
+DV_SWITCHES = ("off", "contact")
+DEFAULT_DV_SWITCH = "off"  # the design's dV, unswitched
+DEFAULT_SWITCH_ON_ANGSTROM = 5.0
+DEFAULT_SWITCH_OFF_ANGSTROM = 9.0
 # --schedule: how a run is trained and which epoch's weights it keeps (docs/DESIGN.md,
 # decision 24; README "Training schedule"). Each sets the defaults of --epochs (the OneCycle
 # length), --patience (stale epochs before early stopping) and --ema (0: off):
@@ -633,6 +641,7 @@ class ParsedDimer:
     pos: np.ndarray  # (N, 3) Angstrom: A centred at 0, B centred at (0, 0, R)
     mulliken: np.ndarray  # (N, 3) electrons
     field: np.ndarray  # (8,) internal units: dipole (3) + traceless quadrupole l=2 (5)
+    contact: float = math.inf  # Angstrom: the closest distance of an atom of A to one of B
 
 
 def parse_dimer(root_dir, row):
@@ -664,7 +673,7 @@ def parse_dimer(root_dir, row):
         quadrupole_to_l2(quadrupole_debye_angstrom_to_internal(quad)),  # (5,) 2e
     ])  # (8,)
     return ParsedDimer(row=row, z=np.concatenate([z_a, z_b]), pos=np.concatenate([pos_a, pos_b]),
-                       mulliken=mulliken, field=field)
+                       mulliken=mulliken, field=field, contact=float(closest))
 
 
 def check_dataset(root_dir, parsed=None, require_vref=True, rows=None):
@@ -819,6 +828,8 @@ def make_graph(parsed, internal_cutoff, rotation=None, jitter_std=0.0, with_sh=F
         y=torch.tensor([row["Vref"] - row["V0"]], dtype=dtype),  # (1,) dV target
         y_true_vref=torch.tensor([row["Vref"]], dtype=dtype),  # (1,)
         R_internal_val=torch.tensor([r_internal], dtype=dtype),  # (1,)
+        # closest A-B atom distance of the untouched geometry (rotation-invariant), internal
+        contact_internal=torch.tensor([parsed.contact * INT_ANGSTROM_SCALE], dtype=dtype),
         row_number=torch.tensor([row["row"]], dtype=torch.long),  # (1,) spreadsheet row
         # (not "*_index": PyG would offset it by num_nodes when batching)
         num_nodes=len(parsed.z),
@@ -1228,10 +1239,18 @@ class DeltaCoupling(nn.Module):
 
     def __init__(self, num_conv_layers=DEFAULT_NUM_CONV_LAYERS, num_rbf=DEFAULT_NUM_RBF,
                  cutoff=DEFAULT_PHYSICAL_CUTOFF * INT_ANGSTROM_SCALE,
-                 radial_hidden=DEFAULT_RADIAL_HIDDEN, mlp_hidden=DEFAULT_MLP_HIDDEN):
+                 radial_hidden=DEFAULT_RADIAL_HIDDEN, mlp_hidden=DEFAULT_MLP_HIDDEN,
+                 dv_switch=None):
         super().__init__()
         self.config = dict(num_conv_layers=num_conv_layers, num_rbf=num_rbf, cutoff=float(cutoff),
                            radial_hidden=radial_hidden, mlp_hidden=mlp_hidden)
+        # dv_switch: None (the design's dV) or [on, off], internal units: dV times
+        # contact_switch of each graph's closest A-B contact (a fixed function, no parameter)
+        self.dv_switch = None if dv_switch is None else [float(v) for v in dv_switch]
+        if self.dv_switch is not None:
+            if not 0 <= self.dv_switch[0] < self.dv_switch[1]:
+                raise ValueError(f"dv_switch {dv_switch}: needs 0 <= on < off")
+            self.config["dv_switch"] = self.dv_switch  # absent when off: older configs load
         self.z_embedding = nn.Embedding(NUM_ELEMENTS + 1, NUM_NODE_SCALARS)  # Z -> 8x0e
         self.attr_embedding = nn.Sequential(  # Mulliken [s, p, d] -> 8x0e node attributes
             nn.Linear(MULLIKEN_DIM, NODE_ATTR_DIM), nn.SiLU(),
@@ -1272,9 +1291,14 @@ class DeltaCoupling(nn.Module):
         return self
 
     def forward(self, data):
+        contact = getattr(data, "contact_internal", None)
+        if self.dv_switch is not None and contact is None:
+            raise ValueError("this model switches dV off by the closest A-B contact, and the "
+                             "graphs lack it (contact_internal): rebuild the cache with this "
+                             "version (--rebuild_cache)")
         inputs = (data.z_atoms, data.pos_atoms, data.batch, data.atomic_node_attr,
                   data.field_node_features, data.u, data.edge_index_atoms,
-                  getattr(data, "edge_attr_sh", None), data.edge_attr_atoms)
+                  getattr(data, "edge_attr_sh", None), data.edge_attr_atoms, contact)
         if self._compiled is not None:
             try:
                 return self._compiled(*inputs)
@@ -1286,9 +1310,10 @@ class DeltaCoupling(nn.Module):
         return self.forward_tensors(*inputs)
 
     def forward_tensors(self, z, pos_atoms, batch_atoms, atomic_node_attr, field_feat, u,
-                        edge_index_atoms, sh_atoms=None, edge_attr_atoms=None):
+                        edge_index_atoms, sh_atoms=None, edge_attr_atoms=None, contact=None):
         """z (N,), pos (N, 3), batch (N,), Mulliken (N, 3), field (B, 8), u (B, 4), edges (2, E),
-        optional cached harmonics (E, 64) with lengths (E, 1) -> dV (B,)."""
+        optional cached harmonics (E, 64) with lengths (E, 1), closest A-B contacts (B,)
+        (internal; read with ``dv_switch``) -> dV (B,)."""
         num_graphs, num_atoms = u.size(0), z.size(0)
         dtype = pos_atoms.dtype
 
@@ -1351,7 +1376,18 @@ class DeltaCoupling(nn.Module):
         h = scalars.new_zeros(num_graphs, NUM_NODE_SCALARS, dtype=sum_dtype).index_add_(
             0, batch_combined, scalars.to(sum_dtype))
         h = h / node_count.unsqueeze(1)  # (B, 8)
-        return self.readout(torch.cat([h, u], dim=1)).squeeze(1)  # (B,) dV
+        dv = self.readout(torch.cat([h, u], dim=1)).squeeze(1)  # (B,) dV
+        if self.dv_switch is None:
+            return dv
+        return dv * contact_switch(contact.reshape(-1), *self.dv_switch).to(dv.dtype)
+
+
+def contact_switch(contact, on, off):
+    """1 for ``contact <= on``, exactly 0 for ``contact >= off``, in between the smoothstep
+    ``1 - 3t^2 + 2t^3`` of ``t = (contact - on) / (off - on)``: continuous with a continuous
+    first derivative (0 at both ends). Any shape of tensor; ``on``, ``off`` in its unit."""
+    t = ((contact - on) / (off - on)).clamp(0.0, 1.0)
+    return 1.0 - t * t * (3.0 - 2.0 * t)
 
 
 # ----------------------------------------------------------------------------- fast path
@@ -2917,6 +2953,15 @@ def build_arg_parser():
                    help="hidden width of the RBF -> tensor-product-weight MLP")
     p.add_argument("--mlp_hidden", type=positive_int, default=DEFAULT_MLP_HIDDEN,
                    help="hidden width of the readout MLP")
+    p.add_argument("--dv_switch", default=DEFAULT_DV_SWITCH, choices=DV_SWITCHES,
+                   help="contact: dV times a smooth switch of the closest A-B atom distance, "
+                        "1 up to --switch_on, exactly 0 from --switch_off on (dV vanishes as "
+                        "the monomers part); off: the design's dV")
+    p.add_argument("--switch_on", type=positive_float, default=DEFAULT_SWITCH_ON_ANGSTROM,
+                   help="Angstrom: with --dv_switch contact, dV is whole up to this contact")
+    p.add_argument("--switch_off", type=positive_float, default=DEFAULT_SWITCH_OFF_ANGSTROM,
+                   help="Angstrom: with --dv_switch contact, dV is 0 from this contact on "
+                        "(at most --physical_cutoff)")
     p.add_argument("--lr", type=positive_float, default=DEFAULT_LR,
                    help="peak OneCycle learning rate")
     p.add_argument("--apply_augmentations", action=argparse.BooleanOptionalAction, default=True,
@@ -3269,13 +3314,27 @@ def prepare_data(args, device, resume=None, split=None):
         versions=package_versions(), resumed=resume is not None, level_of_theory=level)
 
 
+def dv_switch_of(args):
+    """``DeltaCoupling``'s ``dv_switch`` from the options: None (``--dv_switch off``) or
+    [on, off] in internal units; stops when the distances make no sense."""
+    if getattr(args, "dv_switch", DEFAULT_DV_SWITCH) == "off":
+        return None
+    if not args.switch_on < args.switch_off <= args.physical_cutoff:
+        _exit(f"--dv_switch contact needs --switch_on < --switch_off <= --physical_cutoff "
+              f"(Angstrom), got {args.switch_on}, {args.switch_off} and "
+              f"{args.physical_cutoff}: beyond the cutoff the graph splits and dV would jump "
+              f"there")
+    return [args.switch_on * INT_ANGSTROM_SCALE, args.switch_off * INT_ANGSTROM_SCALE]
+
+
 def build_model(run):
     """Stage 2, model: a ``DeltaCoupling`` of the options' size at the cache's cutoff, compiled
     where that was measured to be faster (docs/DESIGN.md, decision 10)."""
     args, device = run.args, run.device
     model = DeltaCoupling(num_conv_layers=args.num_conv_layers, num_rbf=args.num_rbf,
                           cutoff=float(run.cache.metadata["internal_cutoff"]),
-                          radial_hidden=args.radial_hidden, mlp_hidden=args.mlp_hidden).to(device)
+                          radial_hidden=args.radial_hidden, mlp_hidden=args.mlp_hidden,
+                          dv_switch=dv_switch_of(args)).to(device)
     backend = resolve_compile_backend(args.compile, device, args.epochs)
     if backend is None:
         return model

@@ -951,10 +951,16 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
-def test_model_dv_is_invariant_under_rotation_translation_permutation(tiny_root, float64):
+# the tiny dimers' closest contacts (about 1.5-2.5 Angstrom) lie on this switch's ramp
+RAMP_SWITCH = [0.1, 0.4]  # internal units: 1 to 4 Angstrom
+
+
+@pytest.mark.parametrize("switch", [None, RAMP_SWITCH], ids=["unswitched", "dv_switch"])
+def test_model_dv_is_invariant_under_rotation_translation_permutation(tiny_root, float64,
+                                                                      switch):
     plain = dc.DimerDataset(tiny_root)
     rotated = dc.DimerDataset(tiny_root, augment=True, jitter_std=0.0)
-    model = small_model(num_conv_layers=4).double().eval()
+    model = small_model(num_conv_layers=4, dv_switch=switch).double().eval()
     graphs = [plain[i] for i in range(len(plain))]
     ref_batch = batch_of(graphs)
     with torch.no_grad():
@@ -991,17 +997,131 @@ def test_model_dv_is_invariant_under_rotation_translation_permutation(tiny_root,
         assert _rel(model(wrong), ref) > 1e-6
 
 
-def test_model_dv_is_invariant_on_the_cached_rotation_path(tiny_root, float64):
+@pytest.mark.parametrize("switch", [None, RAMP_SWITCH], ids=["unswitched", "dv_switch"])
+def test_model_dv_is_invariant_on_the_cached_rotation_path(tiny_root, float64, switch):
     build_cache(tiny_root, 12.0)  # built in float64 here
     cache = os.path.join(tiny_root, dc.DEFAULT_CACHE_FILE)
     plain = dc.CachedDimerDataset(cache)
     rotating = dc.CachedDimerDataset(cache, rotate=True)
-    model = small_model(num_conv_layers=4).double().eval()
+    model = small_model(num_conv_layers=4, dv_switch=switch).double().eval()
     with torch.no_grad():
         ref = model(batch_of([plain[i] for i in range(4)]))
         rot = model(batch_of([rotating[i] for i in range(4)]))
     assert plain[0].edge_attr_sh.dtype == torch.float64
     assert _rel(rot, ref) < 1e-9
+
+
+def test_contact_switch_is_one_then_smooth_then_exactly_zero(float64):
+    on, off = 0.5, 0.9
+    x = torch.linspace(0.0, 1.5, 3001)
+    s = dc.contact_switch(x, on, off)
+    assert torch.all(s[x <= on] == 1.0) and torch.all(s[x >= off] == 0.0)  # exactly
+    assert torch.all(s[1:] <= s[:-1])  # monotone: never switches back on
+    assert float(dc.contact_switch(torch.tensor(0.7), on, off)) == pytest.approx(0.5, abs=1e-15)
+    # continuous first derivative: the slope is 0 at both ends, -1.5 / (off - on) midway
+    # (smoothstep: s' = -6 t (1 - t) / (off - on)); autograd against that formula
+    xs = torch.tensor([on, on + 1e-9, 0.7, off - 1e-9, off], requires_grad=True)
+    (grad,) = torch.autograd.grad(dc.contact_switch(xs, on, off).sum(), xs)
+    t = ((xs.detach() - on) / (off - on)).clamp(0, 1)
+    torch.testing.assert_close(grad, -6 * t * (1 - t) / (off - on), rtol=0, atol=1e-7)
+    assert abs(float(grad[1])) < 1e-7 and abs(float(grad[3])) < 1e-7
+
+
+def test_dv_switch_scales_dv_by_the_switch_of_each_dimers_contact(tiny_root, float64):
+    graphs = [g for g in dc.DimerDataset(tiny_root)]
+    contact = torch.cat([g.contact_internal for g in graphs])  # (4,) internal
+    closest = [dc.closest_pair(g.pos_atoms[:3].numpy(), g.pos_atoms[3:].numpy())[0]
+               for g in graphs]  # water (3 atoms) first, then ammonia
+    torch.testing.assert_close(contact, torch.tensor(closest), rtol=0, atol=1e-12)
+    plain = small_model()
+    on, off = float(contact.min()) + 1e-3, float(contact.max()) - 1e-3  # both kinds in range
+    switched = small_model(dv_switch=[on, off])
+    switched.load_state_dict(plain.state_dict())  # the same weights: no parameter added
+    with torch.no_grad():
+        dv, dv_s = plain.eval()(batch_of(graphs)), switched.eval()(batch_of(graphs))
+    torch.testing.assert_close(dv_s, dv * dc.contact_switch(contact, on, off), rtol=1e-12,
+                               atol=0)
+    assert dv_s[contact.argmax()] == 0.0 and dv[contact.argmax()] != 0.0
+    assert dv_s[contact.argmin()] == dv[contact.argmin()]
+    assert switched.config["dv_switch"] == [on, off] and "dv_switch" not in plain.config
+    loaded = dc.DeltaCoupling.from_config(switched.config)  # what a checkpoint rebuilds
+    assert loaded.dv_switch == [on, off]
+    missing = batch_of(graphs)
+    del missing.contact_internal  # a graph of a cache from before the switch
+    with pytest.raises(ValueError, match="rebuild the cache"):
+        switched(missing)
+
+
+def scan_dataset(root, separations):
+    """One water-ammonia dimer pulled apart along z: a row per centroid separation (Angstrom);
+    the field and populations are the same in every row, so only the geometry changes."""
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(5)
+    rot_a, rot_b = (o3.rand_matrix(dtype=torch.float64).numpy() for _ in range(2))
+    pos_a, pos_b = np.asarray(WATER[1]) @ rot_a.T, np.asarray(AMMONIA[1]) @ rot_b.T
+    q = rng.normal(size=(3, 3))
+    rows = []
+    for i, r in enumerate(separations):
+        d = os.path.join(root, f"s{i}")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "A.pdb"), "w") as fh:
+            fh.write(pdb_text(WATER[0], pos_a, "A"))
+        with open(os.path.join(d, "B.pdb"), "w") as fh:
+            fh.write(pdb_text(AMMONIA[0], pos_b, "B"))
+        np.savez(os.path.join(d, "dimer.npz"), mulliken_spd=np.full((7, 3), 1.0),
+                 dipole=np.array([0.3, -0.2, 1.1]), quadrupole=q + q.T)
+        rows.append({"id": f"R{i}", "pdb_a": f"s{i}/A.pdb", "pdb_b": f"s{i}/B.pdb",
+                     "npz": f"s{i}/dimer.npz", "R_nm": r / 10, "theta_deg": 30.0,
+                     "V0": -1.0 / r, "Vref": -1.2 / r, "PR": 1.0})
+    pd.DataFrame(rows).to_excel(os.path.join(root, "meta.xlsx"), index=False)
+    return root
+
+
+def test_a_scan_past_the_switch_gives_zero_dv_and_no_jump_at_the_graph_cutoff(tmp_path):
+    """Along a dissociation scan the unswitched model's dV does not vanish and still changes
+    past the point where the 12 Angstrom graph splits into two monomers; the switched one is
+    exactly 0 from --switch_off on (the defaults), on both sides of the split."""
+    root = scan_dataset(str(tmp_path / "scan"), np.linspace(3.0, 20.0, 171))  # 0.1 A steps
+    graphs = list(dc.DimerDataset(root, physical_cutoff=12.0))
+    contact = torch.cat([g.contact_internal for g in graphs]) / dc.INT_ANGSTROM_SCALE  # A
+    edges_ab = torch.tensor([int(((g.edge_index_atoms[0] < 3) & (g.edge_index_atoms[1] >= 3))
+                                 .sum()) for g in graphs])  # A-B edges of each graph
+    on, off = dc.DEFAULT_SWITCH_ON_ANGSTROM, dc.DEFAULT_SWITCH_OFF_ANGSTROM
+    plain = dc.DeltaCoupling(num_conv_layers=2, num_rbf=8, radial_hidden=16, mlp_hidden=16)
+    switched = dc.DeltaCoupling(num_conv_layers=2, num_rbf=8, radial_hidden=16, mlp_hidden=16,
+                                dv_switch=[on * 0.1, off * 0.1])
+    switched.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        dv, dv_s = plain.eval()(batch_of(graphs)), switched.eval()(batch_of(graphs))
+    far = contact >= off
+    assert far.sum() > 10 and torch.all(dv_s[far] == 0.0)  # exactly zero past the switch
+    assert torch.all(dv[far] != 0.0)  # ... where the design's dV is not
+    assert torch.all(dv_s[contact <= on] == dv[contact <= on])
+    split = int(torch.nonzero(edges_ab == 0)[0])  # the first graph with no A-B edge
+    assert 0 < split and edges_ab[split - 1] > 0 and contact[split - 1] > off
+    # past the split the unswitched dV still drifts with the separation (the readout reads R
+    # in u); the switched one is 0 on both sides of the split, so it cannot jump there
+    beyond = dv[split:]
+    assert float(beyond.max() - beyond.min()) > 0 and torch.all(dv_s[split - 1:] == 0.0)
+
+
+def test_main_trains_and_predicts_with_dv_switch(tmp_path, capsys):
+    root = write_dataset(str(tmp_path / "data"), 10)
+    out = dc.main(["--root_dir", root, "--epochs", "1", "--quiet", *SMALL_RUN,
+                   "--dv_switch", "contact", "--switch_on", "1.5", "--switch_off", "2.5"])
+    model, ckpt = dc.load_checkpoint(out["best_path"])
+    assert ckpt["model_config"]["dv_switch"] == pytest.approx([0.15, 0.25])
+    assert model.dv_switch == pytest.approx([0.15, 0.25])
+    copy = _copy_data(root, tmp_path / "copy")
+    result = dc.main(["--predict", "--checkpoint", out["best_path"], "--root_dir", copy,
+                      "--quiet", *ON_CPU])
+    table = pd.read_csv(result["predictions_path"])
+    assert np.isfinite(table["dV"]).all()
+    with pytest.raises(SystemExit) as exc:
+        dc.main(["--root_dir", root, "--epochs", "1", "--quiet", *SMALL_RUN,
+                 "--dv_switch", "contact", "--switch_off", "15"])
+    assert exc.value.code == 2
+    assert "--switch_on < --switch_off <= --physical_cutoff" in capsys.readouterr().err
 
 
 def test_model_accepts_cached_harmonics_and_matches_on_the_fly(tiny_root):

@@ -1,0 +1,215 @@
+"""The physics evidence: grouped cross-validation of the four variants HF / HF-D4 baseline x
+dV switch off / on (docs/DESIGN.md, decision 25), on one data folder, for several seeds.
+
+    python benchmarks/physics_variants.py prepare SRC OUT      # OUT/hf, OUT/hfd4, contacts.csv
+    python benchmarks/physics_variants.py run OUT --seeds 42 43 --cv 5 --epochs 120
+    python benchmarks/physics_variants.py report OUT [--by-subset]   # also writes OUT/report.txt
+
+``prepare`` writes two meta.xlsx views of SRC's dimers (absolute paths to SRC's PDB and NPZ
+files, nothing copied): ``hf`` with V0 = the SCF interaction energy and ``hfd4`` with V0 = that
++ E_disp (the DFT-D4 interaction dispersion energy: SRC's own ``E_disp`` where it was built with
+``--dispersion d4``, else computed from the PDB geometry with the builder's function), each
+with its level_of_theory.json, and ``contacts.csv`` (closest A-B distance and contact ratio,
+the builder's PR definition, from the PDBs). SRC is a builder folder (its finished
+``<id>/energies.json`` records are read, so a folder still being built works) or any folder
+with meta.xlsx.
+
+``run`` trains ``python delta_coupling.py --cv K --schedule anneal --epochs E --seed S`` for
+every variant, switch and seed (``--dv_switch contact`` with the default distances), each in
+its own folder ``OUT/runs/<variant>-<switch>-s<seed>`` (a copy of the view's meta.xlsx), one
+after the other with one torch thread; a finished run (its cv_metrics.json) is skipped, so the
+same command continues. ``report`` reads every run's out-of-fold predictions: MAE per variant
+(mean and spread over the seeds), per contact-ratio band and, with ``--by-subset``, per subset
+(the id's prefix before its first '-').
+"""
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import delta_coupling as dc  # noqa: E402
+
+VARIANTS = ("hf", "hfd4")
+SWITCHES = ("off", "contact")
+BANDS = ((0.0, 1.0, "contact ratio < 1.0"), (1.0, 1.5, "1.0-1.5"), (1.5, np.inf, "> 1.5"))
+
+
+def source_rows(src):
+    """Rows (dict: id, pdb_a, pdb_b, npz absolute, R_nm, theta_deg, V0_HF, E_disp or None,
+    Vref, PR, group) of SRC's dimers."""
+    records = sorted(glob.glob(os.path.join(src, "*", "energies.json")))
+    rows = []
+    if records:
+        for path in records:
+            with open(path) as fh:
+                record = json.load(fh)
+            meta = dict(record["meta"])
+            v0_hf = (record["E_AB"] - record["E_A"] - record["E_B"]) * 627.5094740631
+            e_disp = None
+            if all(k in record for k in ("E_disp_AB", "E_disp_A", "E_disp_B")):
+                e_disp = (record["E_disp_AB"] - record["E_disp_A"] - record["E_disp_B"]) * \
+                    627.5094740631
+            meta.update(V0_HF=v0_hf, E_disp=e_disp, charge=record.get("charge_a", 0) +
+                        record.get("charge_b", 0))
+            rows.append(meta)
+    else:
+        frame = pd.read_excel(os.path.join(src, "meta.xlsx"))
+        for rec in frame.to_dict("records"):
+            rec["V0_HF"] = rec.get("V0_HF", rec["V0"])
+            rec["E_disp"] = rec.get("E_disp")
+            rows.append(rec)
+    for r in rows:
+        for col in ("pdb_a", "pdb_b", "npz"):
+            r[col] = os.path.abspath(os.path.join(src, r[col]))
+        if r.get("group") is None or (isinstance(r.get("group"), float) and
+                                      np.isnan(r["group"])):
+            r["group"] = r["id"]
+    return [r for r in rows if r.get("Vref") is not None and np.isfinite(r["Vref"])]
+
+
+def prepare(src, out):
+    import build_dataset as builder
+    rows = source_rows(src)
+    params = builder.d4_parameters("hf")
+    contacts = []
+    for r in rows:
+        z_a, pos_a = dc.parse_pdb(r["pdb_a"])
+        z_b, pos_b = dc.parse_pdb(r["pdb_b"])
+        symbols = [dc.ELEMENTS[z - 1] for z in np.concatenate([z_a, z_b])]
+        pos = np.concatenate([pos_a, pos_b])
+        if r["E_disp"] is None or not np.isfinite(r["E_disp"]):  # from the PDB geometry
+            e = (builder.d4_energy(symbols, pos, 0, params)
+                 - builder.d4_energy(symbols[:len(z_a)], pos_a, 0, params)
+                 - builder.d4_energy(symbols[len(z_a):], pos_b, 0, params))
+            r["E_disp"] = e * builder.HARTREE_TO_KCAL_MOL
+        contacts.append({"id": r["id"], "closest_angstrom": dc.closest_pair(pos_a, pos_b)[0],
+                         "contact_ratio": builder.contact_ratio(symbols, pos, len(z_a))})
+    level = dc.read_level_of_theory(src) or {
+        "method": "hf", "basis": "def2-svp", "density_fit": True,
+        "auxbasis": "def2-universal-jkfit", "counterpoise": False}
+    for variant in VARIANTS:
+        folder = os.path.join(out, variant)
+        os.makedirs(folder, exist_ok=True)
+        frame = pd.DataFrame([{"id": r["id"], "pdb_a": r["pdb_a"], "pdb_b": r["pdb_b"],
+                               "npz": r["npz"], "R_nm": r["R_nm"], "theta_deg": r["theta_deg"],
+                               "V0": r["V0_HF"] + (r["E_disp"] if variant == "hfd4" else 0.0),
+                               "Vref": r["Vref"], "PR": r["PR"], "group": r["group"]}
+                              for r in rows])
+        frame.to_excel(os.path.join(folder, "meta.xlsx"), index=False)
+        record = {k: level[k] for k in dc.LEVEL_OF_THEORY_KEYS if k != "dispersion"}
+        record["dispersion"] = "d4" if variant == "hfd4" else "none"
+        dc.atomic_write_json(record, os.path.join(folder, dc.LEVEL_OF_THEORY_FILE))
+    pd.DataFrame(contacts).to_csv(os.path.join(out, "contacts.csv"), index=False)
+    print(f"{len(rows)} dimers of {src} -> {out}/hf, {out}/hfd4, {out}/contacts.csv")
+
+
+def run(out, seeds, k, epochs, extra):
+    for seed in seeds:
+        for variant in VARIANTS:
+            for switch in SWITCHES:
+                name = f"{variant}-{switch}-s{seed}"
+                folder = os.path.join(out, "runs", name)
+                if os.path.exists(os.path.join(folder, "models", dc.CV_METRICS_FILE)):
+                    print(f"{name}: done before")
+                    continue
+                os.makedirs(folder, exist_ok=True)
+                for f in ("meta.xlsx", dc.LEVEL_OF_THEORY_FILE):
+                    shutil.copy(os.path.join(out, variant, f), folder)
+                cmd = [sys.executable, os.path.join(ROOT, "delta_coupling.py"), "--root_dir",
+                       folder, "--cv", str(k), "--schedule", "anneal", "--epochs", str(epochs),
+                       "--seed", str(seed), "--dv_switch", switch, "--device", "cpu",
+                       "--compile", "off", "--quiet", *extra]
+                t0 = time.time()
+                with open(os.path.join(folder, "cv.log"), "w") as log:
+                    log.write("# " + " ".join(cmd) + "\n")
+                    log.flush()
+                    rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                print(f"{name}: exit {rc}, {time.time() - t0:.0f} s", flush=True)
+
+
+def report(out, by_subset):
+    contacts = pd.read_csv(os.path.join(out, "contacts.csv")).set_index("id")
+    tables = {}
+    for path in sorted(glob.glob(os.path.join(out, "runs", "*", "models", dc.CV_PREDICTIONS_FILE))):
+        name = path.split(os.sep)[-3]
+        variant, switch, seed = name.rsplit("-", 2)
+        t = pd.read_csv(path).dropna(subset=["error"])
+        t["ratio"] = contacts.loc[t["id"], "contact_ratio"].to_numpy()
+        t["subset"] = t["id"].astype(str).str.split("-").str[0]
+        tables.setdefault((variant, switch), []).append((seed, t))
+    lines = [f"# {out}: out-of-fold MAE (kcal/mol), mean over seeds (min-max); V0 MAE beside",
+             "variant | switch | seeds | n | all | " +
+             " | ".join(label for _, _, label in BANDS) + " | V0 all"]
+    lines.append(" | ".join(["---"] * (5 + len(BANDS))))
+    subsets = sorted({s for runs in tables.values() for _, t in runs for s in t["subset"]})
+    sub_lines = ["", "variant | switch | " + " | ".join(subsets),
+                 " | ".join(["---"] * (2 + len(subsets)))]
+
+    def fmt(values):
+        values = [v for v in values if np.isfinite(v)]
+        if not values:
+            return "-"
+        return f"{np.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})" \
+            if len(values) > 1 else f"{values[0]:.3f}"
+
+    for (variant, switch), runs in sorted(tables.items()):
+        n = len(runs[0][1])
+        cells = [fmt([t["error"].abs().mean() for _, t in runs])]
+        for lo, hi, _ in BANDS:
+            cells.append(fmt([t["error"][(t["ratio"] >= lo) & (t["ratio"] < hi)].abs().mean()
+                              for _, t in runs]))
+        v0 = runs[0][1]
+        lines.append(f"{variant} | {switch} | {','.join(s for s, _ in runs)} | {n} | "
+                     + " | ".join(cells) + f" | {(v0['V0'] - v0['Vref']).abs().mean():.3f}")
+        sub_lines.append(f"{variant} | {switch} | " + " | ".join(
+            fmt([t["error"][t["subset"] == s].abs().mean() for _, t in runs])
+            for s in subsets))
+    counts = runs[0][1] if tables else None
+    if counts is not None:
+        lines.append("rows per band: " + ", ".join(
+            f"{label} {int(((counts['ratio'] >= lo) & (counts['ratio'] < hi)).sum())}"
+            for lo, hi, label in BANDS))
+    text = "\n".join(lines + (sub_lines if by_subset else []))
+    print(text)
+    with open(os.path.join(out, "report.txt"), "w") as fh:
+        fh.write(text + "\n")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("prepare")
+    a.add_argument("src")
+    a.add_argument("out")
+    b = sub.add_parser("run")
+    b.add_argument("out")
+    b.add_argument("--seeds", type=int, nargs="+", default=[42, 43])
+    b.add_argument("--cv", type=int, default=5)
+    b.add_argument("--epochs", type=int, default=120)
+    b.add_argument("extra", nargs="*", help="more delta_coupling.py options (after --)")
+    c = sub.add_parser("report")
+    c.add_argument("out")
+    c.add_argument("--by-subset", action="store_true")
+    args = p.parse_args(argv)
+    if args.cmd == "prepare":
+        prepare(args.src, args.out)
+    elif args.cmd == "run":
+        run(args.out, args.seeds, args.cv, args.epochs, args.extra)
+    else:
+        report(args.out, args.by_subset)
+
+
+if __name__ == "__main__":
+    main()
