@@ -125,14 +125,15 @@ DEFAULT_DV_SWITCH = "off"  # the design's dV, unswitched
 DEFAULT_SWITCH_ON_ANGSTROM = 5.0
 DEFAULT_SWITCH_OFF_ANGSTROM = 9.0
 # --schedule: how a run is trained and which epoch's weights it keeps (docs/DESIGN.md,
-# decision 24; README "Training schedule"). Each sets the defaults of --epochs (the OneCycle
-# length), --patience (stale epochs before early stopping) and --ema (0: off):
+# decision 24; docs/RESULTS.md, "Training schedule"). Each sets the defaults of --epochs (the
+# OneCycle length), --patience (stale epochs before early stopping) and --ema (0: off):
 # "spec" is the design's (docs/DESIGN.md, section 8), stale epochs counted from the first;
 # "anneal" a short OneCycle that anneals fully, stale epochs counted only once the learning
 # rate is down to ANNEAL_COUNT_LR_FRACTION of its peak. Measured by grouped 5-fold CV on two
-# data sets, anneal is as accurate as spec (within the spread between seeds) in a third to a
-# half of the time, not clearly better: spec stays the default of a run, anneal is the default
-# of --cv (a fold's accuracy at a third of the cost); an EMA of the weights measured no better
+# data sets, anneal is as accurate as spec (within the spread between seeds) in less of the
+# time (docs/RESULTS.md has the figures), not clearly better: spec stays the default of a run,
+# anneal is the default of --cv (a fold's accuracy at less cost); an EMA of the weights measured
+# no better
 SCHEDULES = {"anneal": {"epochs": 300, "patience": 50, "ema": 0.0},
              "spec": {"epochs": 1500, "patience": 250, "ema": 0.0}}
 DEFAULT_SCHEDULE = "spec"
@@ -148,10 +149,11 @@ MAPE_EPS = 1e-8  # Vref units
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train, val, test (n >= 10)
 SPLIT_MIN_N_FRACTIONAL = 10
 # --compile auto on a CPU, by platform (benchmarks/bench_training.py, 2 cores: inductor trains
-# 1.28x and evaluates 1.33x as fast as eager after about 30 s of compilation; aot_eager 0.94x)
+# 1.28x and evaluates 1.33x as fast as eager after its compilation; aot_eager 0.94x;
+# docs/PERFORMANCE.md)
 CPU_AUTO_COMPILE = {"linux": "inductor"}
-# ... for runs of at least this many epochs: compiling takes 30-60 s, an epoch of the bundled
-# example gains about 0.13 s, so shorter runs are faster eager
+# ... for runs of at least this many epochs: compiling takes tens of seconds (docs/PERFORMANCE.md),
+# an epoch of the bundled example gains about 0.13 s, so shorter runs are faster eager
 CPU_COMPILE_MIN_EPOCHS = 500
 DEFAULT_ROOT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "s22x5")
 # the model shipped with the repository (data/corpus/README.md): --predict uses it for a folder
@@ -192,7 +194,7 @@ RESUME_FREE_OPTIONS = ("resume", "root_dir", "cache_file_name", "rebuild_cache",
 RESUME_NOT_INHERITED = ("resume", "rebuild_cache", "check_data", "device", "num_workers",
                         "compile", "predict", "checkpoint")
 EXIT_INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT), as shells report it
-# torchrun (README.md, "Scaling out"): a collective that waits longer than this fails, so a
+# torchrun (docs/PERFORMANCE.md, "Scaling out"): a collective that waits longer than this fails, so a
 # hung rank cannot keep the others waiting for ever (torchrun ends them at once when one dies)
 DIST_TIMEOUT_MINUTES = 30
 DIST_DATA_TIMEOUT_HOURS = 48  # how long the other ranks wait for rank 0's data check and cache
@@ -501,7 +503,7 @@ def read_meta(root_dir, require_vref=True, *, problems=None):
     if not os.path.isfile(path):
         _problem(problems, FileNotFoundError(
             f"{path} not found: a data folder needs a meta.xlsx (see the data format in "
-            f"README.md); check --root_dir"))
+            f"docs/DATA_FORMAT.md); check --root_dir"))
         return []
     try:
         # only an empty cell is missing: "NA", "n/a" or "NaN" stay text, reported as written
@@ -563,7 +565,7 @@ def load_npz(path, n_atoms, where):
     layout (e.g. six unique components read as a row-major 3x3) that symmetrising would hide.
     """
     fix = ("; re-export it with np.savez: mulliken_spd (N, 3), dipole (3,) in D, quadrupole "
-           "(3, 3) in D*Angstrom (see README.md)")
+           "(3, 3) in D*Angstrom (see docs/DATA_FORMAT.md)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{where}: NPZ file {path} not found; fix column npz or add "
                                 f"the file")
@@ -2937,8 +2939,8 @@ def build_arg_parser():
                    help="training schedule: the defaults of --epochs, --patience and --ema and "
                         f"when early stopping counts; spec: the design's, "
                         f"{describe_schedule('spec')}; anneal: {describe_schedule('anneal')}; "
-                        f"None: {DEFAULT_SCHEDULE}, with --cv {CV_DEFAULT_SCHEDULE} (README "
-                        f"'Training schedule')".replace("%", "%%"))
+                        f"None: {DEFAULT_SCHEDULE}, with --cv {CV_DEFAULT_SCHEDULE} "
+                        f"(docs/RESULTS.md, 'Training schedule')".replace("%", "%%"))
     p.add_argument("--epochs", type=positive_int, default=None,
                    help="training epochs, the OneCycle length; None: the schedule's")
     p.add_argument("--batch_size", type=positive_int, default=DEFAULT_BATCH_SIZE,
@@ -4230,7 +4232,7 @@ def format_cv_table(metrics):
 def main(argv=None):
     """Train and evaluate (docs/DESIGN.md, section 8); with ``--predict``, predict. ``argv=None``
     reads sys.argv; every argument has a default. Under torchrun every rank runs it
-    (README.md, "Scaling out")."""
+    (docs/PERFORMANCE.md, "Scaling out")."""
     args, resume = parse_main_args(argv)
     if args.predict:
         if launched_by_torchrun():

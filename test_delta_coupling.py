@@ -3017,10 +3017,17 @@ def test_install_instructions_name_the_pinned_torch_and_its_cpu_wheel():
     from packaging.requirements import Requirement
     from packaging.specifiers import SpecifierSet
 
-    with open(os.path.join(HERE, "requirements.txt")) as fh:
-        requirements = fh.read()
-    pins = [Requirement(line.split("#")[0]) for line in requirements.splitlines()
-            if line.split("#")[0].strip()]  # every line parses as a requirement
+    def requirement_file(name):  # its text and requirements; "-r FILE" lines are includes
+        with open(os.path.join(HERE, name)) as fh:
+            text = fh.read()
+        lines = [line.split("#")[0].strip() for line in text.splitlines()]
+        return text, [Requirement(line) for line in lines  # every other line parses
+                      if line and not line.startswith("-r ")]
+
+    requirements, _ = requirement_file("requirements.txt")  # all: runtime, builder, tests
+    assert "-r requirements-core.txt" in requirements.splitlines()
+    core, pins = requirement_file("requirements-core.txt")  # what training and prediction need
+    assert not {"pyscf", "ase", "dftd4", "pytest"} & {r.name for r in pins}
     torch_pin = next(r for r in pins if r.name == "torch")
     (spec,) = torch_pin.specifier
     assert spec.operator == "=="
@@ -3028,7 +3035,7 @@ def test_install_instructions_name_the_pinned_torch_and_its_cpu_wheel():
                  f"https://download.pytorch.org/whl/cpu")
     with open(os.path.join(HERE, "README.md")) as fh:
         readme = fh.read()
-    for text in (readme, requirements):
+    for text in (readme, requirements, core):
         assert cpu_wheel in text and "pip install -r requirements.txt" in text
     assert SpecifierSet(f"=={spec.version}").contains(f"{spec.version}+cpu")
 

@@ -886,7 +886,7 @@ Frame: A's centroid at the origin, B's on +z (R_nm = centroid distance, theta_de
 angle of the monomers' first principal axes). Writes level_of_theory.json and refuses a
 folder built at another level. Exit status: 0 all done, 1 some dimer failed (reasons in
 failed.json), 2 bad input (every bad row listed, nothing computed), 130 interrupted.
-See README.md, "Your own dimers".""",
+See tools/README.md.""",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("csv", help="input CSV, one row per dimer")
     p.add_argument("--out", required=True,
