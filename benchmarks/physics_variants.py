@@ -114,42 +114,60 @@ def prepare(src, out):
     print(f"{len(rows)} dimers of {src} -> {out}/hf, {out}/hfd4, {out}/contacts.csv")
 
 
-def run(out, seeds, k, epochs, extra):
+def run(out, seeds, k, epochs, extra, single_split=False):
     for seed in seeds:
         for variant in VARIANTS:
             for switch in SWITCHES:
                 name = f"{variant}-{switch}-s{seed}"
                 folder = os.path.join(out, "runs", name)
-                if os.path.exists(os.path.join(folder, "models", dc.CV_METRICS_FILE)):
+                done = os.path.join(folder, "predictions.csv") if single_split else \
+                    os.path.join(folder, "models", dc.CV_METRICS_FILE)
+                if os.path.exists(done):
                     print(f"{name}: done before")
                     continue
                 os.makedirs(folder, exist_ok=True)
                 for f in ("meta.xlsx", dc.LEVEL_OF_THEORY_FILE):
                     shutil.copy(os.path.join(out, variant, f), folder)
-                cmd = [sys.executable, os.path.join(ROOT, "delta_coupling.py"), "--root_dir",
-                       folder, "--cv", str(k), "--schedule", "anneal", "--epochs", str(epochs),
-                       "--seed", str(seed), "--dv_switch", switch, "--device", "cpu",
-                       "--compile", "off", "--quiet", *extra]
-                t0 = time.time()
+                script = os.path.join(ROOT, "delta_coupling.py")
+                cmds = [[sys.executable, script, "--root_dir", folder, "--schedule", "anneal",
+                         "--epochs", str(epochs), "--seed", str(seed), "--dv_switch", switch,
+                         "--device", "cpu", "--compile", "off", "--quiet", *extra]]
+                if single_split:  # the grouped 80/10/10 split; then every row predicted
+                    cmds.append([sys.executable, script, "--predict", "--checkpoint",
+                                 os.path.join(folder, "models", dc.FINAL_CHECKPOINT),
+                                 "--root_dir", folder, "--device", "cpu", "--quiet"])
+                else:
+                    cmds[0][4:4] = ["--cv", str(k)]
+                t0, rc = time.time(), 0
                 with open(os.path.join(folder, "cv.log"), "w") as log:
-                    log.write("# " + " ".join(cmd) + "\n")
-                    log.flush()
-                    rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                    for cmd in cmds:
+                        log.write("# " + " ".join(cmd) + "\n")
+                        log.flush()
+                        rc = rc or subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
                 print(f"{name}: exit {rc}, {time.time() - t0:.0f} s", flush=True)
 
 
 def report(out, by_subset):
     contacts = pd.read_csv(os.path.join(out, "contacts.csv")).set_index("id")
     tables = {}
-    for path in sorted(glob.glob(os.path.join(out, "runs", "*", "models", dc.CV_PREDICTIONS_FILE))):
-        name = path.split(os.sep)[-3]
+    for run_dir in sorted(glob.glob(os.path.join(out, "runs", "*"))):
+        name = os.path.basename(run_dir)
         variant, switch, seed = name.rsplit("-", 2)
-        t = pd.read_csv(path).dropna(subset=["error"])
+        cv = os.path.join(run_dir, "models", dc.CV_PREDICTIONS_FILE)
+        single = os.path.join(run_dir, "predictions.csv")
+        if os.path.exists(cv):  # out of fold: every row
+            t = pd.read_csv(cv).dropna(subset=["error"])
+        elif os.path.exists(single):  # one split: its test rows alone
+            t = pd.read_csv(single).dropna(subset=["error"])
+            t = t[t["split"] == "test"]
+        else:
+            continue
         t["ratio"] = contacts.loc[t["id"], "contact_ratio"].to_numpy()
         t["subset"] = t["id"].astype(str).str.split("-").str[0]
         tables.setdefault((variant, switch), []).append((seed, t))
-    lines = [f"# {out}: out-of-fold MAE (kcal/mol), mean over seeds (min-max); V0 MAE beside",
+    lines = [f"# {out}: MAE (kcal/mol) out of fold (--cv) or on the test split (one split), "
+             f"mean over seeds (min-max); V0 MAE beside",
              "variant | switch | seeds | n | all | " +
              " | ".join(label for _, _, label in BANDS) + " | V0 all"]
     lines.append(" | ".join(["---"] * (5 + len(BANDS))))
@@ -198,6 +216,8 @@ def main(argv=None):
     b.add_argument("--seeds", type=int, nargs="+", default=[42, 43])
     b.add_argument("--cv", type=int, default=5)
     b.add_argument("--epochs", type=int, default=120)
+    b.add_argument("--single-split", action="store_true",
+                   help="one grouped 80/10/10 split per seed instead of --cv (its test rows)")
     b.add_argument("extra", nargs="*", help="more delta_coupling.py options (after --)")
     c = sub.add_parser("report")
     c.add_argument("out")
@@ -206,7 +226,7 @@ def main(argv=None):
     if args.cmd == "prepare":
         prepare(args.src, args.out)
     elif args.cmd == "run":
-        run(args.out, args.seeds, args.cv, args.epochs, args.extra)
+        run(args.out, args.seeds, args.cv, args.epochs, args.extra, args.single_split)
     else:
         report(args.out, args.by_subset)
 
