@@ -75,6 +75,17 @@ def pdb_text(symbols, pos, chain="A", with_element=True):
     return "\n".join(lines + ["END"]) + "\n"
 
 
+def write_dimer_files(folder, pos_a, pos_b, mulliken, dipole, quadrupole):
+    """One water-ammonia dimer's A.pdb, B.pdb and dimer.npz in ``folder``."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "A.pdb"), "w") as fh:
+        fh.write(pdb_text(WATER[0], pos_a, "A"))
+    with open(os.path.join(folder, "B.pdb"), "w") as fh:
+        fh.write(pdb_text(AMMONIA[0], pos_b, "B"))
+    np.savez(os.path.join(folder, "dimer.npz"), mulliken_spd=mulliken, dipole=dipole,
+             quadrupole=quadrupole)
+
+
 def write_dataset(root, n_rows, groups=False, seed=0):
     """Write ``n_rows`` random water-ammonia dimers (docs/DATA_FORMAT.md); return root."""
     rng = np.random.default_rng(seed)
@@ -84,15 +95,9 @@ def write_dataset(root, n_rows, groups=False, seed=0):
         rot_a, rot_b = (o3.rand_matrix(dtype=torch.float64).numpy() for _ in range(2))
         pos_a = np.asarray(WATER[1]) @ rot_a.T
         pos_b = np.asarray(AMMONIA[1]) @ rot_b.T + rng.normal(size=3)  # absolute place: ignored
-        d = os.path.join(root, f"d{i}")
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, "A.pdb"), "w") as fh:
-            fh.write(pdb_text(WATER[0], pos_a, "A"))
-        with open(os.path.join(d, "B.pdb"), "w") as fh:
-            fh.write(pdb_text(AMMONIA[0], pos_b, "B"))
         q = rng.normal(size=(3, 3))
-        np.savez(os.path.join(d, "dimer.npz"), mulliken_spd=rng.uniform(0, 4, size=(7, 3)),
-                 dipole=rng.normal(size=3), quadrupole=q + q.T)
+        write_dimer_files(os.path.join(root, f"d{i}"), pos_a, pos_b,
+                          rng.uniform(0, 4, size=(7, 3)), rng.normal(size=3), q + q.T)
         r_nm = 0.28 + 0.05 * i / max(n_rows, 1)
         v0 = -3.0 + rng.normal()
         row = {"id": f"dimer{i}", "pdb_a": f"d{i}/A.pdb", "pdb_b": f"d{i}/B.pdb",
@@ -1062,14 +1067,8 @@ def scan_dataset(root, separations):
     q = rng.normal(size=(3, 3))
     rows = []
     for i, r in enumerate(separations):
-        d = os.path.join(root, f"s{i}")
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, "A.pdb"), "w") as fh:
-            fh.write(pdb_text(WATER[0], pos_a, "A"))
-        with open(os.path.join(d, "B.pdb"), "w") as fh:
-            fh.write(pdb_text(AMMONIA[0], pos_b, "B"))
-        np.savez(os.path.join(d, "dimer.npz"), mulliken_spd=np.full((7, 3), 1.0),
-                 dipole=np.array([0.3, -0.2, 1.1]), quadrupole=q + q.T)
+        write_dimer_files(os.path.join(root, f"s{i}"), pos_a, pos_b, np.full((7, 3), 1.0),
+                          np.array([0.3, -0.2, 1.1]), q + q.T)
         rows.append({"id": f"R{i}", "pdb_a": f"s{i}/A.pdb", "pdb_b": f"s{i}/B.pdb",
                      "npz": f"s{i}/dimer.npz", "R_nm": r / 10, "theta_deg": 30.0,
                      "V0": -1.0 / r, "Vref": -1.2 / r, "PR": 1.0})

@@ -56,6 +56,8 @@ import re
 import numpy as np
 from ase.data import atomic_masses, atomic_numbers
 
+from make_corpus_inputs import distance_signature, formula  # beside this file
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 S66X8_MULTIPLIERS = (0.90, 0.95, 1.00, 1.05, 1.10, 1.25, 1.50, 2.00)
@@ -78,16 +80,6 @@ def read_xyz(path):
     return symbols, np.array(xyz, dtype=float).reshape(-1, 3), (int(match.group(1)) if match else None)
 
 
-def formula(symbols):
-    counts = {}
-    for s in symbols:
-        counts[s] = counts.get(s, 0) + 1
-    return "".join(f"{s}{counts[s] if counts[s] > 1 else ''}" for s in sorted(counts))
-
-
-def _distance_signature(xyz):
-    d = np.linalg.norm(xyz[:, None] - xyz[None], axis=-1)
-    return np.sort(d[np.triu_indices(len(xyz), 1)])
 
 
 def _monomer_rms(sig_x, sig_y):
@@ -120,7 +112,7 @@ class Dimer:
 
     def monomer_signatures(self):
         if "sig" not in self._cache:
-            self._cache["sig"] = (_distance_signature(self.xa), _distance_signature(self.xb))
+            self._cache["sig"] = (distance_signature(self.xa), distance_signature(self.xb))
         return self._cache["sig"]
 
     def contacts(self):
