@@ -114,10 +114,12 @@ def prepare(src, out):
     print(f"{len(rows)} dimers of {src} -> {out}/hf, {out}/hfd4, {out}/contacts.csv")
 
 
-def run(out, seeds, k, epochs, extra, single_split=False):
+def run(out, seeds, k, epochs, extra, single_split=False, only=None):
     for seed in seeds:
         for variant in VARIANTS:
             for switch in SWITCHES:
+                if only and f"{variant}-{switch}" not in only:
+                    continue
                 name = f"{variant}-{switch}-s{seed}"
                 folder = os.path.join(out, "runs", name)
                 done = os.path.join(folder, "predictions.csv") if single_split else \
@@ -205,6 +207,28 @@ def report(out, by_subset):
         fh.write(text + "\n")
 
 
+def collect(out, dest):
+    """Copy what the report rests on into ``dest`` (a folder under benchmarks/): report.txt,
+    contacts.csv and, per run, its predictions, its metrics and the log's commands and tables."""
+    os.makedirs(dest, exist_ok=True)
+    for name in ("report.txt", "contacts.csv"):
+        shutil.copy(os.path.join(out, name), dest)
+    for run_dir in sorted(glob.glob(os.path.join(out, "runs", "*"))):
+        name = os.path.basename(run_dir)
+        target = os.path.join(dest, name)
+        os.makedirs(target, exist_ok=True)
+        for rel in (os.path.join("models", dc.CV_PREDICTIONS_FILE),
+                    os.path.join("models", dc.CV_METRICS_FILE), "predictions.csv",
+                    "predictions_metrics.json", os.path.join("models", dc.METRICS_FILE)):
+            if os.path.exists(os.path.join(run_dir, rel)):
+                shutil.copy(os.path.join(run_dir, rel), target)
+        with open(os.path.join(run_dir, "cv.log")) as fh:  # commands, splits, final tables
+            keep = [ln for ln in fh if not ln.startswith(("epoch ", "saved ", "loaded "))]
+        with open(os.path.join(target, "log_summary.txt"), "w") as fh:
+            fh.writelines(keep)
+    print(f"copied {out} -> {dest}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -218,15 +242,23 @@ def main(argv=None):
     b.add_argument("--epochs", type=int, default=120)
     b.add_argument("--single-split", action="store_true",
                    help="one grouped 80/10/10 split per seed instead of --cv (its test rows)")
+    b.add_argument("--only", nargs="+", default=None, metavar="VARIANT-SWITCH",
+                   help="only these combinations, e.g. hf-off hfd4-contact")
     b.add_argument("extra", nargs="*", help="more delta_coupling.py options (after --)")
     c = sub.add_parser("report")
     c.add_argument("out")
     c.add_argument("--by-subset", action="store_true")
+    d = sub.add_parser("collect")
+    d.add_argument("out")
+    d.add_argument("dest")
     args = p.parse_args(argv)
     if args.cmd == "prepare":
         prepare(args.src, args.out)
+    elif args.cmd == "collect":
+        collect(args.out, args.dest)
     elif args.cmd == "run":
-        run(args.out, args.seeds, args.cv, args.epochs, args.extra, args.single_split)
+        run(args.out, args.seeds, args.cv, args.epochs, args.extra, args.single_split,
+            args.only)
     else:
         report(args.out, args.by_subset)
 
