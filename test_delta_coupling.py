@@ -3364,6 +3364,31 @@ def test_resume_after_a_failure_recomputes_nothing_that_finished(builder, tmp_pa
     assert not [f for _, _, files in os.walk(out) for f in files if ".tmp" in f]
 
 
+def test_sigterm_stops_a_build_as_ctrl_c_does_and_meta_lists_the_finished(builder, tmp_path,
+                                                                          monkeypatch, capsys):
+    """A session's or a job's end sends SIGTERM: the finished dimers stay listed in
+    meta.xlsx, the exit status is 130, and the same command continues."""
+    import signal
+    csv_path = water_csv(tmp_path)
+    out = str(tmp_path / "out")
+    real = builder.compute_dimer
+
+    def terminated_at_w1(dimer, level):
+        if dimer.id == "w1":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(dimer, level)
+
+    monkeypatch.setattr(builder, "compute_dimer", terminated_at_w1)
+    before = signal.getsignal(signal.SIGTERM)
+    assert builder.main([csv_path, "--out", out, *MINIMAL]) == builder.EXIT_INTERRUPTED
+    assert signal.getsignal(signal.SIGTERM) is before  # put back
+    assert "interrupted: finished dimers are kept" in capsys.readouterr().err
+    assert list(meta_of(out).index) == ["w0"]
+    monkeypatch.setattr(builder, "compute_dimer", real)
+    assert builder.main([csv_path, "--out", out, *MINIMAL]) == 0
+    assert list(meta_of(out).index) == ["w0", "w1", "w2"]
+
+
 def test_bad_csv_rows_are_all_reported_before_any_calculation(builder, tmp_path, monkeypatch,
                                                               capsys):
     symbols, pos = water_dimer()

@@ -53,9 +53,10 @@ computes E_A and E_B in the full dimer basis (the partner's atoms as ghost atoms
 functions without nuclei or electrons), which removes the basis-set superposition error.
 
 Long runs: a progress bar with an ETA; a finished dimer is never recomputed (run the same
-command again to continue after a crash or Ctrl-C); a dimer that fails (SCF not converged, an
-element the basis lacks, overlapping monomers, impossible charge/spin) is recorded with its
-reason in failed.json and the others go on; the exit status is 1 when any failed.
+command again to continue after a crash, Ctrl-C or SIGTERM, which write meta.xlsx of the
+finished dimers first); a dimer that fails (SCF not converged, an element the basis lacks,
+overlapping monomers, impossible charge/spin) is recorded with its reason in failed.json and
+the others go on; the exit status is 1 when any failed.
 Exit status: 0 all done, 1 some dimer failed, 2 bad input (every bad CSV row is listed before
 any calculation) or a level of theory other than the folder's, 130 interrupted.
 """
@@ -66,6 +67,7 @@ import math
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -918,9 +920,19 @@ See tools/README.md.""",
     return p
 
 
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
-    """Command line: build the folder, print the summary; returns the exit status."""
+    """Command line: build the folder, print the summary; returns the exit status. SIGTERM (a
+    job's or a session's end, ``kill``) stops it as Ctrl-C does: meta.xlsx is written from
+    the finished dimers, and the same command continues."""
     args = build_arg_parser().parse_args(argv)
+    try:
+        previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        previous = None
     try:
         summary = build_dataset(args.csv, args.out, method=args.method, basis=args.basis,
                                 density_fit=args.density_fit, auxbasis=args.auxbasis,
@@ -936,6 +948,9 @@ def main(argv=None):
         print("interrupted: finished dimers are kept (meta.xlsx lists them); run the same "
               "command again to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(report(summary, args.out))
     return summary.exit_code
 
