@@ -3319,7 +3319,7 @@ def prepare_data(args, device, resume=None, split=None):
 def dv_switch_of(args):
     """``DeltaCoupling``'s ``dv_switch`` from the options: None (``--dv_switch off``) or
     [on, off] in internal units; stops when the distances make no sense."""
-    if getattr(args, "dv_switch", DEFAULT_DV_SWITCH) == "off":
+    if args.dv_switch == "off":
         return None
     if not args.switch_on < args.switch_off <= args.physical_cutoff:
         _exit(f"--dv_switch contact needs --switch_on < --switch_off <= --physical_cutoff "
@@ -4267,8 +4267,9 @@ def main(argv=None):
 
 @contextlib.contextmanager
 def sigterm_as_interrupt():
-    """SIGTERM (torchrun passing on a stop, SLURM's end of a job) ends the run as Ctrl-C does:
-    the last epoch's resume state stays and rank 0 prints the command that continues."""
+    """SIGTERM (torchrun passing on a stop, SLURM's end of a job) ends the block as Ctrl-C
+    does, with a KeyboardInterrupt: in training the last epoch's resume state stays and rank 0
+    prints the command that continues; tools/build_dataset.py writes its meta.xlsx."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 

@@ -67,7 +67,6 @@ import math
 import multiprocessing
 import os
 import re
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -468,14 +467,24 @@ def d4_energy(symbols, pos, charge, params):
     return float(model.get_dispersion(DampingParam(**params), grad=False)["energy"])
 
 
+def d4_parts(symbols, pos, n_a, charge_a, charge_b, params):
+    """{E_disp_AB, E_disp_A, E_disp_B} in Hartree: D4 of a dimer (``pos`` (N, 3) Angstrom, A's
+    ``n_a`` atoms first) and of each monomer in its place in it."""
+    return {"E_disp_AB": d4_energy(symbols, pos, charge_a + charge_b, params),
+            "E_disp_A": d4_energy(symbols[:n_a], pos[:n_a], charge_a, params),
+            "E_disp_B": d4_energy(symbols[n_a:], pos[n_a:], charge_b, params)}
+
+
 def d4_energies(dimer, params):
-    """{E_disp_AB, E_disp_A, E_disp_B} in Hartree: D4 of the dimer and of each monomer in
-    its place in the dimer."""
-    n = dimer.n_a
-    return {"E_disp_AB": d4_energy(dimer.symbols, dimer.pos, dimer.charge_a + dimer.charge_b,
-                                   params),
-            "E_disp_A": d4_energy(dimer.symbols[:n], dimer.pos[:n], dimer.charge_a, params),
-            "E_disp_B": d4_energy(dimer.symbols[n:], dimer.pos[n:], dimer.charge_b, params)}
+    """``d4_parts`` of a ``DimerInput``."""
+    return d4_parts(dimer.symbols, dimer.pos, dimer.n_a, dimer.charge_a, dimer.charge_b, params)
+
+
+def interaction_kcal(energies, keys=("E_AB", "E_A", "E_B")):
+    """E(AB) - E(A) - E(B) in kcal/mol from a record's energies in Hartree: the SCF's, or with
+    ``keys=D4_KEYS`` the D4 term's."""
+    e_ab, e_a, e_b = (energies[k] for k in keys)
+    return (e_ab - e_a - e_b) * HARTREE_TO_KCAL_MOL
 
 
 def add_dispersion(out, dimer, record, level):
@@ -512,14 +521,12 @@ def claim_folder(out, level, dimers):
                 f"folder (or write the record by hand if you know it)"])
         dc.atomic_write_json(level, os.path.join(out, LEVEL_FILE))
         return []
-    existing = {**existing, "dispersion": existing.get("dispersion", "none")}
-    differ = [f"{k}: {existing.get(k)!r} in the folder, {level[k]!r} asked"
-              for k in LEVEL_KEYS if existing.get(k) != level[k]]
-    if [k for k in LEVEL_KEYS if existing.get(k) != level[k]] == ["dispersion"] and \
-            existing["dispersion"] == "none":  # the D4 term added to a finished folder
+    keys = [k for k in LEVEL_KEYS if existing.get(k) != level[k]]  # (read with its defaults)
+    if keys == ["dispersion"] and existing["dispersion"] == "none":  # D4 added to a folder
         return [f"note: adding the {level['dispersion']} dispersion term to the dimers of "
                 f"{out} (no SCF repeated); {LEVEL_FILE} records it once all have it"]
-    if differ:
+    if keys:
+        differ = [f"{k}: {existing.get(k)!r} in the folder, {level[k]!r} asked" for k in keys]
         raise BuildInputError([
             f"{out} was built at another level of theory ({'; '.join(differ)}); one folder "
             f"never mixes levels: use the folder's options to continue it, or a new --out"])
@@ -707,14 +714,13 @@ def meta_row(dimer, energies, level=None):
     """The meta.xlsx row of a finished dimer (V0 in kcal/mol). With a D4 ``level``, V0 is
     V0_HF (the SCF's E_AB - E_A - E_B; HF or the DFT method) + E_disp, both kept as columns."""
     pr = dimer.pr if dimer.pr is not None else contact_ratio(dimer.symbols, dimer.pos, dimer.n_a)
-    v0 = (energies["E_AB"] - energies["E_A"] - energies["E_B"]) * HARTREE_TO_KCAL_MOL
+    v0 = interaction_kcal(energies)
     row = {"id": dimer.id, "pdb_a": f"{dimer.id}/A.pdb", "pdb_b": f"{dimer.id}/B.pdb",
            "npz": f"{dimer.id}/dimer.npz", "R_nm": dimer.r_angstrom / dc.NM_TO_ANGSTROM,
            "theta_deg": theta_deg(dimer.pos, dimer.n_a), "V0": v0,
            "Vref": dimer.vref, "PR": pr, "group": dimer.group}
     if level is not None and level.get("dispersion") == "d4":
-        e_disp = (energies["E_disp_AB"] - energies["E_disp_A"] - energies["E_disp_B"]) * \
-            HARTREE_TO_KCAL_MOL
+        e_disp = interaction_kcal(energies, D4_KEYS)
         row.update({"V0": v0 + e_disp, "V0_HF": v0, "E_disp": e_disp})
     return row
 
@@ -920,25 +926,18 @@ See tools/README.md.""",
     return p
 
 
-def _sigterm_as_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv=None):
     """Command line: build the folder, print the summary; returns the exit status. SIGTERM (a
     job's or a session's end, ``kill``) stops it as Ctrl-C does: meta.xlsx is written from
     the finished dimers, and the same command continues."""
     args = build_arg_parser().parse_args(argv)
     try:
-        previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    except ValueError:  # not the main thread: leave SIGTERM alone
-        previous = None
-    try:
-        summary = build_dataset(args.csv, args.out, method=args.method, basis=args.basis,
-                                density_fit=args.density_fit, auxbasis=args.auxbasis,
-                                counterpoise=args.counterpoise, threads=args.threads,
-                                processes=args.processes, quiet=args.quiet,
-                                dispersion=args.dispersion)
+        with dc.sigterm_as_interrupt():
+            summary = build_dataset(args.csv, args.out, method=args.method, basis=args.basis,
+                                    density_fit=args.density_fit, auxbasis=args.auxbasis,
+                                    counterpoise=args.counterpoise, threads=args.threads,
+                                    processes=args.processes, quiet=args.quiet,
+                                    dispersion=args.dispersion)
     except BuildInputError as exc:
         print(f"error: {len(exc.problems)} problem(s), nothing computed:", file=sys.stderr)
         for problem in exc.problems:
@@ -948,9 +947,6 @@ def main(argv=None):
         print("interrupted: finished dimers are kept (meta.xlsx lists them); run the same "
               "command again to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     print(report(summary, args.out))
     return summary.exit_code
 
