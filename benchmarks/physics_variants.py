@@ -39,6 +39,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import delta_coupling as dc  # noqa: E402
+import build_dataset as builder  # noqa: E402
+from residual_by_contact import pdb_dimer  # noqa: E402
 
 VARIANTS = ("hf", "hfd4")
 SWITCHES = ("off", "contact")
@@ -55,13 +57,10 @@ def source_rows(src):
             with open(path) as fh:
                 record = json.load(fh)
             meta = dict(record["meta"])
-            v0_hf = (record["E_AB"] - record["E_A"] - record["E_B"]) * 627.5094740631
-            e_disp = None
-            if all(k in record for k in ("E_disp_AB", "E_disp_A", "E_disp_B")):
-                e_disp = (record["E_disp_AB"] - record["E_disp_A"] - record["E_disp_B"]) * \
-                    627.5094740631
-            meta.update(V0_HF=v0_hf, E_disp=e_disp, charge=record.get("charge_a", 0) +
-                        record.get("charge_b", 0))
+            e_disp = builder.interaction_kcal(record, builder.D4_KEYS) \
+                if all(k in record for k in builder.D4_KEYS) else None
+            meta.update(V0_HF=builder.interaction_kcal(record), E_disp=e_disp,
+                        charge_a=record.get("charge_a", 0), charge_b=record.get("charge_b", 0))
             rows.append(meta)
     else:
         frame = pd.read_excel(os.path.join(src, "meta.xlsx"))
@@ -79,22 +78,18 @@ def source_rows(src):
 
 
 def prepare(src, out):
-    import build_dataset as builder
     rows = source_rows(src)
     params = builder.d4_parameters("hf")
     contacts = []
     for r in rows:
-        z_a, pos_a = dc.parse_pdb(r["pdb_a"])
-        z_b, pos_b = dc.parse_pdb(r["pdb_b"])
-        symbols = [dc.ELEMENTS[z - 1] for z in np.concatenate([z_a, z_b])]
-        pos = np.concatenate([pos_a, pos_b])
+        symbols, pos, n_a = pdb_dimer(r["pdb_a"], r["pdb_b"])
         if r["E_disp"] is None or not np.isfinite(r["E_disp"]):  # from the PDB geometry
-            e = (builder.d4_energy(symbols, pos, 0, params)
-                 - builder.d4_energy(symbols[:len(z_a)], pos_a, 0, params)
-                 - builder.d4_energy(symbols[len(z_a):], pos_b, 0, params))
-            r["E_disp"] = e * builder.HARTREE_TO_KCAL_MOL
-        contacts.append({"id": r["id"], "closest_angstrom": dc.closest_pair(pos_a, pos_b)[0],
-                         "contact_ratio": builder.contact_ratio(symbols, pos, len(z_a))})
+            disp = builder.d4_parts(symbols, pos, n_a, r.get("charge_a", 0),
+                                    r.get("charge_b", 0), params)
+            r["E_disp"] = builder.interaction_kcal(disp, builder.D4_KEYS)
+        contacts.append({"id": r["id"], "closest_angstrom": dc.closest_pair(pos[:n_a],
+                                                                            pos[n_a:])[0],
+                         "contact_ratio": builder.contact_ratio(symbols, pos, n_a)})
     level = dc.read_level_of_theory(src) or {
         "method": "hf", "basis": "def2-svp", "density_fit": True,
         "auxbasis": "def2-universal-jkfit", "counterpoise": False}

@@ -15,7 +15,6 @@ and each dimer's reference at equilibrium (its corpus Vref) for scale.
 """
 import argparse
 import csv
-import glob
 import json
 import os
 import subprocess
@@ -27,7 +26,9 @@ import pandas as pd
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 import delta_coupling as dc  # noqa: E402
+import build_dataset as builder  # noqa: E402
 
 CORPUS = os.path.join(ROOT, "data", "corpus")
 # a hydrogen bond, a dispersion-bound pair of small molecules, an alkane on a pi system
@@ -35,15 +36,6 @@ SCAN_IDS = ("S22by5-2-1.0", "S22by5-8-1.0", "D1200-1.06.09_100")
 NAMES = {"S22by5-2-1.0": "water dimer", "S22by5-8-1.0": "methane dimer",
          "D1200-1.06.09_100": "2,3-dimethylbutane...ethene"}
 MULTIPLIERS = (0.9, 1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0)
-
-
-def read_xyz(path):
-    with open(path) as fh:
-        lines = fh.read().splitlines()
-    n = int(lines[0])
-    symbols = [ln.split()[0] for ln in lines[2:2 + n]]
-    pos = np.array([[float(v) for v in ln.split()[1:4]] for ln in lines[2:2 + n]])
-    return symbols, pos
 
 
 def build(out):
@@ -55,7 +47,7 @@ def build(out):
         w.writerow(["id", "xyz", "n_atoms_a", "group"])
         for rid in SCAN_IDS:
             row = rows[rid]
-            symbols, pos = read_xyz(os.path.join(CORPUS, row["xyz"]))
+            symbols, pos, _ = builder._read_structure(os.path.join(CORPUS, row["xyz"]), "xyz")
             n_a = int(row["n_atoms_a"])
             shift = pos[n_a:].mean(0) - pos[:n_a].mean(0)  # (3,) A's centroid -> B's
             for m in MULTIPLIERS:

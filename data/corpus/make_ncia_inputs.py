@@ -49,7 +49,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from make_corpus_inputs import ALLOWED_ELEMENTS, formula, write_xyz  # noqa: E402
+from make_corpus_inputs import ALLOWED_ELEMENTS, write_xyz  # noqa: E402
 from s66_overlap import Dimer, load_s66, s66_near_copies  # noqa: E402
 
 SETS = ("D1200", "D442x10")  # the NCIAtlas sets taken, as named in ids and folders
