@@ -826,7 +826,7 @@ def build_dataset(csv_path, out, method=DEFAULT_METHOD, basis=DEFAULT_BASIS, den
             write_dimer(out, by_id[rid], energies, arrays, level)
             computed.append(rid)
             if not quiet:
-                v0 = meta_row(by_id[rid], energies)["V0"]  # the SCF's part
+                v0 = interaction_kcal(energies)  # the SCF's part
                 dc.log_line(f"{rid}: V0 {v0:.3f} kcal/mol ({energies['seconds']:.1f} s)")
     finally:
         if pool is not None:
