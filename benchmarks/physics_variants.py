@@ -4,6 +4,7 @@ dV switch off / on (docs/DESIGN.md, decision 25), on one data folder, for severa
     python benchmarks/physics_variants.py prepare SRC OUT      # OUT/hf, OUT/hfd4, contacts.csv
     python benchmarks/physics_variants.py run OUT --seeds 42 43 --cv 5 --epochs 120
     python benchmarks/physics_variants.py report OUT [--by-subset]   # also writes OUT/report.txt
+    python benchmarks/physics_variants.py selection OUT   # kept vs final weights: selection.txt
 
 ``prepare`` writes two meta.xlsx views of SRC's dimers (absolute paths to SRC's PDB and NPZ
 files, nothing copied): ``hf`` with V0 = the SCF interaction energy and ``hfd4`` with V0 = that
@@ -16,7 +17,7 @@ with meta.xlsx.
 
 ``run`` trains ``python delta_coupling.py --cv K --schedule anneal --epochs E --seed S`` for
 every variant, switch and seed (``--dv_switch contact`` with the default distances), each in
-its own folder ``OUT/runs/<variant>-<switch>-s<seed>`` (a copy of the view's meta.xlsx), one
+its own folder ``OUT/runs/<variant>-<switch>[+<tag>]-s<seed>`` (a copy of the view's meta.xlsx), one
 after the other with one torch thread; a finished run (its cv_metrics.json) is skipped, so the
 same command continues. ``report`` reads every run's out-of-fold predictions: MAE per variant
 (mean and spread over the seeds), per contact-ratio band and, with ``--by-subset``, per subset
@@ -33,6 +34,8 @@ import time
 
 import numpy as np
 import pandas as pd
+import torch
+from torch_geometric.loader import DataLoader
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -77,8 +80,29 @@ def source_rows(src):
     return [r for r in rows if r.get("Vref") is not None and np.isfinite(r["Vref"])]
 
 
-def prepare(src, out):
+def sample_groups(rows, fraction, seed):
+    """The rows of a seeded random ``fraction`` of each subset's groups (the subset: the id's
+    prefix before its first '-'; at least one group of each), so a representative part of a
+    corpus keeps every source in proportion and never splits a group."""
+    by_subset = {}
+    for r in rows:
+        by_subset.setdefault(str(r["id"]).split("-")[0], set()).add(str(r["group"]))
+    rng = np.random.default_rng(seed)
+    keep = set()
+    for subset, groups in sorted(by_subset.items()):
+        groups = sorted(groups)
+        n = max(1, round(fraction * len(groups)))
+        keep.update(groups[i] for i in rng.permutation(len(groups))[:n])
+    return [r for r in rows if str(r["group"]) in keep]
+
+
+def prepare(src, out, fraction=None, sample_seed=0):
     rows = source_rows(src)
+    if fraction is not None:
+        n_all = len(rows)
+        rows = sample_groups(rows, fraction, sample_seed)
+        print(f"representative part: {len(rows)} of {n_all} dimers ({fraction:g} of each "
+              f"subset's groups, sample seed {sample_seed})")
     params = builder.d4_parameters("hf")
     contacts = []
     for r in rows:
@@ -109,13 +133,13 @@ def prepare(src, out):
     print(f"{len(rows)} dimers of {src} -> {out}/hf, {out}/hfd4, {out}/contacts.csv")
 
 
-def run(out, seeds, k, epochs, extra, single_split=False, only=None):
+def run(out, seeds, k, epochs, extra, single_split=False, only=None, tag=None):
     for seed in seeds:
         for variant in VARIANTS:
             for switch in SWITCHES:
                 if only and f"{variant}-{switch}" not in only:
                     continue
-                name = f"{variant}-{switch}-s{seed}"
+                name = f"{variant}-{switch}{'+' + tag if tag else ''}-s{seed}"
                 folder = os.path.join(out, "runs", name)
                 done = os.path.join(folder, "predictions.csv") if single_split else \
                     os.path.join(folder, "models", dc.CV_METRICS_FILE)
@@ -202,6 +226,67 @@ def report(out, by_subset):
         fh.write(text + "\n")
 
 
+def kept_and_final(run_dir):
+    """Each CV fold of ``run_dir`` predicted twice on its test rows: with the weights the run
+    kept (its final checkpoint: the best epoch by the run's --monitor) and with the weights
+    after its last epoch (the resume state, written after every epoch: the fully annealed
+    weights). Returns {"kept": frame, "final": frame} (id, pred, true, v0) and the kept
+    epoch of each fold."""
+    dataset = dc.CachedDimerDataset(dc.load_cache(os.path.join(run_dir, dc.DEFAULT_CACHE_FILE)))
+    index = {i: k for k, i in enumerate(dataset.ids)}
+    frames, epochs = {"kept": [], "final": []}, []
+    for fold_dir in sorted(glob.glob(os.path.join(run_dir, "models", "cv", "fold_*"))):
+        for rule, name in (("kept", dc.FINAL_CHECKPOINT), ("final", dc.RESUME_CHECKPOINT)):
+            model, ckpt = dc.load_checkpoint(os.path.join(fold_dir, name))
+            test = ckpt["split_ids"]["test"]
+            loader = DataLoader(torch.utils.data.Subset(dataset, [index[i] for i in test]),
+                                batch_size=dc.DEFAULT_BATCH_SIZE, shuffle=False)
+            p = dc.predict_rows(model, loader, "cpu", None, False, print)
+            frames[rule].append(pd.DataFrame({k: p[k] for k in ("id", "pred", "true", "v0")}))
+            if rule == "kept":
+                epochs.append(ckpt["weights_from_epoch"])
+    return {rule: pd.concat(f, ignore_index=True) for rule, f in frames.items()}, epochs
+
+
+def selection(out, prefix):
+    """Which weights a member should keep, by grouped CV: for the runs named ``prefix``
+    (one variant and switch, several seeds, each with its own --monitor tag), the
+    out-of-fold MAE with the kept weights (best epoch by the run's --monitor) and with the
+    final weights, per seed and for the ensemble of the seeds (each row's out-of-fold
+    predictions averaged over the seeds: every seed's folds are its own, so each prediction
+    is still out of fold). Writes OUT/selection.txt."""
+    runs = {}
+    for run_dir in sorted(glob.glob(os.path.join(out, "runs", prefix + "*-s*"))):
+        name = os.path.basename(run_dir)
+        head, seed = name.rsplit("-s", 1)
+        tag = head.split("+", 1)[1] if "+" in head else "mape"
+        if not os.path.exists(os.path.join(run_dir, "models", dc.CV_METRICS_FILE)):
+            continue
+        frames, epochs = kept_and_final(run_dir)
+        runs.setdefault(f"best epoch by val {tag.upper()}", []).append(
+            (seed, frames["kept"], epochs))
+        runs.setdefault(f"final weights (run monitored {tag.upper()})", []).append(
+            (seed, frames["final"], None))
+    lines = [f"# {out}, runs {prefix}*: out-of-fold MAE (kcal/mol) by the weights each fold "
+             f"keeps; per seed, their mean, and the ensemble of the seeds",
+             "weights | per seed | mean member | ensemble of the seeds | kept epochs "
+             "(per fold, per seed)", "--- | --- | --- | --- | ---"]
+    for rule, items in runs.items():
+        maes = [(t["pred"] - t["true"]).abs().mean() for _, t, _ in items]
+        joined = pd.concat([t.set_index("id")["pred"].rename(seed) for seed, t, _ in items],
+                           axis=1).dropna()
+        true = items[0][1].set_index("id")["true"].loc[joined.index]
+        ens = (joined.mean(axis=1) - true).abs().mean()
+        epochs = "; ".join(",".join(str(e) for e in ep) for _, _, ep in items if ep) or "last"
+        lines.append(f"{rule} | " + ", ".join(f"s{seed} {m:.3f}" for (seed, _, _), m
+                                              in zip(items, maes))
+                     + f" | {np.mean(maes):.3f} | {ens:.3f} (n {len(joined)}) | {epochs}")
+    text = "\n".join(lines)
+    print(text)
+    with open(os.path.join(out, "selection.txt"), "w") as fh:
+        fh.write(text + "\n")
+
+
 def collect(out, dest):
     """Copy what the report rests on into ``dest`` (a folder under benchmarks/): report.txt,
     contacts.csv and, per run, its predictions, its metrics and the log's commands and tables."""
@@ -230,6 +315,9 @@ def main(argv=None):
     a = sub.add_parser("prepare")
     a.add_argument("src")
     a.add_argument("out")
+    a.add_argument("--fraction", type=float, default=None,
+                   help="keep a seeded random fraction of each subset's groups")
+    a.add_argument("--sample-seed", type=int, default=0)
     b = sub.add_parser("run")
     b.add_argument("out")
     b.add_argument("--seeds", type=int, nargs="+", default=[42, 43])
@@ -239,21 +327,30 @@ def main(argv=None):
                    help="one grouped 80/10/10 split per seed instead of --cv (its test rows)")
     b.add_argument("--only", nargs="+", default=None, metavar="VARIANT-SWITCH",
                    help="only these combinations, e.g. hf-off hfd4-contact")
+    b.add_argument("--tag", default=None,
+                   help="runs named VARIANT-SWITCH+TAG-sSEED (a second set with other extra "
+                        "options, e.g. --tag mae -- --monitor mae); reported as their own rows")
     b.add_argument("extra", nargs="*", help="more delta_coupling.py options (after --)")
     c = sub.add_parser("report")
     c.add_argument("out")
     c.add_argument("--by-subset", action="store_true")
+    e = sub.add_parser("selection")
+    e.add_argument("out")
+    e.add_argument("--prefix", default="hfd4-contact",
+                   help="the runs to compare: VARIANT-SWITCH (with any +TAG), all seeds")
     d = sub.add_parser("collect")
     d.add_argument("out")
     d.add_argument("dest")
     args = p.parse_args(argv)
     if args.cmd == "prepare":
-        prepare(args.src, args.out)
+        prepare(args.src, args.out, args.fraction, args.sample_seed)
+    elif args.cmd == "selection":
+        selection(args.out, args.prefix)
     elif args.cmd == "collect":
         collect(args.out, args.dest)
     elif args.cmd == "run":
         run(args.out, args.seeds, args.cv, args.epochs, args.extra, args.single_split,
-            args.only)
+            args.only, args.tag)
     else:
         report(args.out, args.by_subset)
 
