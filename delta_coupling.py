@@ -141,6 +141,12 @@ CV_DEFAULT_SCHEDULE = "anneal"  # --cv without --schedule
 ANNEAL_COUNT_LR_FRACTION = 0.1
 MONITORS = ("mape", "mae")  # --monitor: the validation figure early stopping and the best
 DEFAULT_MONITOR = "mape"  # checkpoint watch (MAPE in %, MAE in Vref units)
+# --keep: the weights a finished run keeps (its final checkpoint: what --predict, an ensemble
+# and a CV fold use). "best": the epoch of the best monitored validation figure (the design's);
+# "final": the weights after the last epoch, fully annealed under --schedule anneal (chosen for
+# the pretrained members by grouped CV: docs/RESULTS.md, "Which weights a member keeps")
+KEEPS = ("best", "final")
+DEFAULT_KEEP = "best"
 DEFAULT_SEED = 42
 DEFAULT_LOG_EVERY = 10  # epochs
 ONECYCLE_PCT_START = 0.3
@@ -2981,6 +2987,10 @@ def build_arg_parser():
     p.add_argument("--monitor", default=DEFAULT_MONITOR, choices=MONITORS,
                    help="validation figure that early stopping and the best checkpoint watch "
                         "(MAPE in %%, MAE in Vref units)")
+    p.add_argument("--keep", default=DEFAULT_KEEP, choices=KEEPS,
+                   help="the weights the run keeps in its final checkpoint: best: the epoch of "
+                        "the best --monitor figure; final: the last epoch's (with --schedule "
+                        "anneal, fully annealed)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help="seed of the split, the initial weights and the augmentation")
     p.add_argument("--log_every", type=positive_int, default=DEFAULT_LOG_EVERY,
@@ -3000,7 +3010,9 @@ def build_arg_parser():
                    help=f"predict Vref for every row of root_dir/meta.xlsx (Vref optional) with "
                         f"a saved model; writes root_dir/{PREDICTIONS_FILE}")
     p.add_argument("--checkpoint", default=None,
-                   help=f"checkpoint for --predict; None: root_dir/models/{BEST_CHECKPOINT}")
+                   help=f"checkpoint or {ENSEMBLE_FILE} for --predict; None: root_dir/models/"
+                        f"{ENSEMBLE_FILE}, else the newer of its {FINAL_CHECKPOINT} and "
+                        f"{BEST_CHECKPOINT}, else the shipped pretrained model")
     p.add_argument("--check_data", action="store_true",
                    help="validate every row of the data folder, print every problem and exit "
                         "(1 if any) without training")
@@ -3589,8 +3601,12 @@ def finish(run, model, state):
     history and learning curves, and the final checkpoint. Returns main's summary."""
     if DIST.active:
         dist.barrier()  # rank 0's last best checkpoint is on disk
-    if state.best_epoch > 0:  # saved by this run (or by the run it resumes)
+    if run.args.keep == "final":
+        log_line(f"keeping the final weights (epoch {state.epoch}; the best {run.monitor_name} "
+                 f"was epoch {state.best_epoch}'s)")
+    elif state.best_epoch > 0:  # saved by this run (or by the run it resumes)
         reload_best_weights(run, model, state)
+    kept_epoch = state.epoch if run.args.keep == "final" else state.best_epoch
     try:
         final_metrics = final_report(run, model)
     except TooManyFailedBatchesError as exc:
@@ -3604,7 +3620,7 @@ def finish(run, model, state):
         val_model = final_metrics.get("val", {}).get("model", {})
         final = run.checkpoint(model, state.epoch, val_model.get("mape", float("nan")),
                                val_model.get("mae", float("nan")))
-        final.update(weights_from_epoch=state.best_epoch, last_epoch=state.epoch,
+        final.update(weights_from_epoch=kept_epoch, last_epoch=state.epoch,
                      best_monitor=state.best, monitor=run.monitor_name,
                      final_metrics=final_metrics, history=state.history)
         final_path = os.path.join(run.models_dir, FINAL_CHECKPOINT)
@@ -3750,6 +3766,7 @@ def parse_main_args(argv=None):
     saved = state["config"]
     saved.setdefault("schedule", "spec")  # saved before --schedule and --ema: the design's
     saved.setdefault("ema", 0.0)
+    saved.setdefault("keep", DEFAULT_KEEP)  # saved before --keep
     parser.set_defaults(**{k: v for k, v in saved.items()
                            if k in vars(args) and k not in RESUME_NOT_INHERITED})
     args = parser.parse_args(argv)
@@ -3926,13 +3943,20 @@ def run_predict(args, argv=None):
 
 def default_predict_checkpoint(root_dir):
     """``--predict`` without ``--checkpoint``: the folder's own model, ``<root_dir>/models/
-    ensemble.json`` or else ``best_model_delta_learning.pt``; when it has neither, the shipped
+    ensemble.json``, else the newer of ``final_model_delta_learning.pt`` (the weights a
+    finished run kept, ``--keep``) and ``best_model_delta_learning.pt`` (the only one a run
+    stopped before its end has brought up to date); when it has none, the shipped
     ``PRETRAINED_MODEL`` (if present; else the missing best checkpoint's path)."""
-    own = [os.path.join(root_dir, "models", name) for name in (ENSEMBLE_FILE, BEST_CHECKPOINT)]
-    for path in own + [PRETRAINED_MODEL]:
-        if os.path.isfile(path):
-            return path
-    return own[1]
+    models = os.path.join(root_dir, "models")
+    ensemble = os.path.join(models, ENSEMBLE_FILE)
+    runs = [p for p in (os.path.join(models, FINAL_CHECKPOINT),
+                        os.path.join(models, BEST_CHECKPOINT)) if os.path.isfile(p)]
+    if os.path.isfile(ensemble):
+        return ensemble
+    if runs:
+        return max(runs, key=os.path.getmtime)  # on a tie the final checkpoint
+    return PRETRAINED_MODEL if os.path.isfile(PRETRAINED_MODEL) else \
+        os.path.join(models, BEST_CHECKPOINT)
 
 
 def each_run(args, resume, key, count):

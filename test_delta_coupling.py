@@ -2515,8 +2515,12 @@ def test_predict_falls_back_to_the_pretrained_model_only_without_a_model_of_its_
     own = str(tmp_path / "own")  # with its own models/
     shutil.copytree(trained_run["root"], own)
     out = dc.main(["--predict", "--root_dir", own, "--quiet", *ON_CPU])
-    assert out["checkpoint"] == os.path.join(own, "models", dc.BEST_CHECKPOINT)
+    assert out["checkpoint"] == os.path.join(own, "models", dc.FINAL_CHECKPOINT)  # kept weights
     assert "pretrained" not in capsys.readouterr().out
+    best = os.path.join(own, "models", dc.BEST_CHECKPOINT)  # a later run, stopped before its end
+    later = os.stat(os.path.join(own, "models", dc.FINAL_CHECKPOINT)).st_mtime_ns + 10**9
+    os.utime(best, ns=(later, later))
+    assert dc.default_predict_checkpoint(own) == best
     monkeypatch.setattr(dc, "PRETRAINED_MODEL", str(tmp_path / "not_shipped.json"))
     with pytest.raises(SystemExit) as exc:  # neither: the folder's missing checkpoint is named
         dc.main(["--predict", "--root_dir", root, "--quiet", *ON_CPU])
@@ -2898,6 +2902,31 @@ def test_an_interrupted_ensemble_resumes_its_member_then_the_rest(ensemble_runs,
         assert [h["epoch"] for h in two["history"]] == [1, 2, 3]
         for key, value in one["model_state"].items():
             assert_tensors_close(two["model_state"][key], value, key)
+
+
+def test_keep_final_keeps_the_last_epochs_weights_and_best_the_best_epochs(tmp_path,
+                                                                           monkeypatch):
+    """Epoch 1 is made the best (the monitored figure rises every epoch), so the two rules
+    keep different weights: --keep best epoch 1's (its best checkpoint), --keep final epoch
+    3's (the resume state after the last epoch)."""
+    root = write_dataset(str(tmp_path / "data"), 12, groups=True)
+    figures = iter(range(1, 100))
+    monkeypatch.setattr(dc, "monitored_value", lambda *args: float(next(figures)))
+    kept = {}
+    for keep in ("best", "final"):
+        folder = _copy_data(root, tmp_path / keep)
+        dc.main(["--root_dir", folder, "--keep", keep, *TINY_RUN])
+        models = os.path.join(folder, "models")
+        final = torch.load(os.path.join(models, dc.FINAL_CHECKPOINT), weights_only=True)
+        source = dc.BEST_CHECKPOINT if keep == "best" else dc.RESUME_CHECKPOINT
+        reference = torch.load(os.path.join(models, source), weights_only=True)
+        assert (final["weights_from_epoch"], final["last_epoch"]) == \
+            ({"best": 1, "final": 3}[keep], 3)
+        assert final["config"]["keep"] == keep
+        for key, value in reference["model_state"].items():
+            torch.testing.assert_close(final["model_state"][key], value, rtol=0, atol=0)
+        kept[keep] = final["model_state"]
+    assert any(not torch.equal(kept["best"][k], kept["final"][k]) for k in kept["best"])
 
 
 def test_monitor_mae_picks_the_epoch_of_the_lowest_val_mae(ensemble_runs):
