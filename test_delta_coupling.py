@@ -8,6 +8,7 @@ import argparse
 import builtins
 import errno
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -3269,6 +3270,58 @@ def test_dispersion_d4_adds_the_d4_interaction_energy_without_repeating_an_scf(
     assert builder.main([water_built["csv"], "--out", fresh, "--dispersion", "d4",
                          *MINIMAL]) == 0
     np.testing.assert_allclose(meta_of(fresh)["E_disp"], d4["E_disp"], rtol=1e-12, atol=0)
+
+
+def test_s66_transfer_report_leaves_out_near_copies_and_compares_with_hf_and_hf_d4(
+        builder, water_built, tmp_path):
+    """data/s66/transfer_report.py on three built water dimers named as S66 systems: S66-1
+    (a near-copy, with a wild prediction) is left out; the figures of the other two are the
+    hand-computed ones, HF + D4 with dftd4's own pair energies."""
+    pytest.importorskip("dftd4")
+    spec = importlib.util.spec_from_file_location(
+        "transfer_report", os.path.join(HERE, "data", "s66", "transfer_report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    folder = tmp_path / "s66"
+    names = {"w0": "S66-1", "w1": "S66-2", "w2": "S66-30"}
+    for w, name in names.items():
+        shutil.copytree(os.path.join(water_built["out"], w), folder / name)
+    meta = meta_of(water_built["out"])
+    cats = {"S66-1": "hydrogen-bonded", "S66-2": "hydrogen-bonded", "S66-30": "dispersion"}
+    write_csv(tmp_path / "dimers.csv", [{"id": n, "group": c} for n, c in cats.items()])
+    pred = {"S66-1": 100.0, "S66-2": meta.loc["w1", "Vref"] + 0.3,
+            "S66-30": meta.loc["w2", "Vref"] - 0.1}
+    std = {"S66-1": 0.01, "S66-2": 0.2, "S66-30": 0.15}  # |error| 0.3: within 2 std; 0.1: 1
+    write_csv(tmp_path / "pred.csv", [{"id": n, "Vref_pred": pred[n], "Vref_std": std[n],
+                                       "Vref": meta.loc[w, "Vref"]} for w, n in names.items()])
+    figs = report.transfer_figures(str(tmp_path / "pred.csv"), str(folder),
+                                   str(tmp_path / "dimers.csv"))
+    assert figs["n_all"] == 3 and figs["all"]["n"] == 2
+    assert figs["all"]["mae"] == pytest.approx(0.2) and figs["all"]["max"] == pytest.approx(0.3)
+    assert figs["hydrogen-bonded"]["mae"] == pytest.approx(0.3)
+    hf = {w: meta.loc[w, "V0"] - meta.loc[w, "Vref"] for w in ("w1", "w2")}
+    d4 = {}  # a folder built without D4: the report computes it from the PDBs' geometry
+    for w in ("w1", "w2"):
+        (z_a, pos_a), (z_b, pos_b) = (dc.parse_pdb(os.path.join(water_built["out"], w, f))
+                                      for f in ("A.pdb", "B.pdb"))
+        d4[w] = d4_interaction_by_pairs([dc.ELEMENTS[z - 1] for z in [*z_a, *z_b]],
+                                        np.concatenate([pos_a, pos_b]), len(z_a))
+    assert figs["all"]["mae_hf"] == pytest.approx((abs(hf["w1"]) + abs(hf["w2"])) / 2, abs=1e-9)
+    assert figs["dispersion"]["mae_hfd4"] == pytest.approx(abs(hf["w2"] + d4["w2"]), abs=1e-9)
+    assert figs["calibration"]["within_1"] == 0.5 and figs["calibration"]["within_2"] == 1.0
+    assert figs["calibration"]["spearman"] == pytest.approx(1.0)  # larger std, larger error
+    scipy_stats = pytest.importorskip("scipy.stats")
+    x, y = np.random.default_rng(0).normal(size=(2, 40))
+    y[:5] = y[5]  # with ties
+    assert report.spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x, y)[0], abs=1e-12)
+    assert [w[0] for w in figs["worst"]] == [2, 30]
+    near = tmp_path / "near.csv"
+    write_csv(near, [{"id": "X-1", "s66": 1, "near_copy": 1}, {"id": "X-2", "s66": 9,
+                                                                "near_copy": 0}])
+    report.check_near_copies(str(near))  # S66 #1 is listed; #9 is the same pair, not near
+    write_csv(near, [{"id": "X-3", "s66": 9, "near_copy": 1}])
+    with pytest.raises(SystemExit, match=r"near-copies of S66 systems \[9\]"):
+        report.check_near_copies(str(near))
 
 
 def test_dispersion_d4_refuses_a_method_without_parameters(builder, water_built, tmp_path,
