@@ -1,7 +1,8 @@
 """S66 transfer of a model, side by side with what a chemist would run instead, on the S66
 systems that have no near-copy in the training corpus.
 
-    python delta_coupling.py --predict --root_dir data/s66/build --checkpoint pretrained/ensemble.json
+    python delta_coupling.py --predict --root_dir data/s66/build \
+        --checkpoint pretrained/ensemble.json
     python data/s66/transfer_report.py data/s66/build/predictions.csv [--out report.md]
 
 For each S66 category (hydrogen-bonded, dispersion, mixed; ``group`` in ``dimers.csv``) and in
