@@ -150,6 +150,39 @@ def csv_lines(records, fields):
     return buf.getvalue().splitlines()
 
 
+
+DIMER_FIELDS = ["id", "xyz", "n_atoms_a", "Vref", "charge_a", "charge_b", "spin_a", "spin_b",
+                "group"]  # the columns of dimers.csv
+EXCLUDED_FIELDS = ["id", "database", "reason"]  # the columns of excluded.csv
+
+
+def write_set_outputs(out, sets, rows, excluded, source):
+    """Write what a preparation script owns: one XYZ file per row in ``inputs/<set>/`` (its
+    comment line ``n_atoms_a=... source=<source(row)>``; a set's files that no row names are
+    removed), and the rows of ``sets`` in ``dimers.csv`` and ``excluded.csv`` (``rewrite_block``:
+    every other line stays byte-identical). ``rows`` carry their ``_entry`` (symbols, xyz,
+    n_atoms_a)."""
+    for set_name in sets:  # the XYZ files: exactly one per row of the set
+        folder = os.path.join(out, "inputs", set_name)
+        wanted = {os.path.basename(r["xyz"]) for r in rows if r["id"].startswith(set_name + "-")}
+        if os.path.isdir(folder):
+            for fname in sorted(os.listdir(folder)):
+                if fname.endswith(".xyz") and fname not in wanted:
+                    os.remove(os.path.join(folder, fname))
+    for r in rows:
+        e = r["_entry"]
+        write_xyz(os.path.join(out, r["xyz"]), e["symbols"], e["xyz"],
+                  f"n_atoms_a={e['n_atoms_a']} source={source(r)}")
+
+    def ours(line):
+        return line.split(",", 1)[0].split("-", 1)[0] in sets
+
+    rewrite_block(os.path.join(out, "dimers.csv"),
+                  csv_lines([{f: r[f] for f in DIMER_FIELDS} for r in rows], DIMER_FIELDS), ours)
+    rewrite_block(os.path.join(out, "excluded.csv"),
+                  csv_lines([{f: x[f] for f in EXCLUDED_FIELDS} for x in excluded],
+                            EXCLUDED_FIELDS), ours)
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -234,29 +267,8 @@ def main(argv=None):
                          "_entry": e})
 
     rows.sort(key=lambda r: r["_key"])
-    for set_name in SETS:  # the XYZ files: exactly one per row of the set
-        folder = os.path.join(args.out, "inputs", set_name)
-        wanted = {os.path.basename(r["xyz"]) for r in rows if r["id"].startswith(set_name + "-")}
-        if os.path.isdir(folder):
-            for fname in sorted(os.listdir(folder)):
-                if fname.endswith(".xyz") and fname not in wanted:
-                    os.remove(os.path.join(folder, fname))
-    for r in rows:
-        e = r["_entry"]
-        set_name = r["id"].split("-", 1)[0]
-        write_xyz(os.path.join(args.out, r["xyz"]), e["symbols"], e["xyz"],
-                  f"n_atoms_a={e['n_atoms_a']} source=NCIAtlas:NCIA_{set_name}/"
-                  f"{os.path.basename(r['xyz'])[:-4]}")
-
-    def ours(line):
-        return line.split(",", 1)[0].split("-", 1)[0] in SETS
-
-    fields = ["id", "xyz", "n_atoms_a", "Vref", "charge_a", "charge_b", "spin_a", "spin_b",
-              "group"]
-    rewrite_block(os.path.join(args.out, "dimers.csv"),
-                  csv_lines([{f: r[f] for f in fields} for r in rows], fields), ours)
-    rewrite_block(os.path.join(args.out, "excluded.csv"),
-                  csv_lines(excluded, ["id", "database", "reason"]), ours)
+    write_set_outputs(args.out, SETS, rows, excluded, lambda r: (
+        f"NCIAtlas:NCIA_{r['id'].split('-', 1)[0]}/{os.path.basename(r['xyz'])[:-4]}"))
 
     print(f"{len(rows)} dimers written, {len(excluded)} excluded")
     buckets = {}

@@ -55,9 +55,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from make_corpus_inputs import (ALLOWED_ELEMENTS, distance_signature, formula,  # noqa: E402
-                                write_xyz)
-from make_ncia_inputs import ATOMIC_NUMBER, csv_lines, rewrite_block  # noqa: E402
+from make_corpus_inputs import ALLOWED_ELEMENTS, distance_signature, formula  # noqa: E402
+from make_ncia_inputs import ATOMIC_NUMBER, write_set_outputs  # noqa: E402
 from s66_overlap import Dimer, load_s66, s66_near_copies  # noqa: E402
 
 SETS = ("ADIM6", "SSI")  # as named in ids and folders, in build order
@@ -297,28 +296,8 @@ def main(argv=None):
                     merged.append((r["id"], members[i]["id"]))
                     break
 
-    for set_name in SETS:  # the XYZ files: exactly one per row of the set
-        folder = os.path.join(args.out, "inputs", set_name)
-        wanted = {os.path.basename(r["xyz"]) for r in rows if r["id"].startswith(set_name + "-")}
-        if os.path.isdir(folder):
-            for fname in sorted(os.listdir(folder)):
-                if fname.endswith(".xyz") and fname not in wanted:
-                    os.remove(os.path.join(folder, fname))
-    for r in rows:
-        e = r["_entry"]
-        write_xyz(os.path.join(args.out, r["xyz"]), e["symbols"], e["xyz"],
-                  f"n_atoms_a={e['n_atoms_a']} source=refdata:{e['source']}")
-
-    def ours(line):
-        return line.split(",", 1)[0].split("-", 1)[0] in SETS
-
-    fields = ["id", "xyz", "n_atoms_a", "Vref", "charge_a", "charge_b", "spin_a", "spin_b",
-              "group"]
-    rewrite_block(os.path.join(args.out, "dimers.csv"),
-                  csv_lines([{f: r[f] for f in fields} for r in rows], fields), ours)
-    rewrite_block(os.path.join(args.out, "excluded.csv"),
-                  csv_lines([{f: x[f] for f in ("id", "database", "reason")} for x in excluded],
-                            ["id", "database", "reason"]), ours)
+    write_set_outputs(args.out, SETS, rows, excluded,
+                      lambda r: f"refdata:{r['_entry']['source']}")
 
     print(f"{len(rows)} dimers written, {len(excluded)} excluded "
           f"(SSI: {len(ssi)} aliphatic pairs of {n_ssi} dimers)")
