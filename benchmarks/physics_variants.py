@@ -289,10 +289,11 @@ def selection(out, prefix):
 
 def collect(out, dest):
     """Copy what the report rests on into ``dest`` (a folder under benchmarks/): report.txt,
-    contacts.csv and, per run, its predictions, its metrics and the log's commands and tables."""
+    contacts.csv, selection.txt and run.log where they exist and, per run, its predictions, its metrics and the log's commands and tables."""
     os.makedirs(dest, exist_ok=True)
-    for name in ("report.txt", "contacts.csv"):
-        shutil.copy(os.path.join(out, name), dest)
+    for name in ("report.txt", "contacts.csv", "selection.txt", "run.log"):
+        if os.path.exists(os.path.join(out, name)):
+            shutil.copy(os.path.join(out, name), dest)
     for run_dir in sorted(glob.glob(os.path.join(out, "runs", "*"))):
         name = os.path.basename(run_dir)
         target = os.path.join(dest, name)
@@ -330,7 +331,6 @@ def main(argv=None):
     b.add_argument("--tag", default=None,
                    help="runs named VARIANT-SWITCH+TAG-sSEED (a second set with other extra "
                         "options, e.g. --tag mae -- --monitor mae); reported as their own rows")
-    b.add_argument("extra", nargs="*", help="more delta_coupling.py options (after --)")
     c = sub.add_parser("report")
     c.add_argument("out")
     c.add_argument("--by-subset", action="store_true")
@@ -341,6 +341,10 @@ def main(argv=None):
     d = sub.add_parser("collect")
     d.add_argument("out")
     d.add_argument("dest")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []  # after "--": more delta_coupling.py options for run (argparse would take them
+    if "--" in argv:  # for options of its own, or match an empty positional before them)
+        argv, extra = argv[:argv.index("--")], argv[argv.index("--") + 1:]
     args = p.parse_args(argv)
     if args.cmd == "prepare":
         prepare(args.src, args.out, args.fraction, args.sample_seed)
@@ -349,7 +353,7 @@ def main(argv=None):
     elif args.cmd == "collect":
         collect(args.out, args.dest)
     elif args.cmd == "run":
-        run(args.out, args.seeds, args.cv, args.epochs, args.extra, args.single_split,
+        run(args.out, args.seeds, args.cv, args.epochs, extra, args.single_split,
             args.only, args.tag)
     else:
         report(args.out, args.by_subset)
