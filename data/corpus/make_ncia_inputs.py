@@ -183,6 +183,7 @@ def write_set_outputs(out, sets, rows, excluded, source):
                   csv_lines([{f: x[f] for f in EXCLUDED_FIELDS} for x in excluded],
                             EXCLUDED_FIELDS), ours)
 
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
