@@ -43,7 +43,6 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import delta_coupling as dc  # noqa: E402
 import build_dataset as builder  # noqa: E402
-from residual_by_contact import pdb_dimer  # noqa: E402
 
 VARIANTS = ("hf", "hfd4")
 SWITCHES = ("off", "contact")
@@ -106,7 +105,7 @@ def prepare(src, out, fraction=None, sample_seed=0):
     params = builder.d4_parameters("hf")
     contacts = []
     for r in rows:
-        symbols, pos, n_a = pdb_dimer(r["pdb_a"], r["pdb_b"])
+        symbols, pos, n_a = builder.pdb_dimer(r["pdb_a"], r["pdb_b"])
         if r["E_disp"] is None or not np.isfinite(r["E_disp"]):  # from the PDB geometry
             disp = builder.d4_parts(symbols, pos, n_a, r.get("charge_a", 0),
                                     r.get("charge_b", 0), params)

@@ -27,14 +27,6 @@ import build_dataset as builder  # noqa: E402
 BANDS = (0.0, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 1e9)  # Angstrom
 
 
-def pdb_dimer(path_a, path_b):
-    """(symbols, positions (N, 3) Angstrom, A's atom count) of a dimer from its two PDBs."""
-    z_a, pos_a = dc.parse_pdb(path_a)
-    z_b, pos_b = dc.parse_pdb(path_b)
-    symbols = [dc.ELEMENTS[z - 1] for z in np.concatenate([z_a, z_b])]
-    return symbols, np.concatenate([pos_a, pos_b]), len(z_a)
-
-
 def rows_of(folder, method="hf"):
     """(id, closest contact in Angstrom, V0_HF, E_disp, Vref) of every finished dimer."""
     params = builder.d4_parameters(method)
@@ -46,7 +38,8 @@ def rows_of(folder, method="hf"):
         if meta.get("Vref") is None:
             continue
         d = os.path.dirname(path)
-        symbols, pos, n_a = pdb_dimer(os.path.join(d, "A.pdb"), os.path.join(d, "B.pdb"))
+        symbols, pos, n_a = builder.pdb_dimer(os.path.join(d, "A.pdb"),
+                                              os.path.join(d, "B.pdb"))
         contact = dc.closest_pair(pos[:n_a], pos[n_a:])[0]
         disp = builder.d4_parts(symbols, pos, n_a, record.get("charge_a", 0),
                                 record.get("charge_b", 0), params)

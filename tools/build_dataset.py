@@ -665,6 +665,15 @@ def finished_record(out, dimer):
         return json.load(fh)
 
 
+def pdb_dimer(path_a, path_b):
+    """(symbols, positions (N, 3) Angstrom, A's atom count) of a built dimer, read back from
+    its two PDBs (A's atoms first)."""
+    z_a, pos_a = dc.parse_pdb(path_a)
+    z_b, pos_b = dc.parse_pdb(path_b)
+    symbols = [dc.ELEMENTS[z - 1] for z in np.concatenate([z_a, z_b])]
+    return symbols, np.concatenate([pos_a, pos_b]), len(z_a)
+
+
 def same_input(out, dimer, record):
     """Why the finished dimer in ``out`` is not this row's input, or None when it is."""
     for key in ("charge_a", "charge_b", "spin_a", "spin_b"):

@@ -18,8 +18,11 @@ import numpy as np
 import pandas as pd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 import delta_coupling as dc  # noqa: E402
+import build_dataset as builder  # noqa: E402
 
 
 def dimer_rows(folder):
@@ -28,12 +31,11 @@ def dimer_rows(folder):
     for path in sorted(glob.glob(os.path.join(folder, "*", "energies.json"))):
         with open(path) as fh:
             meta = json.load(fh)["meta"]
-        z_a, pos_a = dc.parse_pdb(os.path.join(folder, meta["pdb_a"]))
-        z_b, pos_b = dc.parse_pdb(os.path.join(folder, meta["pdb_b"]))
+        symbols, pos, n_a = builder.pdb_dimer(os.path.join(folder, meta["pdb_a"]),
+                                              os.path.join(folder, meta["pdb_b"]))
         rows.append({"id": meta["id"], "subset": str(meta["id"]).split("-")[0],
-                     "elements": {dc.ELEMENTS[z - 1] for z in [*z_a, *z_b]},
-                     "atoms": len(z_a) + len(z_b),
-                     "contact": dc.closest_pair(pos_a, pos_b)[0], "Vref": meta["Vref"]})
+                     "elements": set(symbols), "atoms": len(symbols),
+                     "contact": dc.closest_pair(pos[:n_a], pos[n_a:])[0], "Vref": meta["Vref"]})
     return pd.DataFrame(rows)
 
 

@@ -33,7 +33,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-import delta_coupling as dc  # noqa: E402
 import build_dataset as builder  # noqa: E402
 
 NEAR_COPIES = (1, 15, 17, 24, 25, 47, 48)  # S66 system numbers left out of the transfer figures
@@ -59,20 +58,13 @@ def baselines(folder, ids):
             record = json.load(fh)
         if not all(k in record for k in builder.D4_KEYS):  # built without --dispersion d4
             params = params or builder.d4_parameters(record["level_of_theory"]["method"])
-            symbols, pos, n_a = pdb_dimer(os.path.join(folder, dimer_id))
+            symbols, pos, n_a = builder.pdb_dimer(os.path.join(folder, dimer_id, "A.pdb"),
+                                                  os.path.join(folder, dimer_id, "B.pdb"))
             record.update(builder.d4_parts(symbols, pos, n_a, record.get("charge_a", 0),
                                            record.get("charge_b", 0), params))
         out[dimer_id] = (builder.interaction_kcal(record),
                          builder.interaction_kcal(record, builder.D4_KEYS))
     return out
-
-
-def pdb_dimer(dimer_dir):
-    """(symbols, positions (N, 3) Angstrom, A's atom count) from a built dimer's PDBs."""
-    z_a, pos_a = dc.parse_pdb(os.path.join(dimer_dir, "A.pdb"))
-    z_b, pos_b = dc.parse_pdb(os.path.join(dimer_dir, "B.pdb"))
-    symbols = [dc.ELEMENTS[z - 1] for z in np.concatenate([z_a, z_b])]
-    return symbols, np.concatenate([pos_a, pos_b]), len(z_a)
 
 
 def spearman(x, y):
