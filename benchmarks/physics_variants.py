@@ -226,25 +226,28 @@ def report(out, by_subset):
 
 
 def kept_and_final(run_dir):
-    """Each CV fold of ``run_dir`` predicted twice on its test rows: with the weights the run
-    kept (its final checkpoint: the best epoch by the run's --monitor) and with the weights
-    after its last epoch (the resume state, written after every epoch: the fully annealed
-    weights). Returns {"kept": frame, "final": frame} (id, pred, true, v0) and the kept
-    epoch of each fold."""
+    """A CV run's out-of-fold predictions twice: with the weights each fold kept (the best
+    epoch by the run's --monitor: the CV's own ``cv_predictions.csv``, and its kept epochs
+    from ``cv_metrics.json``) and with each fold's weights after its last epoch (its resume
+    state, written after every epoch: the fully annealed weights), predicted here on the
+    fold's test rows. Returns {"kept": frame, "final": frame} (id, pred, true) and the kept
+    epochs."""
+    models = os.path.join(run_dir, "models")
+    cv = pd.read_csv(os.path.join(models, dc.CV_PREDICTIONS_FILE))
+    kept = cv.rename(columns={"Vref_pred": "pred", "Vref": "true"})[["id", "pred", "true"]]
+    with open(os.path.join(models, dc.CV_METRICS_FILE)) as fh:
+        epochs = [fold["best_epoch"] for fold in json.load(fh)["folds"]]
     dataset = dc.CachedDimerDataset(dc.load_cache(os.path.join(run_dir, dc.DEFAULT_CACHE_FILE)))
     index = {i: k for k, i in enumerate(dataset.ids)}
-    frames, epochs = {"kept": [], "final": []}, []
-    for fold_dir in sorted(glob.glob(os.path.join(run_dir, "models", "cv", "fold_*"))):
-        for rule, name in (("kept", dc.FINAL_CHECKPOINT), ("final", dc.RESUME_CHECKPOINT)):
-            model, ckpt = dc.load_checkpoint(os.path.join(fold_dir, name))
-            test = ckpt["split_ids"]["test"]
-            loader = DataLoader(torch.utils.data.Subset(dataset, [index[i] for i in test]),
-                                batch_size=dc.DEFAULT_BATCH_SIZE, shuffle=False)
-            p = dc.predict_rows(model, loader, "cpu", None, False, print)
-            frames[rule].append(pd.DataFrame({k: p[k] for k in ("id", "pred", "true", "v0")}))
-            if rule == "kept":
-                epochs.append(ckpt["weights_from_epoch"])
-    return {rule: pd.concat(f, ignore_index=True) for rule, f in frames.items()}, epochs
+    final = []
+    for fold_dir in sorted(glob.glob(os.path.join(models, "cv", "fold_*"))):
+        model, ckpt = dc.load_checkpoint(os.path.join(fold_dir, dc.RESUME_CHECKPOINT))
+        test = ckpt["split_ids"]["test"]
+        loader = DataLoader(torch.utils.data.Subset(dataset, [index[i] for i in test]),
+                            batch_size=dc.DEFAULT_BATCH_SIZE, shuffle=False)
+        p = dc.predict_rows(model, loader, "cpu", None, False, print)
+        final.append(pd.DataFrame({k: p[k] for k in ("id", "pred", "true")}))
+    return {"kept": kept, "final": pd.concat(final, ignore_index=True)}, epochs
 
 
 def selection(out, prefix):
