@@ -3602,11 +3602,13 @@ def finish(run, model, state):
     if DIST.active:
         dist.barrier()  # rank 0's last best checkpoint is on disk
     if run.args.keep == "final":
+        kept_epoch = state.epoch
         log_line(f"keeping the final weights (epoch {state.epoch}; the best {run.monitor_name} "
                  f"was epoch {state.best_epoch}'s)")
-    elif state.best_epoch > 0:  # saved by this run (or by the run it resumes)
-        reload_best_weights(run, model, state)
-    kept_epoch = state.epoch if run.args.keep == "final" else state.best_epoch
+    else:
+        if state.best_epoch > 0:  # saved by this run (or by the run it resumes)
+            reload_best_weights(run, model, state)  # may correct state.best_epoch
+        kept_epoch = state.best_epoch
     try:
         final_metrics = final_report(run, model)
     except TooManyFailedBatchesError as exc:
@@ -3949,10 +3951,10 @@ def default_predict_checkpoint(root_dir):
     ``PRETRAINED_MODEL`` (if present; else the missing best checkpoint's path)."""
     models = os.path.join(root_dir, "models")
     ensemble = os.path.join(models, ENSEMBLE_FILE)
-    runs = [p for p in (os.path.join(models, FINAL_CHECKPOINT),
-                        os.path.join(models, BEST_CHECKPOINT)) if os.path.isfile(p)]
     if os.path.isfile(ensemble):
         return ensemble
+    runs = [p for p in (os.path.join(models, FINAL_CHECKPOINT),
+                        os.path.join(models, BEST_CHECKPOINT)) if os.path.isfile(p)]
     if runs:
         return max(runs, key=os.path.getmtime)  # on a tie the final checkpoint
     return PRETRAINED_MODEL if os.path.isfile(PRETRAINED_MODEL) else \
