@@ -5,7 +5,8 @@
 Over the finished dimers of a built folder (``<id>/energies.json`` and the two PDBs), per subset
 (the id's prefix before its first '-') and in all: dimers, elements, atoms per dimer, the
 closest intermolecular A-B contact in Angstrom (range and the 5th, 50th and 95th percentiles)
-and the reference energy Vref in kcal/mol (range). A model trained on the folder interpolates
+and the reference energy Vref in kcal/mol (range); then, per element, how many dimers hold it
+and how many of its atoms there are. A model trained on the folder interpolates
 inside these ranges; outside them its answer is an extrapolation.
 """
 import argparse
@@ -59,12 +60,24 @@ def coverage_table(table):
     return "\n".join(lines)
 
 
+def element_table(table):
+    """Per element: the dimers that hold it (and their share), and in which subsets."""
+    lines = ["| element | dimers with it | share | subsets |", "| --- | --- | --- | --- |"]
+    for element in element_order(set().union(*table["elements"])):
+        has = table["elements"].apply(lambda e: element in e)
+        subsets = ", ".join(f"{s} {n}" for s, n in
+                            table[has]["subset"].value_counts().sort_index().items())
+        lines.append(f"| {element} | {int(has.sum())} | {has.mean():.1%} | {subsets} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folder", nargs="?", default=os.path.join(HERE, "build"))
     p.add_argument("--out", default=None, help="also write the table to this file")
     args = p.parse_args(argv)
-    text = coverage_table(dimer_rows(args.folder))
+    table = dimer_rows(args.folder)
+    text = coverage_table(table) + "\n\n" + element_table(table)
     print(text)
     if args.out:
         with open(args.out, "w") as fh:
