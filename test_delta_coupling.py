@@ -3859,10 +3859,16 @@ def test_cli_ctrl_c_during_training_keeps_the_state_and_says_how_to_resume(tmp_p
     import time
     root = write_dataset(str(tmp_path / "data"), 6)
     state = os.path.join(root, "models", dc.RESUME_CHECKPOINT)
+    # --patience too: tiny epochs take milliseconds, so 250 stale ones (the default) can end the
+    # run normally before the signal arrives on a loaded machine (it did: exit status 0)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "delta_coupling.py"),
-                             "--root_dir", root, "--epochs", "100000", *CLI_RUN], cwd=HERE,
-                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--root_dir", root, "--epochs", "100000", "--patience", "100000",
+                             *CLI_RUN], cwd=HERE,
+                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            # Ctrl-C's default action even when pytest itself was started in
+                            # the background (`cmd &` ignores SIGINT, and a child inherits that)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
         while not os.path.exists(state) and proc.poll() is None and time.monotonic() < deadline:
