@@ -6,6 +6,11 @@
 # 2-core machine), each --schedule anneal for EPOCHS epochs with --dv_switch contact, keeping
 # KEEP weights (docs/RESULTS.md, "Which weights a member keeps"). Every member has the same
 # grouped split (seed 42) and its own seed (42 + k).
+# EPOCHS 80: an epoch of the 5,095-dimer corpus is 832 Adam steps of 5 dimers (4,159 training
+# dimers), so 80 epochs are 67k steps, twice the first generation's 300 epochs of 542 dimers and
+# 14x the 120 epochs of the grouped CV that chose the physics and the weights kept. An epoch
+# took 22-23 s per member with two side by side: about an hour for four members on 2 cores
+# (pretrained/README.md).
 #
 # It can be run again after an interruption (Ctrl-C, a session's end): a member whose final
 # checkpoint exists is kept (the combine step refuses members trained with other options or
@@ -17,7 +22,7 @@ PY=${PYTHON:-python}
 ROOT=${ROOT:-data/corpus/build}
 MEMBERS=${MEMBERS:-4}
 PARALLEL=${PARALLEL:-2}
-EPOCHS=${EPOCHS:-150}
+EPOCHS=${EPOCHS:-80}
 KEEP=${KEEP:-final}
 OPTS=(--root_dir "$ROOT" --schedule anneal --epochs "$EPOCHS" --seed 42 --dv_switch contact
       --keep "$KEEP")
