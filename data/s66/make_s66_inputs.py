@@ -8,7 +8,7 @@ measures how the model does on dimers it has never seen. A one-off step like
     git clone https://github.com/psi4/psi4 /tmp/psi4
     pip install qcelemental
     python data/s66/make_s66_inputs.py --psi4 /tmp/psi4
-    python tools/build_dataset.py data/s66/dimers.csv --out data/s66/build
+    python tools/build_dataset.py data/s66/dimers.csv --out data/s66/build --dispersion d4
     python delta_coupling.py --predict --root_dir data/s66/build     # the pretrained model
 """
 import argparse
