@@ -3277,6 +3277,21 @@ def test_dispersion_d4_adds_the_d4_interaction_energy_without_repeating_an_scf(
     np.testing.assert_allclose(meta_of(fresh)["E_disp"], d4["E_disp"], rtol=1e-12, atol=0)
 
 
+def test_corpus_coverage_element_table_counts_dimers_per_element_and_subset(builder):
+    """data/corpus/coverage.py's per-element table on four hand-made dimers: the count, share
+    and subsets of the dimers holding each element, in atomic-number order."""
+    spec = importlib.util.spec_from_file_location(
+        "coverage", os.path.join(HERE, "data", "corpus", "coverage.py"))
+    coverage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(coverage)
+    table = pd.DataFrame({"subset": ["X", "X", "Y", "Y"],
+                          "elements": [{"H", "O"}, {"H", "C"}, {"H", "C", "S"}, {"Ar"}]})
+    lines = coverage.element_table(table).splitlines()[2:]
+    assert lines == ["| H | 3 | 75.0% | X 2, Y 1 |", "| C | 2 | 50.0% | X 1, Y 1 |",
+                     "| O | 1 | 25.0% | X 1 |", "| S | 1 | 25.0% | Y 1 |",
+                     "| Ar | 1 | 25.0% | Y 1 |"]
+
+
 def test_s66_transfer_report_leaves_out_near_copies_and_compares_with_hf_and_hf_d4(
         builder, water_built, tmp_path):
     """data/s66/transfer_report.py on three built water dimers named as S66 systems: S66-1

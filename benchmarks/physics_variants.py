@@ -291,7 +291,8 @@ def selection(out, prefix):
 
 def collect(out, dest):
     """Copy what the report rests on into ``dest`` (a folder under benchmarks/): report.txt,
-    contacts.csv, selection.txt and run.log where they exist and, per run, its predictions, its metrics and the log's commands and tables."""
+    contacts.csv, selection.txt and run.log where they exist and, per run, its predictions, its
+    metrics and the log's commands and tables."""
     os.makedirs(dest, exist_ok=True)
     for name in ("report.txt", "contacts.csv", "selection.txt", "run.log"):
         if os.path.exists(os.path.join(out, name)):

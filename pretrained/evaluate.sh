@@ -1,6 +1,6 @@
 #!/bin/bash
 # Measure the shipped pretrained ensemble (pretrained/ensemble.json) and write the reports the
-# README's "Use the pretrained model" and docs/RESULTS.md quote, into pretrained/logs/:
+# README's "Use the pretrained model" quotes into pretrained/logs/:
 #
 #   holdout_corpus.md  the grouped hold-out (the members' shared test split), per subset
 #   val_corpus.md      the validation split, per subset (it chose nothing: --keep final)
@@ -25,5 +25,4 @@ mkdir -p "$LOGS"
 "$PY" delta_coupling.py --predict --root_dir data/s66/build --checkpoint "$MODEL" \
     --device cpu --quiet 2>&1 | tee "$LOGS/predict_s66.log"
 "$PY" data/s66/transfer_report.py data/s66/build/predictions.csv --folder data/s66/build \
-    --out "$LOGS/s66_transfer.md"
-cat "$LOGS/s66_transfer.md"
+    --out "$LOGS/s66_transfer.md"   # it prints the report too

@@ -6,8 +6,8 @@ Over the finished dimers of a built folder (``<id>/energies.json`` and the two P
 (the id's prefix before its first '-') and in all: dimers, elements, atoms per dimer, the
 closest intermolecular A-B contact in Angstrom (range and the 5th, 50th and 95th percentiles)
 and the reference energy Vref in kcal/mol (range); then, per element, how many dimers hold it
-and how many of its atoms there are. A model trained on the folder interpolates
-inside these ranges; outside them its answer is an extrapolation.
+(and their share) and in which subsets. A model trained on the folder interpolates inside these
+ranges; outside them its answer is an extrapolation.
 """
 import argparse
 import glob
